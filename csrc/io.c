@@ -1,0 +1,278 @@
+/* io.c: files, regions and worker threads (contract in io.h). */
+#define _GNU_SOURCE
+#include "io.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22
+#endif
+
+int io_open(const char *path, io_file *f, ds_error *err) {
+    struct stat st;
+    f->fd = -1;
+    f->size = 0;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return ds_fail_os(err, errno, "cannot open: %s", strerror(errno));
+    if (fstat(fd, &st) != 0) {
+        int e = errno;
+        close(fd);
+        return ds_fail_os(err, e, "cannot stat: %s", strerror(e));
+    }
+    if (S_ISDIR(st.st_mode)) {
+        close(fd);
+        return ds_fail_os(err, EISDIR, "is a directory, not a model file");
+    }
+    if (!S_ISREG(st.st_mode)) {
+        close(fd);
+        return ds_fail(err, DS_ERR_FORMAT, "is not a regular file");
+    }
+    f->fd = fd;
+    f->size = (uint64_t)st.st_size;
+    return 0;
+}
+
+void io_close(io_file *f) {
+    if (f->fd >= 0)
+        close(f->fd);
+    f->fd = -1;
+}
+
+int io_pread(int fd, void *dst, size_t len, uint64_t off, ds_error *err) {
+    char *p = dst;
+    while (len) {
+        ssize_t r = pread(fd, p, len, (off_t)off);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return ds_fail_os(err, errno, "read of %zu bytes at offset %llu failed: %s", len,
+                              (unsigned long long)off, strerror(errno));
+        }
+        if (r == 0)
+            return ds_fail(err, DS_ERR_FORMAT,
+                           "the file ends at byte %llu, before the %zu bytes the header promised there: it was "
+                           "truncated while being read",
+                           (unsigned long long)off, len);
+        p += r;
+        len -= (size_t)r;
+        off += (uint64_t)r;
+    }
+    return 0;
+}
+
+size_t io_page_size(void) {
+    static size_t page;
+    if (!page)
+        page = (size_t)sysconf(_SC_PAGESIZE);
+    return page;
+}
+
+int io_cpu_count(void) {
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0) {
+        int n = CPU_COUNT(&set);
+        if (n > 0)
+            return n;
+    }
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n > 0 ? (int)n : 1;
+}
+
+void *io_map_file(int fd, uint64_t size, ds_error *err) {
+    if (size > SIZE_MAX) {
+        ds_fail(err, DS_ERR_UNSUPPORTED, "file of %llu bytes does not fit the address space",
+                (unsigned long long)size);
+        return NULL;
+    }
+    void *p = mmap(NULL, (size_t)size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+    if (p == MAP_FAILED) {
+        ds_fail_os(err, errno, "cannot map %llu bytes: %s", (unsigned long long)size, strerror(errno));
+        return NULL;
+    }
+    return p;
+}
+
+void *io_alloc(size_t len, ds_error *err) {
+    void *p = mmap(NULL, len ? len : 1, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) {
+        ds_fail(err, DS_ERR_NOMEM, "cannot allocate %zu bytes", len);
+        return NULL;
+    }
+#ifdef MADV_HUGEPAGE
+    if (len >= ((size_t)4 << 20))
+        madvise(p, len, MADV_HUGEPAGE);
+#endif
+    return p;
+}
+
+void io_release(void *addr, size_t len) {
+    if (addr)
+        munmap(addr, len ? len : 1);
+}
+
+int io_populate(void *addr, size_t len, ds_error *err) {
+    size_t page = io_page_size();
+    uintptr_t a = (uintptr_t)addr & ~(uintptr_t)(page - 1);
+    size_t n = len + ((uintptr_t)addr - a);
+    if (!len)
+        return 0;
+    for (;;) {
+        if (madvise((void *)a, n, MADV_POPULATE_READ) == 0)
+            return 0;
+        if (errno == EINTR || errno == EAGAIN)
+            continue;
+        if (errno == EINVAL)
+            break; /* a kernel before 5.14: fault the pages in by reading them */
+        if (errno == EFAULT)
+            return ds_fail(err, DS_ERR_FORMAT, "the file shrank while being read (a page past its end was asked for)");
+        return ds_fail_os(err, errno, "cannot read pages in: %s", strerror(errno));
+    }
+    volatile const unsigned char *p = (const unsigned char *)a;
+    unsigned char sink = 0;
+    for (size_t off = 0; off < n; off += page)
+        sink ^= p[off];
+    (void)sink;
+    return 0;
+}
+
+/* ---- io_run ------------------------------------------------------------ */
+
+#define IO_MAX_THREADS 64
+
+typedef struct {
+    io_task_fn fn;
+    void *ctx;
+    size_t n_tasks;
+    atomic_size_t next;
+    atomic_int stop;
+    pthread_mutex_t mu;
+    pthread_cond_t done_cv;
+    int running;
+    int failed;
+    ds_error *err;
+} run_state;
+
+static void run_tasks(run_state *rs) {
+    ds_error local;
+    for (;;) {
+        if (atomic_load_explicit(&rs->stop, memory_order_relaxed))
+            return;
+        size_t i = atomic_fetch_add(&rs->next, 1);
+        if (i >= rs->n_tasks)
+            return;
+        if (rs->fn(rs->ctx, i, &local) != 0) {
+            pthread_mutex_lock(&rs->mu);
+            if (!rs->failed) {
+                rs->failed = 1;
+                *rs->err = local;
+            }
+            pthread_mutex_unlock(&rs->mu);
+            atomic_store(&rs->stop, 1);
+            return;
+        }
+    }
+}
+
+static void *worker(void *arg) {
+    run_state *rs = arg;
+    run_tasks(rs);
+    pthread_mutex_lock(&rs->mu);
+    rs->running--;
+    pthread_cond_signal(&rs->done_cv);
+    pthread_mutex_unlock(&rs->mu);
+    return NULL;
+}
+
+int io_run(size_t n_tasks, int n_threads, io_task_fn fn, void *ctx, io_poll_fn poll, void *poll_ctx,
+           ds_error *err) {
+    run_state rs;
+    memset(&rs, 0, sizeof rs);
+    rs.fn = fn;
+    rs.ctx = ctx;
+    rs.n_tasks = n_tasks;
+    atomic_init(&rs.next, 0);
+    atomic_init(&rs.stop, 0);
+    rs.err = err;
+    if (n_tasks == 0)
+        return 0;
+    if ((size_t)n_threads > n_tasks)
+        n_threads = (int)n_tasks;
+    if (n_threads <= 1) {
+        /* inline: poll between tasks */
+        for (size_t i = 0; i < n_tasks; i++) {
+            if (poll && poll(poll_ctx))
+                return ds_fail(err, DS_ERR_INTERRUPTED, "interrupted");
+            if (fn(ctx, i, err) != 0)
+                return -1;
+        }
+        return 0;
+    }
+    pthread_mutex_init(&rs.mu, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&rs.done_cv, &ca);
+    pthread_condattr_destroy(&ca);
+    pthread_t threads[IO_MAX_THREADS];
+    int started = 0;
+    if (n_threads > IO_MAX_THREADS)
+        n_threads = IO_MAX_THREADS;
+    for (int t = 0; t < n_threads; t++) {
+        pthread_mutex_lock(&rs.mu);
+        rs.running++;
+        pthread_mutex_unlock(&rs.mu);
+        if (pthread_create(&threads[started], NULL, worker, &rs) != 0) {
+            pthread_mutex_lock(&rs.mu);
+            rs.running--;
+            pthread_mutex_unlock(&rs.mu);
+            break;
+        }
+        started++;
+    }
+    int interrupted = 0;
+    pthread_mutex_lock(&rs.mu);
+    if (rs.running == 0) {
+        /* no thread could start: do the work here */
+        pthread_mutex_unlock(&rs.mu);
+        run_tasks(&rs);
+        pthread_mutex_lock(&rs.mu);
+    }
+    while (rs.running > 0) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        ts.tv_nsec += 20 * 1000 * 1000;
+        if (ts.tv_nsec >= 1000000000L) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000L;
+        }
+        pthread_cond_timedwait(&rs.done_cv, &rs.mu, &ts);
+        if (rs.running > 0 && poll && !interrupted) {
+            pthread_mutex_unlock(&rs.mu);
+            if (poll(poll_ctx)) {
+                interrupted = 1;
+                atomic_store(&rs.stop, 1);
+            }
+            pthread_mutex_lock(&rs.mu);
+        }
+    }
+    int failed = rs.failed;
+    pthread_mutex_unlock(&rs.mu);
+    for (int t = 0; t < started; t++)
+        pthread_join(threads[t], NULL);
+    pthread_cond_destroy(&rs.done_cv);
+    pthread_mutex_destroy(&rs.mu);
+    if (interrupted)
+        return ds_fail(err, DS_ERR_INTERRUPTED, "interrupted");
+    return failed ? -1 : 0;
+}

@@ -1,0 +1,64 @@
+/* io.h: files, memory regions and the worker threads that move bytes.
+ *
+ * Nothing here knows a file format. Regions are page-aligned mappings: either
+ * a private, writable mapping of a whole file (tensors are views into the page
+ * cache, copied only when written to) or anonymous memory for results that
+ * differ from the file's bytes (dtype conversion). io_run spreads tasks over
+ * short-lived threads while the caller, who holds no GIL, waits and polls for
+ * cancellation (Ctrl-C) between timeouts. */
+#ifndef DS_IO_H
+#define DS_IO_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "error.h"
+
+typedef struct {
+    int fd;
+    uint64_t size;
+} io_file;
+
+/* Opens a regular file for reading. Returns 0, or -1 with err (ENOENT,
+ * EISDIR, EACCES, ...) filled. */
+int io_open(const char *path, io_file *f, ds_error *err);
+void io_close(io_file *f);
+
+/* Reads exactly len bytes at off, retrying short reads and EINTR. A file that
+ * ends early is reported as having shrunk. Returns 0 or -1 with err. */
+int io_pread(int fd, void *dst, size_t len, uint64_t off, ds_error *err);
+
+/* Maps a whole file privately (copy-on-write). Returns the base or NULL with err. */
+void *io_map_file(int fd, uint64_t size, ds_error *err);
+
+/* Anonymous, zero-filled, page-aligned memory; large regions are advised to
+ * use transparent huge pages. Returns NULL with err when out of memory. */
+void *io_alloc(size_t len, ds_error *err);
+
+/* Unmaps a region from io_map_file or io_alloc (len as given there). */
+void io_release(void *addr, size_t len);
+
+/* Faults the pages of [addr, addr+len) of a file mapping in, reading them from
+ * disk when they are not cached, without copying them. Returns 0, or -1 with
+ * err when the file no longer covers the range (truncated under us). */
+int io_populate(void *addr, size_t len, ds_error *err);
+
+/* Page size of this machine. */
+size_t io_page_size(void);
+
+/* CPUs this process may run on. */
+int io_cpu_count(void);
+
+typedef int (*io_task_fn)(void *ctx, size_t task, ds_error *err);
+/* Called by the waiting thread every few milliseconds; returns nonzero to
+ * cancel the remaining tasks. */
+typedef int (*io_poll_fn)(void *poll_ctx);
+
+/* Runs fn(ctx, i, err) for every i in [0, n_tasks) on up to n_threads threads.
+ * Tasks are taken in order from a shared counter. Stops early on the first
+ * failing task (its err is reported) or when poll cancels (then err's status
+ * is DS_ERR_INTERRUPTED). Returns 0 or -1. */
+int io_run(size_t n_tasks, int n_threads, io_task_fn fn, void *ctx, io_poll_fn poll, void *poll_ctx,
+           ds_error *err);
+
+#endif

@@ -1,0 +1,1301 @@
+/* module.c: diffsynth_c._core, the only file that defines Python types and
+ * functions. Everything here is binding: argument checks, releasing the GIL,
+ * turning ds_error records into exceptions that name the file, and wrapping
+ * memory regions and tensors as Python objects.
+ *
+ * Objects:
+ *   Region  owns one page-aligned mapping (a file mapped privately, or
+ *           anonymous memory) and unmaps it when the last reference goes.
+ *   Tensor  a C-contiguous view into a Region, exported through DLPack
+ *           (__dlpack__ / __dlpack_device__). It holds a reference to its Region;
+ *           every capsule it hands out holds another, so memory lives exactly
+ *           as long as the last tensor that uses it.
+ *
+ * A load (load()) runs in three steps: with the GIL released, open every file,
+ * read and validate its header and plan its tasks (populate the mapping's
+ * pages, or read into anonymous memory, or convert dtypes into anonymous
+ * memory); run the tasks on worker threads; then, with the GIL, build the
+ * Tensor objects in the order of safe_open().keys() (names sorted bytewise). */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "convert.h"
+#include "dlpack.h"
+#include "io.h"
+#include "keyhash.h"
+#include "safetensors.h"
+
+#ifndef DS_VERSION
+#define DS_VERSION "0.0.0"
+#endif
+
+typedef struct {
+    PyObject *FormatError;
+    PyTypeObject *RegionType;
+    PyTypeObject *TensorType;
+} module_state;
+
+static module_state *state_of(PyObject *module) { return (module_state *)PyModule_GetState(module); }
+
+/* ---- errors -------------------------------------------------------------- */
+
+/* Raises the exception for err, prefixing the file's name. path may be NULL. */
+static PyObject *raise_ds(module_state *st, const ds_error *err, PyObject *path) {
+    switch (err->status) {
+    case DS_ERR_INTERRUPTED:
+        if (!PyErr_Occurred())
+            PyErr_SetNone(PyExc_KeyboardInterrupt);
+        return NULL;
+    case DS_ERR_OS: {
+        PyObject *msg = path ? PyUnicode_FromFormat("%U: %s", path, err->msg) : PyUnicode_FromString(err->msg);
+        if (!msg)
+            return NULL;
+        PyObject *args = Py_BuildValue("(iOO)", err->errnum, msg, path ? path : Py_None);
+        Py_DECREF(msg);
+        if (args) {
+            PyErr_SetObject(PyExc_OSError, args);
+            Py_DECREF(args);
+        }
+        return NULL;
+    }
+    case DS_ERR_NOMEM:
+        if (path)
+            PyErr_Format(PyExc_MemoryError, "%U: %s", path, err->msg);
+        else
+            PyErr_SetString(PyExc_MemoryError, err->msg);
+        return NULL;
+    default:
+        if (path)
+            PyErr_Format(st->FormatError, "%U: %s", path, err->msg);
+        else
+            PyErr_SetString(st->FormatError, err->msg);
+        return NULL;
+    }
+}
+
+static int dtype_from_name(PyObject *name, st_dtype *out) {
+    const char *s = PyUnicode_AsUTF8(name);
+    if (!s)
+        return -1;
+    for (int d = 0; d < ST_NDTYPES; d++)
+        if (strcmp(s, st_dtype_name((st_dtype)d)) == 0) {
+            *out = (st_dtype)d;
+            return 0;
+        }
+    PyErr_Format(PyExc_ValueError, "unknown safetensors dtype name '%s'", s);
+    return -1;
+}
+
+/* ---- Region --------------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    void *base;
+    size_t len;
+    int file_backed; /* a private mapping of a file, else anonymous memory */
+} RegionObject;
+
+static void Region_dealloc(RegionObject *self) {
+    PyTypeObject *tp = Py_TYPE(self);
+    io_release(self->base, self->len);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+static PyObject *Region_get_nbytes(RegionObject *self, void *closure) {
+    (void)closure;
+    return PyLong_FromSize_t(self->len);
+}
+
+static PyObject *Region_get_file_backed(RegionObject *self, void *closure) {
+    (void)closure;
+    return PyBool_FromLong(self->file_backed);
+}
+
+static PyGetSetDef Region_getset[] = {
+    {"nbytes", (getter)Region_get_nbytes, NULL, "Bytes in the region.", NULL},
+    {"file_backed", (getter)Region_get_file_backed, NULL, "True for a private mapping of a file.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyType_Slot Region_slots[] = {
+    {Py_tp_dealloc, Region_dealloc},
+    {Py_tp_getset, Region_getset},
+    {Py_tp_doc, "Memory that tensors point into; unmapped when the last of them dies."},
+    {0, NULL},
+};
+
+static PyType_Spec Region_spec = {
+    .name = "diffsynth_c._core.Region",
+    .basicsize = sizeof(RegionObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .slots = Region_slots,
+};
+
+/* Takes ownership of base (released on failure too). */
+static PyObject *region_new(module_state *st, void *base, size_t len, int file_backed) {
+    RegionObject *r = PyObject_New(RegionObject, st->RegionType);
+    if (!r) {
+        io_release(base, len);
+        return NULL;
+    }
+    r->base = base;
+    r->len = len;
+    r->file_backed = file_backed;
+    return (PyObject *)r;
+}
+
+/* ---- Tensor --------------------------------------------------------------- */
+
+typedef struct {
+    PyObject_VAR_HEAD
+    PyObject *owner; /* the Region (strong) */
+    char *data;
+    uint64_t nbytes;
+    st_dtype dtype;    /* the elements' dtype */
+    DLDataType export; /* what __dlpack__ reports */
+    int ndim;          /* len(shape) */
+    int export_ndim;   /* dims exported: F4 halves the last one, F6 is flat bytes */
+    int64_t dims[1];   /* shape (ndim) then exported shape (export_ndim) */
+} TensorObject;
+
+/* What a consumer can take. torch refuses the float8 codes, so F8 leaves as
+ * UInt8 and the Python side views it; F4 as UInt8 pairs (float4_e2m1fn_x2). */
+static DLDataType export_dtype(st_dtype d) {
+    DLDataType t = {DL_UINT, 8, 1};
+    switch (d) {
+    case ST_BOOL: t.code = DL_BOOL; break;
+    case ST_I8: t.code = DL_INT; break;
+    case ST_I16: t.code = DL_INT; t.bits = 16; break;
+    case ST_U16: t.bits = 16; break;
+    case ST_I32: t.code = DL_INT; t.bits = 32; break;
+    case ST_U32: t.bits = 32; break;
+    case ST_I64: t.code = DL_INT; t.bits = 64; break;
+    case ST_U64: t.bits = 64; break;
+    case ST_F16: t.code = DL_FLOAT; t.bits = 16; break;
+    case ST_BF16: t.code = DL_BFLOAT; t.bits = 16; break;
+    case ST_F32: t.code = DL_FLOAT; t.bits = 32; break;
+    case ST_F64: t.code = DL_FLOAT; t.bits = 64; break;
+    case ST_C64: t.code = DL_COMPLEX; t.bits = 64; break;
+    default: break; /* U8, F8_*, F4, F6: bytes */
+    }
+    return t;
+}
+
+static PyObject *tensor_new(module_state *st, PyObject *owner, char *data, st_dtype dtype, int ndim,
+                            const uint64_t *shape, uint64_t nbytes) {
+    int export_ndim = dtype == ST_F6_E2M3 || dtype == ST_F6_E3M2 ? 1 : ndim;
+    TensorObject *t = PyObject_NewVar(TensorObject, st->TensorType, ndim + export_ndim);
+    if (!t)
+        return NULL;
+    t->owner = Py_NewRef(owner);
+    t->data = data;
+    t->nbytes = nbytes;
+    t->dtype = dtype;
+    t->export = export_dtype(dtype);
+    t->ndim = ndim;
+    t->export_ndim = export_ndim;
+    for (int i = 0; i < ndim; i++)
+        t->dims[i] = (int64_t)shape[i];
+    int64_t *ex = t->dims + ndim;
+    if (dtype == ST_F6_E2M3 || dtype == ST_F6_E3M2)
+        ex[0] = (int64_t)nbytes;
+    else
+        for (int i = 0; i < ndim; i++)
+            ex[i] = (int64_t)shape[i];
+    if (dtype == ST_F4 && ndim > 0)
+        ex[ndim - 1] /= 2; /* checked by the caller: even */
+    return (PyObject *)t;
+}
+
+static void Tensor_dealloc(TensorObject *self) {
+    PyTypeObject *tp = Py_TYPE(self);
+    Py_CLEAR(self->owner);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+static PyObject *Tensor_dlpack(TensorObject *self, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"stream", "max_version", "dl_device", "copy", NULL};
+    PyObject *stream = Py_None, *max_version = Py_None, *dl_device = Py_None, *copy = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|$OOOO:__dlpack__", kwlist, &stream, &max_version, &dl_device,
+                                     &copy))
+        return NULL;
+    if (stream != Py_None) {
+        PyErr_SetString(PyExc_ValueError, "a CPU tensor is exported with stream=None only");
+        return NULL;
+    }
+    int versioned = 0;
+    if (max_version != Py_None) {
+        long major;
+        if (!PyTuple_Check(max_version) || PyTuple_GET_SIZE(max_version) != 2) {
+            PyErr_SetString(PyExc_TypeError, "max_version must be a tuple (major, minor)");
+            return NULL;
+        }
+        major = PyLong_AsLong(PyTuple_GET_ITEM(max_version, 0));
+        if (major == -1 && PyErr_Occurred())
+            return NULL;
+        versioned = major >= DL_VERSION_MAJOR;
+    }
+    if (dl_device != Py_None) {
+        long type, id;
+        if (!PyArg_ParseTuple(dl_device, "ll:dl_device", &type, &id))
+            return NULL;
+        if (type != DL_CPU || id != 0) {
+            PyErr_Format(PyExc_BufferError, "this tensor lives on the CPU and cannot be exported to device (%ld, %ld)",
+                         type, id);
+            return NULL;
+        }
+    }
+    int do_copy = 0;
+    if (copy != Py_None) {
+        do_copy = PyObject_IsTrue(copy);
+        if (do_copy < 0)
+            return NULL;
+    }
+    const int64_t *shape = self->dims + self->ndim;
+    if (!do_copy)
+        return dl_capsule(self->owner, self->data, self->export, self->export_ndim, shape, versioned, 0);
+    /* copy=True: a private copy that the capsule owns through a new Region */
+    module_state *st = PyType_GetModuleState(Py_TYPE(self));
+    ds_error err;
+    void *mem = io_alloc((size_t)self->nbytes, &err);
+    if (!mem)
+        return raise_ds(st, &err, NULL);
+    memcpy(mem, self->data, (size_t)self->nbytes);
+    PyObject *region = region_new(st, mem, (size_t)self->nbytes, 0);
+    if (!region)
+        return NULL;
+    PyObject *cap = dl_capsule(region, mem, self->export, self->export_ndim, shape, versioned,
+                               versioned ? DL_FLAG_IS_COPIED : 0);
+    Py_DECREF(region);
+    return cap;
+}
+
+static PyObject *Tensor_dlpack_device(TensorObject *self, PyObject *unused) {
+    (void)self;
+    (void)unused;
+    return Py_BuildValue("(ii)", DL_CPU, 0);
+}
+
+/* The same bytes as unsigned integers of the element's width (numpy has no
+ * bfloat16 or float8): a new Tensor sharing the region. */
+static PyObject *Tensor_bits(TensorObject *self, PyObject *unused) {
+    (void)unused;
+    module_state *st = PyType_GetModuleState(Py_TYPE(self));
+    uint64_t shape[1];
+    const uint64_t *sp = shape;
+    uint64_t *tmp = NULL;
+    if (self->ndim > 0) {
+        tmp = PyMem_Malloc((size_t)self->ndim * sizeof(uint64_t));
+        if (!tmp)
+            return PyErr_NoMemory();
+        for (int i = 0; i < self->ndim; i++)
+            tmp[i] = (uint64_t)self->dims[i];
+        sp = tmp;
+    }
+    TensorObject *t =
+        (TensorObject *)tensor_new(st, self->owner, self->data, self->dtype, self->ndim, sp, self->nbytes);
+    PyMem_Free(tmp);
+    if (t && t->export.code != DL_BOOL) {
+        t->export.code = DL_UINT;
+    }
+    return (PyObject *)t;
+}
+
+static PyObject *Tensor_get_dtype(TensorObject *self, void *closure) {
+    (void)closure;
+    return PyUnicode_FromString(st_dtype_name(self->dtype));
+}
+
+static PyObject *Tensor_get_shape(TensorObject *self, void *closure) {
+    (void)closure;
+    PyObject *t = PyTuple_New(self->ndim);
+    if (!t)
+        return NULL;
+    for (int i = 0; i < self->ndim; i++) {
+        PyObject *v = PyLong_FromLongLong(self->dims[i]);
+        if (!v) {
+            Py_DECREF(t);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(t, i, v);
+    }
+    return t;
+}
+
+static PyObject *Tensor_get_nbytes(TensorObject *self, void *closure) {
+    (void)closure;
+    return PyLong_FromUnsignedLongLong(self->nbytes);
+}
+
+static PyObject *Tensor_get_data_ptr(TensorObject *self, void *closure) {
+    (void)closure;
+    return PyLong_FromVoidPtr(self->data);
+}
+
+static PyObject *Tensor_get_region(TensorObject *self, void *closure) {
+    (void)closure;
+    return Py_NewRef(self->owner);
+}
+
+static PyObject *Tensor_repr(TensorObject *self) {
+    PyObject *shape = Tensor_get_shape(self, NULL);
+    if (!shape)
+        return NULL;
+    PyObject *r = PyUnicode_FromFormat("<diffsynth_c Tensor %s %R>", st_dtype_name(self->dtype), shape);
+    Py_DECREF(shape);
+    return r;
+}
+
+static PyMethodDef Tensor_methods[] = {
+    {"__dlpack__", (PyCFunction)(void (*)(void))Tensor_dlpack, METH_VARARGS | METH_KEYWORDS,
+     "__dlpack__(*, stream=None, max_version=None, dl_device=None, copy=None)\n--\n\n"
+     "Exports the tensor as a DLPack capsule (versioned when max_version >= (1, 0))."},
+    {"__dlpack_device__", (PyCFunction)Tensor_dlpack_device, METH_NOARGS, "Returns (kDLCPU, 0)."},
+    {"bits", (PyCFunction)Tensor_bits, METH_NOARGS,
+     "The same bytes exported as unsigned integers of the element width (for numpy, which lacks bfloat16)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Tensor_getset[] = {
+    {"dtype", (getter)Tensor_get_dtype, NULL, "The safetensors dtype name of the elements.", NULL},
+    {"shape", (getter)Tensor_get_shape, NULL, "The shape as written in the file.", NULL},
+    {"nbytes", (getter)Tensor_get_nbytes, NULL, "Bytes of data.", NULL},
+    {"data_ptr", (getter)Tensor_get_data_ptr, NULL, "Address of the first byte.", NULL},
+    {"region", (getter)Tensor_get_region, NULL, "The Region that owns the bytes.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyType_Slot Tensor_slots[] = {
+    {Py_tp_dealloc, Tensor_dealloc},
+    {Py_tp_methods, Tensor_methods},
+    {Py_tp_getset, Tensor_getset},
+    {Py_tp_repr, Tensor_repr},
+    {Py_tp_doc, "A tensor's bytes in memory owned by diffsynth_c, exported through DLPack."},
+    {0, NULL},
+};
+
+static PyType_Spec Tensor_spec = {
+    .name = "diffsynth_c._core.Tensor",
+    .basicsize = offsetof(TensorObject, dims),
+    .itemsize = sizeof(int64_t),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .slots = Tensor_slots,
+};
+
+/* ---- paths ---------------------------------------------------------------- */
+
+typedef struct {
+    PyObject *display; /* str, for messages */
+    PyObject *fs;      /* bytes, for open() */
+} path_arg;
+
+static void paths_free(path_arg *p, Py_ssize_t n) {
+    if (!p)
+        return;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_XDECREF(p[i].display);
+        Py_XDECREF(p[i].fs);
+    }
+    PyMem_Free(p);
+}
+
+/* Converts a sequence of str/bytes/os.PathLike into paths. Returns NULL with an
+ * exception set. */
+static path_arg *paths_from(PyObject *seq, Py_ssize_t *n_out) {
+    PyObject *fast = PySequence_Fast(seq, "paths must be a sequence of file paths");
+    if (!fast)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    path_arg *p = PyMem_Calloc(n ? (size_t)n : 1, sizeof *p);
+    if (!p) {
+        Py_DECREF(fast);
+        PyErr_NoMemory();
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(fast, i);
+        if (!PyUnicode_FSConverter(item, &p[i].fs))
+            goto error;
+        p[i].display = PyUnicode_DecodeFSDefault(PyBytes_AS_STRING(p[i].fs));
+        if (!p[i].display)
+            goto error;
+    }
+    Py_DECREF(fast);
+    *n_out = n;
+    return p;
+error:
+    Py_DECREF(fast);
+    paths_free(p, n);
+    return NULL;
+}
+
+/* ---- reading headers -------------------------------------------------------- */
+
+/* Opens path and parses its safetensors header into h (file left open in f).
+ * Runs without the GIL. */
+static int open_header(const char *path, io_file *f, st_header *h, ds_error *err) {
+    uint8_t prefix[8];
+    uint64_t n;
+    memset(h, 0, sizeof *h);
+    if (io_open(path, f, err))
+        return -1;
+    if (f->size < 8) {
+        ds_fail(err, DS_ERR_FORMAT,
+                "the file holds %llu bytes, fewer than the 8-byte header length: is this a safetensors file?",
+                (unsigned long long)f->size);
+        goto fail;
+    }
+    if (io_pread(f->fd, prefix, 8, 0, err) || st_check_prefix(prefix, f->size, &n, err))
+        goto fail;
+    uint8_t *json = malloc(n ? (size_t)n : 1);
+    if (!json) {
+        ds_fail(err, DS_ERR_NOMEM, "cannot allocate %llu bytes for the header", (unsigned long long)n);
+        goto fail;
+    }
+    if (io_pread(f->fd, json, (size_t)n, 8, err)) {
+        free(json);
+        goto fail;
+    }
+    int rc = st_parse(json, (size_t)n, f->size, h, err);
+    free(json);
+    if (rc)
+        goto fail;
+    return 0;
+fail:
+    io_close(f);
+    return -1;
+}
+
+static PyObject *shape_tuple(int ndim, const uint64_t *shape) {
+    PyObject *t = PyTuple_New(ndim);
+    if (!t)
+        return NULL;
+    for (int i = 0; i < ndim; i++) {
+        PyObject *v = PyLong_FromUnsignedLongLong(shape[i]);
+        if (!v) {
+            Py_DECREF(t);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(t, i, v);
+    }
+    return t;
+}
+
+PyDoc_STRVAR(read_header_doc,
+             "read_header(path) -> (header_len, data_start, tensors, metadata)\n\n"
+             "Reads and validates a safetensors header without reading tensor data. tensors is a list of\n"
+             "(name, dtype, shape, begin, end) sorted by name; metadata a dict, or None when absent.");
+
+static PyObject *read_header(PyObject *module, PyObject *arg) {
+    module_state *st = state_of(module);
+    PyObject *fs = NULL, *display = NULL, *result = NULL, *list = NULL, *meta = Py_None;
+    io_file f;
+    st_header h;
+    ds_error err;
+    int rc;
+    if (!PyUnicode_FSConverter(arg, &fs))
+        return NULL;
+    display = PyUnicode_DecodeFSDefault(PyBytes_AS_STRING(fs));
+    if (!display)
+        goto done;
+    Py_BEGIN_ALLOW_THREADS rc = open_header(PyBytes_AS_STRING(fs), &f, &h, &err);
+    if (!rc)
+        io_close(&f);
+    Py_END_ALLOW_THREADS if (rc) {
+        raise_ds(st, &err, display);
+        goto done;
+    }
+    list = PyList_New((Py_ssize_t)h.n_tensors);
+    if (!list)
+        goto free_header;
+    for (size_t i = 0; i < h.n_tensors; i++) {
+        const st_tensor *t = &h.tensors[i];
+        PyObject *shape = shape_tuple(t->ndim, t->shape);
+        if (!shape)
+            goto free_header;
+        PyObject *item = Py_BuildValue("(s#sNKK)", t->name, (Py_ssize_t)t->name_len, st_dtype_name(t->dtype), shape,
+                                       (unsigned long long)t->begin, (unsigned long long)t->end);
+        if (!item)
+            goto free_header;
+        PyList_SET_ITEM(list, (Py_ssize_t)i, item);
+    }
+    if (h.has_metadata) {
+        meta = PyDict_New();
+        if (!meta)
+            goto free_header;
+        for (size_t i = 0; i < h.n_meta; i++) {
+            PyObject *k = PyUnicode_FromStringAndSize(h.meta[i].key, (Py_ssize_t)h.meta[i].key_len);
+            PyObject *v = k ? PyUnicode_FromStringAndSize(h.meta[i].value, (Py_ssize_t)h.meta[i].value_len) : NULL;
+            int bad = !v || PyDict_SetItem(meta, k, v) < 0;
+            Py_XDECREF(k);
+            Py_XDECREF(v);
+            if (bad)
+                goto free_header;
+        }
+    } else {
+        Py_INCREF(meta);
+    }
+    result = Py_BuildValue("(KKOO)", (unsigned long long)h.header_len, (unsigned long long)h.data_start, list, meta);
+free_header:
+    st_free(&h);
+done:
+    Py_XDECREF(list);
+    if (meta != Py_None || result)
+        Py_XDECREF(meta);
+    Py_XDECREF(display);
+    Py_XDECREF(fs);
+    return result;
+}
+
+/* ---- hashing ---------------------------------------------------------------- */
+
+typedef struct {
+    const st_tensor *t;
+    size_t file;
+} merged_entry;
+
+static int merged_cmp(const void *x, const void *y) {
+    const merged_entry *a = x, *b = y;
+    size_t n = a->t->name_len < b->t->name_len ? a->t->name_len : b->t->name_len;
+    int r = memcmp(a->t->name, b->t->name, n);
+    if (r)
+        return r;
+    if (a->t->name_len != b->t->name_len)
+        return a->t->name_len < b->t->name_len ? -1 : 1;
+    return a->file < b->file ? -1 : a->file > b->file;
+}
+
+/* The hash of the union of several headers (a later file's entry replaces an
+ * earlier one of the same name, as dict.update does). Runs without the GIL. */
+static int hash_headers(st_header *hs, size_t n_files, int with_shape, char hex[33], ds_error *err) {
+    size_t total = 0;
+    for (size_t i = 0; i < n_files; i++)
+        total += hs[i].n_tensors;
+    merged_entry *all = malloc((total ? total : 1) * sizeof *all);
+    kh_entry *entries = malloc((total ? total : 1) * sizeof *entries);
+    if (!all || !entries) {
+        free(all);
+        free(entries);
+        return ds_fail(err, DS_ERR_NOMEM, "out of memory while hashing %zu keys", total);
+    }
+    size_t k = 0;
+    for (size_t i = 0; i < n_files; i++)
+        for (size_t j = 0; j < hs[i].n_tensors; j++) {
+            all[k].t = &hs[i].tensors[j];
+            all[k].file = i;
+            k++;
+        }
+    if (n_files > 1 && total > 1)
+        qsort(all, total, sizeof *all, merged_cmp);
+    size_t n = 0;
+    for (size_t i = 0; i < total; i++) {
+        if (i + 1 < total && all[i].t->name_len == all[i + 1].t->name_len &&
+            memcmp(all[i].t->name, all[i + 1].t->name, all[i].t->name_len) == 0)
+            continue;
+        entries[n].key = all[i].t->name;
+        entries[n].key_len = all[i].t->name_len;
+        entries[n].ndim = all[i].t->ndim;
+        entries[n].shape = all[i].t->shape;
+        entries[n].nested = NULL;
+        entries[n].nested_len = 0;
+        n++;
+    }
+    char *s;
+    size_t len;
+    int rc = kh_keys_string(entries, n, with_shape, &s, &len, err);
+    if (!rc) {
+        kh_md5_hex(s, len, hex);
+        free(s);
+    }
+    free(all);
+    free(entries);
+    return rc;
+}
+
+PyDoc_STRVAR(hash_files_doc, "hash_files(paths, with_shape=True) -> str\n\n"
+                             "DiffSynth's model hash of one or more safetensors files, from their headers alone.");
+
+static PyObject *hash_files(PyObject *module, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"paths", "with_shape", NULL};
+    module_state *st = state_of(module);
+    PyObject *seq;
+    int with_shape = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|p:hash_files", kwlist, &seq, &with_shape))
+        return NULL;
+    Py_ssize_t n;
+    path_arg *paths = paths_from(seq, &n);
+    if (!paths)
+        return NULL;
+    st_header *hs = PyMem_Calloc(n ? (size_t)n : 1, sizeof *hs);
+    if (!hs) {
+        paths_free(paths, n);
+        return PyErr_NoMemory();
+    }
+    ds_error err;
+    char hex[33];
+    Py_ssize_t failed = -1, parsed = 0;
+    int rc = 0;
+    Py_BEGIN_ALLOW_THREADS for (Py_ssize_t i = 0; i < n; i++) {
+        io_file f;
+        if (open_header(PyBytes_AS_STRING(paths[i].fs), &f, &hs[i], &err)) {
+            failed = i;
+            rc = -1;
+            break;
+        }
+        io_close(&f);
+        parsed++;
+    }
+    if (!rc)
+        rc = hash_headers(hs, (size_t)n, with_shape, hex, &err);
+    Py_END_ALLOW_THREADS PyObject *result = NULL;
+    if (rc)
+        raise_ds(st, &err, failed >= 0 ? paths[failed].display : NULL);
+    else
+        result = PyUnicode_FromString(hex);
+    for (Py_ssize_t i = 0; i < parsed; i++)
+        st_free(&hs[i]);
+    PyMem_Free(hs);
+    paths_free(paths, n);
+    return result;
+}
+
+PyDoc_STRVAR(keys_string_doc,
+             "keys_string(entries, with_shape=True) -> bytes\n\n"
+             "DiffSynth's canonical key string of entries, a sequence of (name, shape) where shape is a\n"
+             "sequence of ints, or (name, nested) where nested is the bytes of a nested dict's own string.");
+
+static PyObject *keys_string(PyObject *module, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"entries", "with_shape", NULL};
+    (void)module;
+    PyObject *seq, *fast, *result = NULL;
+    int with_shape = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|p:keys_string", kwlist, &seq, &with_shape))
+        return NULL;
+    fast = PySequence_Fast(seq, "entries must be a sequence of (name, shape) pairs");
+    if (!fast)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    kh_entry *entries = PyMem_Calloc(n ? (size_t)n : 1, sizeof *entries);
+    uint64_t *dims = NULL;
+    size_t total_dims = 0, used = 0;
+    if (!entries) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    /* first pass: count dims */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(fast, i);
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2) {
+            PyErr_SetString(PyExc_TypeError, "each entry must be a (name, shape) tuple");
+            goto done;
+        }
+        PyObject *v = PyTuple_GET_ITEM(item, 1);
+        if (!PyBytes_Check(v)) {
+            Py_ssize_t k = PySequence_Size(v);
+            if (k < 0)
+                goto done;
+            total_dims += (size_t)k;
+        }
+    }
+    dims = PyMem_Malloc((total_dims ? total_dims : 1) * sizeof *dims);
+    if (!dims) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(fast, i);
+        PyObject *name = PyTuple_GET_ITEM(item, 0), *v = PyTuple_GET_ITEM(item, 1);
+        Py_ssize_t len;
+        if (!PyUnicode_Check(name)) {
+            PyErr_SetString(PyExc_TypeError, "entry names must be str");
+            goto done;
+        }
+        entries[i].key = PyUnicode_AsUTF8AndSize(name, &len);
+        if (!entries[i].key)
+            goto done;
+        entries[i].key_len = (size_t)len;
+        if (PyBytes_Check(v)) {
+            entries[i].ndim = -1;
+            entries[i].nested = PyBytes_AS_STRING(v);
+            entries[i].nested_len = (size_t)PyBytes_GET_SIZE(v);
+            continue;
+        }
+        PyObject *sf = PySequence_Fast(v, "a shape must be a sequence of ints");
+        if (!sf)
+            goto done;
+        Py_ssize_t k = PySequence_Fast_GET_SIZE(sf);
+        entries[i].ndim = (int)k;
+        entries[i].shape = dims + used;
+        for (Py_ssize_t d = 0; d < k; d++) {
+            unsigned long long x = PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(sf, d));
+            if (x == (unsigned long long)-1 && PyErr_Occurred()) {
+                Py_DECREF(sf);
+                goto done;
+            }
+            dims[used++] = x;
+        }
+        Py_DECREF(sf);
+    }
+    {
+        ds_error err;
+        char *s;
+        size_t len;
+        if (kh_keys_string(entries, (size_t)n, with_shape, &s, &len, &err)) {
+            PyErr_SetString(PyExc_MemoryError, err.msg);
+            goto done;
+        }
+        result = PyBytes_FromStringAndSize(s, (Py_ssize_t)len);
+        free(s);
+    }
+done:
+    PyMem_Free(entries);
+    PyMem_Free(dims);
+    Py_DECREF(fast);
+    return result;
+}
+
+PyDoc_STRVAR(md5_hex_doc, "md5_hex(data) -> str\n\nThe MD5 of a bytes-like object, as 32 hex digits.");
+
+static PyObject *md5_hex(PyObject *module, PyObject *arg) {
+    (void)module;
+    Py_buffer view;
+    char hex[33];
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS kh_md5_hex(view.buf, (size_t)view.len, hex);
+    Py_END_ALLOW_THREADS PyBuffer_Release(&view);
+    return PyUnicode_FromString(hex);
+}
+
+/* ---- loading ---------------------------------------------------------------- */
+
+enum { TASK_POPULATE, TASK_READ, TASK_CONVERT };
+
+typedef struct {
+    int kind;
+    int file;
+    const char *src; /* POPULATE, CONVERT */
+    char *dst;       /* READ, CONVERT */
+    size_t n;        /* bytes (POPULATE, READ) or elements (CONVERT) */
+    uint64_t off;    /* READ: file offset */
+    st_dtype from, to;
+} load_task;
+
+typedef struct {
+    io_file f;
+    st_header h;
+    int opened;
+    char *map; /* the file mapping (mmap mode), or NULL */
+    size_t map_len;
+    char *copy; /* the data section read into anonymous memory (read mode), or NULL */
+    size_t copy_len;
+    char *conv; /* converted tensors, or NULL */
+    size_t conv_len;
+    uint64_t *conv_off; /* per tensor: offset in conv, or UINT64_MAX when not converted */
+} load_file;
+
+typedef struct {
+    load_file *files;
+    size_t n_files;
+    load_task *tasks;
+    size_t n_tasks, cap_tasks;
+} load_plan;
+
+static int run_task(void *ctx, size_t i, ds_error *err) {
+    load_plan *plan = ctx;
+    load_task *t = &plan->tasks[i];
+    int rc = 0;
+    switch (t->kind) {
+    case TASK_POPULATE: rc = io_populate((void *)t->src, t->n, err); break;
+    case TASK_READ: rc = io_pread(plan->files[t->file].f.fd, t->dst, t->n, t->off, err); break;
+    case TASK_CONVERT: {
+        size_t in_bytes = t->n * (st_dtype_bits(t->from) / 8);
+        rc = io_populate((void *)t->src, in_bytes, err);
+        if (!rc)
+            cv_run(t->from, t->to, t->src, t->dst, t->n);
+        break;
+    }
+    }
+    if (rc)
+        err->input = t->file;
+    return rc;
+}
+
+static int add_task(load_plan *plan, load_task t, ds_error *err) {
+    if (plan->n_tasks == plan->cap_tasks) {
+        size_t cap = plan->cap_tasks ? plan->cap_tasks * 2 : 256;
+        load_task *p = realloc(plan->tasks, cap * sizeof *p);
+        if (!p)
+            return ds_fail(err, DS_ERR_NOMEM, "out of memory while planning the load");
+        plan->tasks = p;
+        plan->cap_tasks = cap;
+    }
+    plan->tasks[plan->n_tasks++] = t;
+    return 0;
+}
+
+/* Splits [begin, begin+len) of kind POPULATE or READ into chunks. */
+static int add_byte_tasks(load_plan *plan, int kind, int file, const char *src, char *dst, uint64_t off, size_t len,
+                          size_t chunk, ds_error *err) {
+    for (size_t done = 0; done < len; done += chunk) {
+        load_task t = {kind, file, src ? src + done : NULL, dst ? dst + done : NULL,
+                       len - done < chunk ? len - done : chunk, off + done, ST_U8, ST_U8};
+        if (add_task(plan, t, err))
+            return -1;
+    }
+    return 0;
+}
+
+#define POPULATE_CHUNK ((size_t)32 << 20)
+#define READ_CHUNK ((size_t)8 << 20)
+#define CONVERT_CHUNK ((size_t)1 << 20) /* elements */
+
+static void plan_free(load_plan *plan) {
+    for (size_t i = 0; i < plan->n_files; i++) {
+        load_file *lf = &plan->files[i];
+        if (lf->opened) {
+            io_close(&lf->f);
+            st_free(&lf->h);
+        }
+        io_release(lf->map, lf->map_len);
+        io_release(lf->copy, lf->copy_len);
+        io_release(lf->conv, lf->conv_len);
+        free(lf->conv_off);
+    }
+    free(plan->files);
+    free(plan->tasks);
+    memset(plan, 0, sizeof *plan);
+}
+
+/* Opens, validates and plans every file. convert: a mask of the dtypes to
+ * convert to target (0: none). Runs without the GIL. On failure sets
+ * err->input to the failing file. */
+static int plan_load(load_plan *plan, path_arg *paths, size_t n, int use_map, unsigned convert, st_dtype target,
+                     ds_error *err) {
+    plan->files = calloc(n ? n : 1, sizeof *plan->files);
+    if (!plan->files)
+        return ds_fail(err, DS_ERR_NOMEM, "out of memory");
+    plan->n_files = n;
+    size_t i = 0;
+    for (; i < n; i++) {
+        load_file *lf = &plan->files[i];
+        if (open_header(PyBytes_AS_STRING(paths[i].fs), &lf->f, &lf->h, err))
+            goto fail;
+        lf->opened = 1;
+        st_header *h = &lf->h;
+        for (size_t k = 0; k < h->n_tensors; k++) {
+            const st_tensor *t = &h->tensors[k];
+            if (t->dtype == ST_F4 && (t->ndim == 0 || t->shape[t->ndim - 1] % 2)) {
+                ds_fail(err, DS_ERR_UNSUPPORTED,
+                        "tensor '%.200s': dtype F4 needs an even last dimension to become torch's float4_e2m1fn_x2",
+                        t->name);
+                goto fail;
+            }
+        }
+        const char *data;
+        if (use_map) {
+            lf->map_len = (size_t)lf->f.size;
+            lf->map = io_map_file(lf->f.fd, lf->f.size, err);
+            if (!lf->map)
+                goto fail;
+            data = lf->map + h->data_start;
+        } else {
+            lf->copy_len = (size_t)h->data_len;
+            lf->copy = io_alloc(lf->copy_len, err);
+            if (!lf->copy)
+                goto fail;
+            data = lf->copy;
+        }
+        /* conversion targets */
+        if (convert) {
+            lf->conv_off = malloc((h->n_tensors ? h->n_tensors : 1) * sizeof *lf->conv_off);
+            if (!lf->conv_off) {
+                ds_fail(err, DS_ERR_NOMEM, "out of memory");
+                goto fail;
+            }
+            size_t total = 0;
+            for (size_t k = 0; k < h->n_tensors; k++) {
+                const st_tensor *t = &h->tensors[k];
+                lf->conv_off[k] = UINT64_MAX;
+                if (t->end == t->begin || t->dtype == target || !(convert & (1u << t->dtype)))
+                    continue;
+                size_t numel = (size_t)((t->end - t->begin) / (st_dtype_bits(t->dtype) / 8));
+                lf->conv_off[k] = total;
+                total += (numel * (st_dtype_bits(target) / 8) + 63) & ~(size_t)63;
+            }
+            if (total) {
+                lf->conv_len = total;
+                lf->conv = io_alloc(total, err);
+                if (!lf->conv)
+                    goto fail;
+            }
+        }
+        /* tasks: bytes first (populate or read), then conversions */
+        if (use_map) {
+            if (!convert || !lf->conv) {
+                if (add_byte_tasks(plan, TASK_POPULATE, (int)i, data, NULL, 0, (size_t)h->data_len, POPULATE_CHUNK,
+                                   err))
+                    goto fail;
+            } else {
+                /* populate only what is not converted (conversion faults its own source in) */
+                for (size_t k = 0; k < h->n_tensors; k++) {
+                    const st_tensor *t = &h->tensors[k];
+                    if (lf->conv_off[k] == UINT64_MAX &&
+                        add_byte_tasks(plan, TASK_POPULATE, (int)i, data + t->begin, NULL, 0,
+                                       (size_t)(t->end - t->begin), POPULATE_CHUNK, err))
+                        goto fail;
+                }
+            }
+        } else {
+            if (add_byte_tasks(plan, TASK_READ, (int)i, NULL, lf->copy, h->data_start, (size_t)h->data_len,
+                               READ_CHUNK, err))
+                goto fail;
+        }
+        if (convert && lf->conv && use_map) {
+            for (size_t k = 0; k < h->n_tensors; k++) {
+                const st_tensor *t = &h->tensors[k];
+                if (lf->conv_off[k] == UINT64_MAX)
+                    continue;
+                size_t in_size = st_dtype_bits(t->dtype) / 8, out_size = st_dtype_bits(target) / 8;
+                size_t numel = (size_t)((t->end - t->begin) / in_size);
+                for (size_t e = 0; e < numel; e += CONVERT_CHUNK) {
+                    load_task task = {TASK_CONVERT,
+                                      (int)i,
+                                      data + t->begin + e * in_size,
+                                      lf->conv + lf->conv_off[k] + e * out_size,
+                                      numel - e < CONVERT_CHUNK ? numel - e : CONVERT_CHUNK,
+                                      0,
+                                      t->dtype,
+                                      target};
+                    if (add_task(plan, task, err))
+                        goto fail;
+                }
+            }
+        }
+    }
+    return 0;
+fail:
+    err->input = (int)i;
+    return -1;
+}
+
+/* In read mode the conversion must wait for the bytes: a second phase. */
+static int plan_read_conversions(load_plan *plan, st_dtype target, ds_error *err) {
+    plan->n_tasks = 0;
+    for (size_t i = 0; i < plan->n_files; i++) {
+        load_file *lf = &plan->files[i];
+        if (!lf->conv)
+            continue;
+        for (size_t k = 0; k < lf->h.n_tensors; k++) {
+            const st_tensor *t = &lf->h.tensors[k];
+            if (lf->conv_off[k] == UINT64_MAX)
+                continue;
+            size_t in_size = st_dtype_bits(t->dtype) / 8, out_size = st_dtype_bits(target) / 8;
+            size_t numel = (size_t)((t->end - t->begin) / in_size);
+            for (size_t e = 0; e < numel; e += CONVERT_CHUNK) {
+                load_task task = {TASK_CONVERT,
+                                  (int)i,
+                                  lf->copy + t->begin + e * in_size,
+                                  lf->conv + lf->conv_off[k] + e * out_size,
+                                  numel - e < CONVERT_CHUNK ? numel - e : CONVERT_CHUNK,
+                                  0,
+                                  t->dtype,
+                                  target};
+                if (add_task(plan, task, err))
+                    return -1;
+            }
+        }
+    }
+    return 0;
+}
+
+typedef struct {
+    PyThreadState **ts;
+} poll_ctx;
+
+/* Checks for Ctrl-C from the thread that released the GIL. */
+static int poll_signals(void *arg) {
+    poll_ctx *pc = arg;
+    PyEval_RestoreThread(*pc->ts);
+    int r = PyErr_CheckSignals();
+    *pc->ts = PyEval_SaveThread();
+    return r != 0;
+}
+
+PyDoc_STRVAR(load_doc,
+             "load(paths, dtype=None, threads=1, mode='mmap') -> list\n\n"
+             "Loads safetensors files. For each file, a list of (name, Tensor) in name order.\n"
+             "mode 'mmap': tensors are views into a private mapping of the file (copy-on-write),\n"
+             "its pages read in in parallel; 'read': the data is read with pread into anonymous memory.\n"
+             "dtype: a safetensors dtype name; tensors of F32/F16/BF16/F8_E4M3/F8_E5M2 (or only those named\n"
+             "in convert_from) are converted to it (bit-identical to torch's .to()), others keep their dtype.");
+
+static PyObject *load(PyObject *module, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"paths", "dtype", "threads", "mode", "convert_from", NULL};
+    module_state *st = state_of(module);
+    PyObject *seq, *dtype_obj = Py_None, *from_obj = Py_None, *result = NULL;
+    int threads = 1;
+    const char *mode = "mmap";
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|Ois$O:load", kwlist, &seq, &dtype_obj, &threads, &mode,
+                                     &from_obj))
+        return NULL;
+    int use_map;
+    if (strcmp(mode, "mmap") == 0)
+        use_map = 1;
+    else if (strcmp(mode, "read") == 0)
+        use_map = 0;
+    else {
+        PyErr_Format(PyExc_ValueError, "mode must be 'mmap' or 'read', not '%s'", mode);
+        return NULL;
+    }
+    st_dtype target = ST_U8;
+    int convert = dtype_obj != Py_None;
+    if (convert && dtype_from_name(dtype_obj, &target) < 0)
+        return NULL;
+    convert = convert && cv_supported(target, target);
+    unsigned convert_mask = 0; /* bit d: tensors of dtype d are converted */
+    if (convert) {
+        if (from_obj == Py_None) {
+            for (int d = 0; d < ST_NDTYPES; d++)
+                if (cv_supported((st_dtype)d, target))
+                    convert_mask |= 1u << d;
+        } else {
+            PyObject *fast = PySequence_Fast(from_obj, "convert_from must be a sequence of dtype names");
+            if (!fast)
+                return NULL;
+            for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(fast); i++) {
+                st_dtype d;
+                if (dtype_from_name(PySequence_Fast_GET_ITEM(fast, i), &d) < 0) {
+                    Py_DECREF(fast);
+                    return NULL;
+                }
+                if (cv_supported(d, target))
+                    convert_mask |= 1u << d;
+            }
+            Py_DECREF(fast);
+        }
+        convert = convert_mask != 0;
+    }
+    Py_ssize_t n;
+    path_arg *paths = paths_from(seq, &n);
+    if (!paths)
+        return NULL;
+    load_plan plan;
+    memset(&plan, 0, sizeof plan);
+    ds_error err;
+    err.input = -1;
+    int rc;
+    PyThreadState *ts = PyEval_SaveThread();
+    poll_ctx pc = {&ts};
+    rc = plan_load(&plan, paths, (size_t)n, use_map, convert ? convert_mask : 0, target, &err);
+    if (!rc)
+        rc = io_run(plan.n_tasks, threads, run_task, &plan, poll_signals, &pc, &err);
+    if (!rc && !use_map && convert) {
+        rc = plan_read_conversions(&plan, target, &err);
+        if (!rc)
+            rc = io_run(plan.n_tasks, threads, run_task, &plan, poll_signals, &pc, &err);
+    }
+    for (size_t i = 0; i < plan.n_files; i++)
+        if (plan.files[i].opened)
+            io_close(&plan.files[i].f);
+    PyEval_RestoreThread(ts);
+    if (rc) {
+        Py_ssize_t which = err.input;
+        raise_ds(st, &err, which >= 0 && which < n ? paths[which].display : NULL);
+        plan_free(&plan);
+        paths_free(paths, n);
+        return NULL;
+    }
+    /* Hand the memory to Region objects, then build the tensors. */
+    result = PyList_New(n);
+    if (!result)
+        goto fail;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        load_file *lf = &plan.files[i];
+        st_header *h = &lf->h;
+        PyObject *base_region, *conv_region = NULL;
+        char *base, *conv_base = lf->conv;
+        if (use_map) {
+            base_region = region_new(st, lf->map, lf->map_len, 1);
+            base = lf->map + h->data_start;
+            lf->map = NULL;
+        } else {
+            base_region = region_new(st, lf->copy, lf->copy_len, 0);
+            base = lf->copy;
+            lf->copy = NULL;
+        }
+        if (!base_region)
+            goto fail;
+        if (lf->conv) {
+            conv_region = region_new(st, lf->conv, lf->conv_len, 0);
+            lf->conv = NULL;
+            if (!conv_region) {
+                Py_DECREF(base_region);
+                goto fail;
+            }
+        }
+        PyObject *list = PyList_New((Py_ssize_t)h->n_tensors);
+        if (!list) {
+            Py_DECREF(base_region);
+            Py_XDECREF(conv_region);
+            goto fail;
+        }
+        PyList_SET_ITEM(result, i, list);
+        for (size_t k = 0; k < h->n_tensors; k++) {
+            const st_tensor *t = &h->tensors[k];
+            PyObject *tensor;
+            if (lf->conv_off && lf->conv_off[k] != UINT64_MAX) {
+                uint64_t numel = (t->end - t->begin) / (st_dtype_bits(t->dtype) / 8);
+                tensor = tensor_new(st, conv_region, conv_base + lf->conv_off[k], target, t->ndim, t->shape,
+                                    numel * (st_dtype_bits(target) / 8));
+            } else {
+                tensor = tensor_new(st, base_region, base + t->begin, t->dtype, t->ndim, t->shape, t->end - t->begin);
+            }
+            PyObject *name = tensor ? PyUnicode_FromStringAndSize(t->name, (Py_ssize_t)t->name_len) : NULL;
+            PyObject *pair = name ? PyTuple_Pack(2, name, tensor) : NULL;
+            Py_XDECREF(name);
+            Py_XDECREF(tensor);
+            if (!pair) {
+                Py_DECREF(base_region);
+                Py_XDECREF(conv_region);
+                goto fail;
+            }
+            PyList_SET_ITEM(list, (Py_ssize_t)k, pair);
+        }
+        Py_DECREF(base_region);
+        Py_XDECREF(conv_region);
+    }
+    plan_free(&plan);
+    paths_free(paths, n);
+    return result;
+fail:
+    Py_XDECREF(result);
+    plan_free(&plan);
+    paths_free(paths, n);
+    return NULL;
+}
+
+/* ---- conversion (tests, small arrays) ------------------------------------------ */
+
+PyDoc_STRVAR(convert_doc, "convert(src_dtype, dst_dtype, data, *, portable=False) -> bytes\n\n"
+                          "Converts the elements in a bytes-like object between F32, F16, BF16, F8_E4M3 and\n"
+                          "F8_E5M2 with the CPU path of the loader; portable=True avoids the F16C instructions\n"
+                          "so that tests can check the shared helpers of kernels/dtype.h.");
+
+static PyObject *convert(PyObject *module, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"src_dtype", "dst_dtype", "data", "portable", NULL};
+    (void)module;
+    PyObject *src_obj, *dst_obj, *data;
+    st_dtype src, dst;
+    int portable = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "UUO|$p:convert", kwlist, &src_obj, &dst_obj, &data, &portable))
+        return NULL;
+    if (dtype_from_name(src_obj, &src) < 0 || dtype_from_name(dst_obj, &dst) < 0)
+        return NULL;
+    if (!cv_supported(src, dst)) {
+        PyErr_Format(PyExc_ValueError, "no conversion from %s to %s", st_dtype_name(src), st_dtype_name(dst));
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    size_t in_size = st_dtype_bits(src) / 8, out_size = st_dtype_bits(dst) / 8;
+    if ((size_t)view.len % in_size) {
+        PyBuffer_Release(&view);
+        PyErr_Format(PyExc_ValueError, "%zd bytes is not a whole number of %s elements", view.len,
+                     st_dtype_name(src));
+        return NULL;
+    }
+    size_t n = (size_t)view.len / in_size;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(n * out_size));
+    if (out) {
+        char *o = PyBytes_AS_STRING(out);
+        Py_BEGIN_ALLOW_THREADS if (portable) cv_run_with(src, dst, view.buf, o, n, 0);
+        else cv_run(src, dst, view.buf, o, n);
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&view);
+    return out;
+}
+
+static PyObject *build_info(PyObject *module, PyObject *unused) {
+    (void)module;
+    (void)unused;
+    return Py_BuildValue("{s:s,s:s,s:i,s:N}", "version", DS_VERSION, "f16_conversion", cv_f16_impl(), "cpu_count",
+                         io_cpu_count(), "cuda", PyBool_FromLong(0));
+}
+
+/* ---- module ----------------------------------------------------------------- */
+
+static PyMethodDef module_methods[] = {
+    {"read_header", (PyCFunction)read_header, METH_O, read_header_doc},
+    {"hash_files", (PyCFunction)(void (*)(void))hash_files, METH_VARARGS | METH_KEYWORDS, hash_files_doc},
+    {"keys_string", (PyCFunction)(void (*)(void))keys_string, METH_VARARGS | METH_KEYWORDS, keys_string_doc},
+    {"md5_hex", (PyCFunction)md5_hex, METH_O, md5_hex_doc},
+    {"load", (PyCFunction)(void (*)(void))load, METH_VARARGS | METH_KEYWORDS, load_doc},
+    {"convert", (PyCFunction)(void (*)(void))convert, METH_VARARGS | METH_KEYWORDS, convert_doc},
+    {"build_info", (PyCFunction)build_info, METH_NOARGS, "Facts about this build: version, conversion paths."},
+    {NULL, NULL, 0, NULL},
+};
+
+static int module_exec(PyObject *m) {
+    module_state *st = state_of(m);
+    st->FormatError = PyErr_NewExceptionWithDoc(
+        "diffsynth_c._core.FormatError",
+        "A model file breaks its format (the message names the file, the tensor and what is wrong).",
+        PyExc_ValueError, NULL);
+    if (!st->FormatError || PyModule_AddObjectRef(m, "FormatError", st->FormatError) < 0)
+        return -1;
+    st->RegionType = (PyTypeObject *)PyType_FromModuleAndSpec(m, &Region_spec, NULL);
+    if (!st->RegionType || PyModule_AddType(m, st->RegionType) < 0)
+        return -1;
+    st->TensorType = (PyTypeObject *)PyType_FromModuleAndSpec(m, &Tensor_spec, NULL);
+    if (!st->TensorType || PyModule_AddType(m, st->TensorType) < 0)
+        return -1;
+    if (PyModule_AddStringConstant(m, "__version__", DS_VERSION) < 0)
+        return -1;
+    if (PyModule_AddIntConstant(m, "MAX_HEADER", (long)ST_MAX_HEADER) < 0)
+        return -1;
+    return 0;
+}
+
+static int module_traverse(PyObject *m, visitproc visit, void *arg) {
+    module_state *st = state_of(m);
+    Py_VISIT(st->FormatError);
+    Py_VISIT(st->RegionType);
+    Py_VISIT(st->TensorType);
+    return 0;
+}
+
+static int module_clear(PyObject *m) {
+    module_state *st = state_of(m);
+    Py_CLEAR(st->FormatError);
+    Py_CLEAR(st->RegionType);
+    Py_CLEAR(st->TensorType);
+    return 0;
+}
+
+static void module_free(void *m) { module_clear((PyObject *)m); }
+
+static PyModuleDef_Slot module_slots[] = {
+    {Py_mod_exec, module_exec},
+    {0, NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "diffsynth_c._core",
+    .m_doc = "The C core of diffsynth_c: safetensors headers, parallel loads, dtype conversion, model hashes.",
+    .m_size = sizeof(module_state),
+    .m_methods = module_methods,
+    .m_slots = module_slots,
+    .m_traverse = module_traverse,
+    .m_clear = module_clear,
+    .m_free = module_free,
+};
+
+PyMODINIT_FUNC PyInit__core(void) { return PyModuleDef_Init(&module_def); }

@@ -1,0 +1,19 @@
+"""diffsynth_c: DiffSynth-Studio's model loading with a C core.
+
+The names and signatures of ``diffsynth.core`` (``load_state_dict``, ``hash_model_file``,
+``hash_state_dict_keys``, ...), the same results, and the bytes moved by C: headers validated
+before any tensor byte is read, pages read in on worker threads with the GIL released, dtype
+conversion in C, tensors handed to torch and numpy through DLPack without a copy.
+"""
+
+from ._core import FormatError, __version__
+from .loader import hash_model_file, hash_state_dict_keys, load_keys_dict, load_state_dict
+
+__all__ = [
+    "FormatError",
+    "__version__",
+    "load_state_dict",
+    "hash_model_file",
+    "hash_state_dict_keys",
+    "load_keys_dict",
+]

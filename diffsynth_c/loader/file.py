@@ -1,0 +1,249 @@
+"""Model files: the functions of ``diffsynth.core.loader.file``, on the C core.
+
+Same names, signatures and results as DiffSynth's: ``load_state_dict`` returns the same keys in
+the same order (names sorted within a safetensors file, files merged with ``dict.update``) with
+bit-identical tensors; ``hash_model_file`` returns the same MD5, read from the headers alone.
+
+What differs is how the bytes move. For safetensors files the C core validates every header
+first, maps each file privately (copy-on-write, as safetensors itself does) and reads its pages in
+on a pool of threads with the GIL released, so the tensors returned are resident, not lazily
+faulted. A ``torch_dtype`` among F32/F16/BF16/F8 is converted in C while the pages are read, into
+one buffer per file, bit-identical to ``tensor.to(torch_dtype)``. ``.bin``/``.pth``/``.ckpt``
+files still go through ``torch.load(weights_only=True)`` as in DiffSynth.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterable
+
+from .. import _core
+from ..dlpack import safetensors_name_of, to_torch
+from .conversion import c_sources_for
+
+PathLike = str | os.PathLike
+
+
+def _threads() -> int:
+    """Worker threads for a load: DIFFSYNTH_C_THREADS, else twice the CPUs (reads of uncached pages
+    block in the kernel, so more threads than cores keep the disk busy), between 4 and 16."""
+    env = os.environ.get("DIFFSYNTH_C_THREADS")
+    if env:
+        return max(1, int(env))
+    return min(16, max(4, 2 * _core.build_info()["cpu_count"]))
+
+
+def _mode() -> str:
+    """'mmap' (default: private mappings, pages read in by the workers) or 'read' (pread into
+    anonymous memory: tensors never depend on the file again), from DIFFSYNTH_C_LOAD_MODE."""
+    return os.environ.get("DIFFSYNTH_C_LOAD_MODE", "mmap")
+
+
+def _as_list(file_path: PathLike | list[PathLike], what: str) -> list[PathLike]:
+    paths = list(file_path) if isinstance(file_path, (list, tuple)) else [file_path]
+    if not paths:
+        raise ValueError(f"{what}: the list of files is empty")
+    return paths
+
+
+def _is_safetensors(path: PathLike) -> bool:
+    return os.fspath(path).endswith(".safetensors") if not isinstance(path, bytes) else path.endswith(b".safetensors")
+
+
+def _is_cpu(device: Any) -> bool:
+    import torch
+
+    return torch.device(device).type == "cpu"
+
+
+def _load_safetensors_files(
+    paths: list[PathLike], torch_dtype: Any, device: Any, path_display: list[str]
+) -> list[dict[str, Any]]:
+    """Loads safetensors files in one parallel C call; one dict per file, keys in name order."""
+    on_cpu = _is_cpu(device)
+    target = safetensors_name_of(torch_dtype) if (torch_dtype is not None and on_cpu) else None
+    sources = c_sources_for(target) if target else []
+    per_file = _core.load(paths, target if sources else None, _threads(), _mode(), convert_from=sources)
+    result = []
+    for display, pairs in zip(path_display, per_file):
+        sd: dict[str, Any] = {}
+        for name, t in pairs:
+            try:
+                x = to_torch(t)
+            except ValueError as e:
+                raise _core.FormatError(f"{display}: tensor '{name}': {e}") from None
+            if not on_cpu:
+                x = x.to(device)
+            if torch_dtype is not None and x.dtype != torch_dtype:
+                x = x.to(torch_dtype)
+            sd[name] = x
+        result.append(sd)
+    return result
+
+
+def load_state_dict(
+    file_path: PathLike | list[PathLike],
+    torch_dtype: Any = None,
+    device: Any = "cpu",
+    pin_memory: bool = False,
+    verbose: int = 0,
+) -> dict[str, Any]:
+    """Loads one model file, or several merged into one state dict (as DiffSynth's
+    ``load_state_dict``: a later file's tensor replaces an earlier one of the same name).
+
+    ``torch_dtype`` converts every tensor (``tensor.to(torch_dtype)``); ``device`` places them
+    (the bytes are read on the CPU, moved, then converted on the device, as DiffSynth's results
+    are); ``pin_memory`` pins CPU tensors. Raises ``FileNotFoundError`` for a missing file,
+    ``diffsynth_c.FormatError`` (a ``ValueError``) naming the file and tensor for a malformed one.
+    """
+    paths = _as_list(file_path, "load_state_dict")
+    displays = [os.fsdecode(p) for p in paths]
+    safetensors_idx = [i for i, p in enumerate(paths) if _is_safetensors(p)]
+    if verbose >= 1:
+        for d in displays:
+            print(f"Loading file [started]: {d}")
+    loaded: dict[int, dict[str, Any]] = {}
+    if safetensors_idx:
+        dicts = _load_safetensors_files(
+            [paths[i] for i in safetensors_idx], torch_dtype, device, [displays[i] for i in safetensors_idx]
+        )
+        loaded.update(zip(safetensors_idx, dicts))
+    state_dict: dict[str, Any] = {}
+    for i, path in enumerate(paths):
+        sd = loaded.pop(i) if i in loaded else load_state_dict_from_bin(path, torch_dtype=torch_dtype, device=device)
+        if pin_memory:
+            for k in sd:
+                sd[k] = sd[k].pin_memory()
+        state_dict.update(sd)
+        if verbose >= 1:
+            print(f"Loading file [done]: {displays[i]}")
+    return state_dict
+
+
+def load_state_dict_from_safetensors(file_path: PathLike, torch_dtype: Any = None, device: Any = "cpu") -> dict:
+    """One safetensors file (DiffSynth's helper of the same name)."""
+    return _load_safetensors_files([file_path], torch_dtype, device, [os.fsdecode(file_path)])[0]
+
+
+def load_state_dict_from_bin(file_path: PathLike, torch_dtype: Any = None, device: Any = "cpu") -> dict:
+    """A PyTorch checkpoint through ``torch.load(weights_only=True)``, unwrapping a single
+    ``state_dict`` / ``module`` / ``model_state`` key, as DiffSynth does."""
+    import torch
+
+    state_dict = torch.load(file_path, map_location=device, weights_only=True)
+    if len(state_dict) == 1:
+        for wrapper in ("state_dict", "module", "model_state"):
+            if wrapper in state_dict:
+                state_dict = state_dict[wrapper]
+                break
+    if torch_dtype is not None:
+        for k in state_dict:
+            if isinstance(state_dict[k], torch.Tensor):
+                state_dict[k] = state_dict[k].to(torch_dtype)
+    return state_dict
+
+
+def load_metadata_from_safetensors(file_path: PathLike | list[PathLike]) -> dict[str, str]:
+    """The ``__metadata__`` of one file, or of several merged (JSON lists are concatenated without
+    repeats, other values replaced), as DiffSynth's helper."""
+    if isinstance(file_path, (list, tuple)):
+        metadata: dict[str, str] = {}
+        for p in file_path:
+            for key, value in load_metadata_from_safetensors(p).items():
+                metadata[key] = merge_metadata_value(metadata[key], value) if key in metadata else value
+        return metadata
+    return _core.read_header(file_path)[3] or {}
+
+
+def merge_metadata_value(old_value: str, new_value: str) -> str:
+    """Merges two metadata values: two JSON lists are concatenated (new items only), anything else
+    takes the new value."""
+    try:
+        old_items, new_items = json.loads(old_value), json.loads(new_value)
+    except (json.JSONDecodeError, TypeError):
+        return new_value
+    if isinstance(old_items, list) and isinstance(new_items, list):
+        return json.dumps(old_items + [i for i in new_items if i not in old_items])
+    return new_value
+
+
+# ---- model hashes ------------------------------------------------------------------------
+
+
+def _entries(items: Iterable[tuple[Any, Any]], with_shape: bool, is_leaf, shape_of) -> list:
+    """The (name, shape | nested bytes) entries of _core.keys_string; non-str keys are skipped and
+    values that are neither leaves nor dicts ignored, as DiffSynth does."""
+    entries = []
+    for key, value in items:
+        if not isinstance(key, str):
+            continue
+        if is_leaf(value):
+            entries.append((key, shape_of(value)))
+        elif isinstance(value, dict):
+            entries.append((key, _core.keys_string(_entries(value.items(), with_shape, is_leaf, shape_of), with_shape)))
+    return entries
+
+
+def convert_state_dict_keys_to_single_str(state_dict: dict, with_shape: bool = True) -> str:
+    """DiffSynth's canonical string of a state dict's keys (and shapes)."""
+    import torch
+
+    entries = _entries(state_dict.items(), with_shape, lambda v: isinstance(v, torch.Tensor), lambda v: tuple(v.shape))
+    return _core.keys_string(entries, with_shape).decode("utf-8")
+
+
+def hash_state_dict_keys(state_dict: dict, with_shape: bool = True) -> str:
+    """MD5 of the canonical key string of a loaded state dict (DiffSynth's model hash)."""
+    import torch
+
+    entries = _entries(state_dict.items(), with_shape, lambda v: isinstance(v, torch.Tensor), lambda v: tuple(v.shape))
+    return _core.md5_hex(_core.keys_string(entries, with_shape))
+
+
+def convert_keys_dict_to_single_str(keys_dict: dict, with_shape: bool = True) -> str:
+    """DiffSynth's canonical string of a keys dict ({name: shape list or nested dict})."""
+    entries = _entries(keys_dict.items(), with_shape, lambda v: not isinstance(v, dict), lambda v: tuple(v))
+    return _core.keys_string(entries, with_shape).decode("utf-8")
+
+
+def load_keys_dict(file_path: PathLike | list[PathLike]) -> dict:
+    """{name: shape} of one file or several merged; safetensors from the header alone."""
+    if isinstance(file_path, (list, tuple)):
+        keys_dict: dict = {}
+        for p in file_path:
+            keys_dict.update(load_keys_dict(p))
+        return keys_dict
+    if _is_safetensors(file_path):
+        return load_keys_dict_from_safetensors(file_path)
+    return load_keys_dict_from_bin(file_path)
+
+
+def load_keys_dict_from_safetensors(file_path: PathLike) -> dict:
+    """{name: shape list} in name order, from the header."""
+    return {name: list(shape) for name, _, shape, _, _ in _core.read_header(file_path)[2]}
+
+
+def convert_state_dict_to_keys_dict(state_dict: dict) -> dict:
+    """{name: shape list}, nested dicts kept nested."""
+    import torch
+
+    keys_dict = {}
+    for k, v in state_dict.items():
+        keys_dict[k] = list(v.shape) if isinstance(v, torch.Tensor) else convert_state_dict_to_keys_dict(v)
+    return keys_dict
+
+
+def load_keys_dict_from_bin(file_path: PathLike) -> dict:
+    return convert_state_dict_to_keys_dict(load_state_dict_from_bin(file_path))
+
+
+def hash_model_file(path: PathLike | list[PathLike], with_shape: bool = True) -> str:
+    """DiffSynth's model hash of a file or a list of files (merged). For safetensors files only
+    the headers are read."""
+    paths = _as_list(path, "hash_model_file")
+    if all(_is_safetensors(p) for p in paths):
+        return _core.hash_files(paths, with_shape)
+    keys_dict = load_keys_dict(paths)
+    entries = _entries(keys_dict.items(), with_shape, lambda v: not isinstance(v, dict), lambda v: tuple(v))
+    return _core.md5_hex(_core.keys_string(entries, with_shape))
