@@ -1,0 +1,55 @@
+"""The package builds as a wheel with warnings as errors, and the C core runs without torch."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+
+from .conftest import run_python
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_wheel_builds_without_warnings(tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(
+        ROOT,
+        src,
+        ignore=shutil.ignore_patterns("build", "*.so", "*.egg-info", "__pycache__", ".git", ".pytest_cache", "benchmarks"),
+    )
+    env = dict(os.environ, DIFFSYNTH_C_WERROR="1")
+    r = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-w", str(tmp_path / "dist"), str(src)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("diffsynth_c-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert any(n.startswith("diffsynth_c/_core") and n.endswith(".so") for n in names)
+    assert "diffsynth_c/loader/file.py" in names
+
+
+def test_c_core_needs_no_torch(tmp_path):
+    p = tmp_path / "x.safetensors"
+    header = b'{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}'
+    p.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 8)
+    r = run_python(
+        f"""
+import sys
+import diffsynth_c
+from diffsynth_c import _core
+assert _core.read_header({str(p)!r})[2][0][0] == 'w'
+(pairs,) = _core.load([{str(p)!r}], None, 2)
+assert pairs[0][1].nbytes == 8
+assert len(_core.hash_files([{str(p)!r}])) == 32
+assert 'torch' not in sys.modules, 'importing diffsynth_c or using its C core imported torch'
+print('ok')
+"""
+    )
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
