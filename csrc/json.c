@@ -43,7 +43,15 @@ size_t js_utf8_check(const uint8_t *s, size_t len) {
     while (i < len) {
         uint8_t c = s[i];
         if (c < 0x80) {
+            /* ASCII runs, eight bytes at a time */
+            uint64_t w;
             i++;
+            while (len - i >= 8) {
+                memcpy(&w, s + i, 8);
+                if (w & 0x8080808080808080ULL)
+                    break;
+                i += 8;
+            }
             continue;
         }
         size_t n;
@@ -93,6 +101,15 @@ int js_error(js_cursor *c, const char *fmt, ...) {
     return ds_fail(c->err, DS_ERR_FORMAT, "invalid JSON in %s at byte %zu: %s", c->doc,
                    (size_t)(c->p - c->start), what);
 }
+
+/* Bytes that end a run of plain string content: '"', '\\' and controls. */
+static const uint8_t STRING_STOP[256] = {
+    [0x00] = 1, [0x01] = 1, [0x02] = 1, [0x03] = 1, [0x04] = 1, [0x05] = 1, [0x06] = 1, [0x07] = 1,
+    [0x08] = 1, [0x09] = 1, [0x0A] = 1, [0x0B] = 1, [0x0C] = 1, [0x0D] = 1, [0x0E] = 1, [0x0F] = 1,
+    [0x10] = 1, [0x11] = 1, [0x12] = 1, [0x13] = 1, [0x14] = 1, [0x15] = 1, [0x16] = 1, [0x17] = 1,
+    [0x18] = 1, [0x19] = 1, [0x1A] = 1, [0x1B] = 1, [0x1C] = 1, [0x1D] = 1, [0x1E] = 1, [0x1F] = 1,
+    ['"'] = 1,  ['\\'] = 1,
+};
 
 static void skip_ws(js_cursor *c) {
     while (c->p < c->end && (*c->p == ' ' || *c->p == '\t' || *c->p == '\n' || *c->p == '\r'))
@@ -218,8 +235,12 @@ int js_string(js_cursor *c, js_buf *out) {
         out->len = 0;
     for (;;) {
         const uint8_t *run = c->p;
-        while (c->p < c->end && *c->p != '"' && *c->p != '\\' && *c->p >= 0x20)
-            c->p++;
+        const uint8_t *p = c->p, *end = c->end;
+        while (end - p >= 4 && !(STRING_STOP[p[0]] | STRING_STOP[p[1]] | STRING_STOP[p[2]] | STRING_STOP[p[3]]))
+            p += 4;
+        while (p < end && !STRING_STOP[*p])
+            p++;
+        c->p = p;
         if (out && c->p > run) {
             size_t n = (size_t)(c->p - run);
             if (buf_reserve(out, n))
@@ -398,19 +419,34 @@ static int scan_number(js_cursor *c, int *is_uint, uint64_t *u, int *u_overflow)
     return 0;
 }
 
-int js_u64(js_cursor *c, uint64_t *out, const char *what) {
+int js_u64(js_cursor *c, uint64_t *out, const char *context, const char *name, const char *what) {
     int ch = js_peek(c);
+    const char *sep = context ? " '" : "", *end = context ? "': " : "";
+    if (!context)
+        context = name = "";
     if (!(ch == '-' || (ch >= '0' && ch <= '9')))
-        return js_error(c, "%s must be a non-negative integer, found %s", what, js_kind(c));
+        return js_error(c, "%s%s%.200s%s%s must be a non-negative integer, found %s", context, sep, name, end, what,
+                        js_kind(c));
     const uint8_t *at = c->p;
+    /* fast path: a short run of digits */
+    uint64_t v = 0;
+    const uint8_t *p = at;
+    while (p < c->end && p - at < 19 && *p >= '0' && *p <= '9')
+        v = v * 10 + (uint64_t)(*p++ - '0');
+    if (p > at && p < c->end && !(*p >= '0' && *p <= '9') && *p != '.' && *p != 'e' && *p != 'E' &&
+        !(*at == '0' && p - at > 1)) {
+        c->p = p;
+        *out = v;
+        return 0;
+    }
     int is_uint, over;
     if (scan_number(c, &is_uint, out, &over))
         return -1;
     if (!is_uint || over) {
         int len = (int)(c->p - at);
         c->p = at;
-        return js_error(c, "%s must be a non-negative integer below 2^64, found %.*s", what,
-                        len > 40 ? 40 : len, (const char *)at);
+        return js_error(c, "%s%s%.200s%s%s must be a non-negative integer below 2^64, found %.*s", context, sep, name,
+                        end, what, len > 40 ? 40 : len, (const char *)at);
     }
     return 0;
 }

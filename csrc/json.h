@@ -62,9 +62,10 @@ int js_colon(js_cursor *c);
 int js_string(js_cursor *c, js_buf *out);
 
 /* Parses a non-negative integer literal that fits in 64 bits (serde's usize on a
- * 64-bit machine): no sign, fraction or exponent. `what` names the field for
- * the message when the value is something else. */
-int js_u64(js_cursor *c, uint64_t *out, const char *what);
+ * 64-bit machine): no sign, fraction or exponent. The message for anything else
+ * names the value as "<context> '<name>': <what>" (context and name may be NULL);
+ * it is formatted only on failure. */
+int js_u64(js_cursor *c, uint64_t *out, const char *context, const char *name, const char *what);
 
 /* Validates and skips any value. */
 int js_skip_value(js_cursor *c);

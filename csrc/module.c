@@ -470,6 +470,32 @@ fail:
     return -1;
 }
 
+typedef struct {
+    path_arg *paths;
+    io_file *files;
+    st_header *headers;
+    int *opened;
+} header_job;
+
+static int header_task(void *ctx, size_t i, ds_error *err) {
+    header_job *job = ctx;
+    if (open_header(PyBytes_AS_STRING(job->paths[i].fs), &job->files[i], &job->headers[i], err)) {
+        err->input = (int)i;
+        return -1;
+    }
+    job->opened[i] = 1;
+    return 0;
+}
+
+/* Opens and parses the headers of n files on up to `threads` threads. On
+ * failure the files opened so far stay open (opened[i] set) for the caller to
+ * close, and err->input names the failing file. Runs without the GIL. */
+static int open_headers(path_arg *paths, size_t n, io_file *files, st_header *headers, int *opened, int threads,
+                        ds_error *err) {
+    header_job job = {paths, files, headers, opened};
+    return io_run(n, threads, header_task, &job, NULL, NULL, err);
+}
+
 static PyObject *shape_tuple(int ndim, const uint64_t *shape) {
     PyObject *t = PyTuple_New(ndim);
     if (!t)
@@ -631,34 +657,35 @@ static PyObject *hash_files(PyObject *module, PyObject *args, PyObject *kwargs) 
     if (!paths)
         return NULL;
     st_header *hs = PyMem_Calloc(n ? (size_t)n : 1, sizeof *hs);
-    if (!hs) {
+    io_file *files = PyMem_Calloc(n ? (size_t)n : 1, sizeof *files);
+    int *opened = PyMem_Calloc(n ? (size_t)n : 1, sizeof *opened);
+    if (!hs || !files || !opened) {
+        PyMem_Free(hs);
+        PyMem_Free(files);
+        PyMem_Free(opened);
         paths_free(paths, n);
         return PyErr_NoMemory();
     }
     ds_error err;
     char hex[33];
-    Py_ssize_t failed = -1, parsed = 0;
-    int rc = 0;
-    Py_BEGIN_ALLOW_THREADS for (Py_ssize_t i = 0; i < n; i++) {
-        io_file f;
-        if (open_header(PyBytes_AS_STRING(paths[i].fs), &f, &hs[i], &err)) {
-            failed = i;
-            rc = -1;
-            break;
-        }
-        io_close(&f);
-        parsed++;
-    }
+    int rc, threads = io_cpu_count();
+    Py_BEGIN_ALLOW_THREADS rc = open_headers(paths, (size_t)n, files, hs, opened, threads, &err);
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (opened[i])
+            io_close(&files[i]);
     if (!rc)
         rc = hash_headers(hs, (size_t)n, with_shape, hex, &err);
     Py_END_ALLOW_THREADS PyObject *result = NULL;
     if (rc)
-        raise_ds(st, &err, failed >= 0 ? paths[failed].display : NULL);
+        raise_ds(st, &err, err.input >= 0 && err.input < n ? paths[err.input].display : NULL);
     else
         result = PyUnicode_FromString(hex);
-    for (Py_ssize_t i = 0; i < parsed; i++)
-        st_free(&hs[i]);
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (opened[i])
+            st_free(&hs[i]);
     PyMem_Free(hs);
+    PyMem_Free(files);
+    PyMem_Free(opened);
     paths_free(paths, n);
     return result;
 }
@@ -880,12 +907,31 @@ static int plan_load(load_plan *plan, path_arg *paths, size_t n, int use_map, un
     if (!plan->files)
         return ds_fail(err, DS_ERR_NOMEM, "out of memory");
     plan->n_files = n;
+    {
+        /* headers first, in parallel; then the plan, file by file */
+        io_file *files = calloc(n ? n : 1, sizeof *files);
+        st_header *headers = calloc(n ? n : 1, sizeof *headers);
+        int *opened = calloc(n ? n : 1, sizeof *opened);
+        int rc = -1;
+        if (files && headers && opened)
+            rc = open_headers(paths, n, files, headers, opened, io_cpu_count(), err);
+        else
+            ds_fail(err, DS_ERR_NOMEM, "out of memory");
+        for (size_t k = 0; k < n && opened; k++)
+            if (opened[k]) {
+                plan->files[k].f = files[k];
+                plan->files[k].h = headers[k];
+                plan->files[k].opened = 1;
+            }
+        free(files);
+        free(headers);
+        free(opened);
+        if (rc)
+            return -1;
+    }
     size_t i = 0;
     for (; i < n; i++) {
         load_file *lf = &plan->files[i];
-        if (open_header(PyBytes_AS_STRING(paths[i].fs), &lf->f, &lf->h, err))
-            goto fail;
-        lf->opened = 1;
         st_header *h = &lf->h;
         for (size_t k = 0; k < h->n_tensors; k++) {
             const st_tensor *t = &h->tensors[k];

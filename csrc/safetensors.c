@@ -198,12 +198,10 @@ static int parse_shape(parser *ps, const char *name, st_tensor *t) {
     js_cursor *c = &ps->c;
     size_t i = 0;
     int more;
-    char what[300];
     if (js_peek(c) != '[')
         return js_error(c, "tensor '%.200s': shape must be an array of integers, found %s", name, js_kind(c));
     if (js_enter(c, '['))
         return -1;
-    snprintf(what, sizeof what, "tensor '%.200s': a shape dimension", name);
     for (;;) {
         if (js_next(c, ']', &i, &more))
             return -1;
@@ -211,7 +209,7 @@ static int parse_shape(parser *ps, const char *name, st_tensor *t) {
             break;
         if (grow((void **)&ps->dims, &ps->cap_dims, i, sizeof(uint64_t)))
             return nomem(ps);
-        if (js_u64(c, &ps->dims[i - 1], what))
+        if (js_u64(c, &ps->dims[i - 1], "tensor", name, "a shape dimension"))
             return -1;
     }
     uint64_t *shape = arena_alloc(&ps->arena, i * sizeof(uint64_t) + 1);
@@ -229,13 +227,11 @@ static int parse_offsets(parser *ps, const char *name, st_tensor *t) {
     size_t i = 0;
     int more;
     uint64_t v[2] = {0, 0};
-    char what[300];
     if (js_peek(c) != '[')
         return js_error(c, "tensor '%.200s': data_offsets must be an array [begin, end], found %s", name,
                         js_kind(c));
     if (js_enter(c, '['))
         return -1;
-    snprintf(what, sizeof what, "tensor '%.200s': data_offsets", name);
     for (;;) {
         if (js_next(c, ']', &i, &more))
             return -1;
@@ -243,7 +239,7 @@ static int parse_offsets(parser *ps, const char *name, st_tensor *t) {
             break;
         if (i > 2)
             return js_error(c, "tensor '%.200s': data_offsets must hold 2 integers, found more", name);
-        if (js_u64(c, &v[i - 1], what))
+        if (js_u64(c, &v[i - 1], "tensor", name, "data_offsets"))
             return -1;
     }
     if (i != 2)
@@ -396,7 +392,10 @@ static int validate(st_header *h, uint64_t file_size, ds_error *err) {
     }
     for (size_t i = 0; i < h->n_tensors; i++)
         order[i] = &h->tensors[i];
-    if (h->n_tensors > 1)
+    int sorted = 1;
+    for (size_t i = 1; i < h->n_tensors && sorted; i++)
+        sorted = tensor_by_offsets(&order[i - 1], &order[i]) <= 0;
+    if (!sorted)
         qsort(order, h->n_tensors, sizeof *order, tensor_by_offsets);
     uint64_t start = 0;
     const st_tensor *prev = NULL;
@@ -430,7 +429,8 @@ static int validate(st_header *h, uint64_t file_size, ds_error *err) {
             over = __builtin_mul_overflow(numel, t->shape[d], &numel);
         uint64_t bits = 0;
         over = over || __builtin_mul_overflow(numel, (uint64_t)DTYPES[t->dtype].bits, &bits);
-        fmt_shape(shp, sizeof shp, t->shape, t->ndim);
+        if (over || bits % 8 || t->end - t->begin != bits / 8)
+            fmt_shape(shp, sizeof shp, t->shape, t->ndim);
         if (over) {
             ds_fail(err, DS_ERR_FORMAT, "tensor '%.200s': shape %s of dtype %s overflows 64-bit sizes", t->name, shp,
                     DTYPES[t->dtype].name);
@@ -540,8 +540,12 @@ int st_parse(const uint8_t *json, size_t json_len, uint64_t file_size, st_header
     if (js_finish(c))
         goto done;
 
-    /* Names: sorted bytewise; a repeated name keeps its last entry. */
-    if (ps.n_entries > 1)
+    /* Names: sorted bytewise; a repeated name keeps its last entry. Writers
+     * usually list tensors in name order already: check before sorting. */
+    int sorted = 1;
+    for (size_t k = 1; k < ps.n_entries && sorted; k++)
+        sorted = entry_by_name(&ps.entries[k - 1], &ps.entries[k]) < 0;
+    if (!sorted)
         qsort(ps.entries, ps.n_entries, sizeof(entry), entry_by_name);
     h->tensors = malloc((ps.n_entries ? ps.n_entries : 1) * sizeof(st_tensor));
     if (!h->tensors) {
