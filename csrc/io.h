@@ -43,6 +43,11 @@ void io_release(void *addr, size_t len);
  * err when the file no longer covers the range (truncated under us). */
 int io_populate(void *addr, size_t len, ds_error *err);
 
+/* Gives back the whole pages inside [addr, addr+len) that nothing will read again (the source of
+ * a finished conversion): they leave the process's resident set (a file mapping's pages stay in
+ * the page cache). A later read would see the file again, or zeros for anonymous memory. */
+void io_discard(void *addr, size_t len);
+
 /* Page size of this machine. */
 size_t io_page_size(void);
 

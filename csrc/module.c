@@ -842,8 +842,11 @@ static int run_task(void *ctx, size_t i, ds_error *err) {
     case TASK_CONVERT: {
         size_t in_bytes = t->n * (st_dtype_bits(t->from) / 8);
         rc = io_populate((void *)t->src, in_bytes, err);
-        if (!rc)
+        if (!rc) {
             cv_run(t->from, t->to, t->src, t->dst, t->n);
+            /* only this task reads these source bytes: the resident peak stays near the output */
+            io_discard((void *)t->src, in_bytes);
+        }
         break;
     }
     }
