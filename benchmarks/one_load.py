@@ -1,0 +1,102 @@
+"""Loads model files with one loader, alone in this process, and prints one JSON line.
+
+    python benchmarks/one_load.py LOADER DTYPE(none|bfloat16|...) warm|cold verify|noverify FILE...
+
+Timed: the loader's call, then one touch per 4 KiB page of every tensor (common.touch). Before
+timing, the loader runs once on a tiny file so that imports and first-call set-up are not timed.
+Peak RSS is the rise of VmHWM over the resident size just before the call. Verification compares
+every tensor with what DiffSynth's load_state_dict gives for it (safe_open().get_tensor(k) then
+.to(dtype)), bit for bit, one tensor at a time so that memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+from common import bench_dir, drop_cache, peak_rss_mib, reset_peak_rss, rss_mib, touch  # noqa: E402
+
+
+def loaders():
+    import diffsynth_c
+    from peers import PEERS
+
+    table = {"diffsynth_c": lambda paths, dtype: diffsynth_c.load_state_dict(paths, torch_dtype=dtype)}
+    table.update(PEERS)
+    return table
+
+
+def reference_order(paths: list[str]) -> list[str]:
+    from safetensors import safe_open
+
+    order: dict[str, None] = {}
+    for p in paths:
+        with safe_open(p, "pt") as f:
+            for k in f.keys():
+                order[k] = None
+    return list(order)
+
+
+def verify(sd: dict, paths: list[str], dtype, check_order: bool) -> tuple[bool, str]:
+    from safetensors import safe_open
+
+    expected = reference_order(paths)
+    if sorted(sd) != sorted(expected):
+        return False, "different keys"
+    if check_order and list(sd) != expected:
+        return False, "different key order"
+    for p in paths:
+        with safe_open(p, "pt") as f:
+            for k in f.keys():
+                ref = f.get_tensor(k)
+                if dtype is not None:
+                    ref = ref.to(dtype)
+                got = sd[k]
+                if got.dtype != ref.dtype or got.shape != ref.shape:
+                    return False, f"{k}: {got.dtype} {tuple(got.shape)} vs {ref.dtype} {tuple(ref.shape)}"
+                if ref.numel() and not torch.equal(got.reshape(-1).view(torch.uint8), ref.reshape(-1).view(torch.uint8)):
+                    return False, f"{k}: different bits"
+    return True, ""
+
+
+def main() -> None:
+    name, dtype_name, cache, do_verify, *paths = sys.argv[1:]
+    dtype = None if dtype_name == "none" else getattr(torch, dtype_name)
+    fn = loaders()[name]
+    tiny = os.path.join(bench_dir(), "tiny.safetensors")
+    if not os.path.exists(tiny):
+        from safetensors.torch import save_file
+
+        save_file({"a": torch.ones(4, dtype=torch.bfloat16), "b": torch.ones(2, 2)}, tiny + ".tmp")
+        os.replace(tiny + ".tmp", tiny)
+    from peers import files_read_by, prepare
+
+    prepare([name], [tiny])
+    touch(fn([tiny], dtype))  # imports and first-call set-up, untimed
+    if cache == "cold":
+        drop_cache(files_read_by(name, paths))
+    gc.collect()
+    reset_peak_rss()
+    base = rss_mib()
+    t0 = time.perf_counter()
+    sd = fn(paths, dtype)
+    t1 = time.perf_counter()
+    touch(sd)
+    t2 = time.perf_counter()
+    peak = max(peak_rss_mib(), rss_mib()) - base
+    nbytes = sum(os.path.getsize(p) for p in paths)
+    ok, why = (None, "")
+    if do_verify == "verify":
+        ok, why = verify(sd, paths, dtype, check_order=name in ("diffsynth_c", "diffsynth"))
+    print(json.dumps({"call_s": t1 - t0, "total_s": t2 - t0, "peak_rss_mib": peak, "bytes": nbytes, "ok": ok, "error": why}))
+
+
+if __name__ == "__main__":
+    main()
