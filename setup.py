@@ -1,16 +1,30 @@
-"""Builds diffsynth_c._core from csrc/*.c (C11, -Wall -Wextra; -Werror with DIFFSYNTH_C_WERROR=1).
+"""Builds diffsynth_c._core from csrc/*.c (C11, -Wall -Wextra; -Werror with DIFFSYNTH_C_WERROR=1),
+and, when nvcc is found, the CUDA library diffsynth_c/_cuda.so from kernels/*.cu.
 
 The element conversions in kernels/dtype.h are compiled into the C core too, so the CPU tests
-check the same arithmetic the CUDA kernels run.
+check the same arithmetic the CUDA kernels run. The CUDA library links the CUDA runtime
+statically and is opened by the core with dlopen only when a GPU is asked for: the package
+imports and works on machines without nvcc, without a driver or without a GPU.
+
+DIFFSYNTH_C_CUDA=0 skips the CUDA library; =1 makes a missing nvcc an error. NVCC names the
+compiler (default: nvcc on PATH, then $CUDA_HOME/bin/nvcc, then /usr/local/cuda/bin/nvcc).
 """
 
 import glob
 import os
 import re
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
 
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+# fat binary for Ampere, Ada and Hopper, plus PTX for what comes after
+CUDA_ARCHS = [("80", "sm_80"), ("89", "sm_89"), ("90", "sm_90"), ("90", "compute_90")]
 
 
 def project_version() -> str:
@@ -33,7 +47,69 @@ def core_extension() -> Extension:
         define_macros=[("DS_VERSION", f'"{version}"')],
         extra_compile_args=flags,
         extra_link_args=["-pthread"] + [f for f in flags if f.startswith("-fsanitize")],
+        libraries=["dl"],
     )
 
 
-setup(ext_modules=[core_extension()])
+def find_nvcc() -> str | None:
+    if os.environ.get("NVCC"):
+        return os.environ["NVCC"]
+    for candidate in (
+        shutil.which("nvcc"),
+        os.path.join(os.environ.get("CUDA_HOME", "/nonexistent"), "bin", "nvcc"),
+        "/usr/local/cuda/bin/nvcc",
+    ):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+class BuildWithCuda(build_ext):
+    """build_ext, then the CUDA library next to the extension when nvcc is there."""
+
+    def run(self) -> None:
+        super().run()
+        wanted = os.environ.get("DIFFSYNTH_C_CUDA", "auto")
+        if wanted == "0":
+            return
+        nvcc = find_nvcc()
+        if nvcc is None:
+            if wanted == "1":
+                raise RuntimeError("DIFFSYNTH_C_CUDA=1 but no nvcc was found (set NVCC or CUDA_HOME)")
+            print("diffsynth_c: nvcc not found, building without the CUDA kernels", file=sys.stderr)
+            return
+        out_dir = os.path.dirname(self.get_ext_fullpath("diffsynth_c._core"))
+        self.build_cuda(nvcc, os.path.join(out_dir, "_cuda.so"))
+
+    def build_cuda(self, nvcc: str, target: str) -> None:
+        sources = sorted(glob.glob(os.path.join("kernels", "*.cu")))
+        deps = sources + glob.glob(os.path.join("kernels", "*.h")) + glob.glob(os.path.join("kernels", "*.cuh"))
+        if not self.force and os.path.exists(target):
+            newest = max(os.path.getmtime(p) for p in deps)
+            if os.path.getmtime(target) >= newest:
+                return
+        tmp = os.path.join(self.build_temp, "kernels")
+        os.makedirs(tmp, exist_ok=True)
+        host = "-fPIC,-O3,-Wall,-Wextra,-fvisibility=hidden" + (
+            ",-Werror" if os.environ.get("DIFFSYNTH_C_WERROR") == "1" else ""
+        )
+        flags = ["-std=c++17", "-O3", "--extended-lambda", "-Ikernels", "-Xcompiler", host]
+        for virtual, real in CUDA_ARCHS:
+            flags += ["-gencode", f"arch=compute_{virtual},code={real}"]
+        objects = [os.path.join(tmp, os.path.basename(s)[:-3] + ".o") for s in sources]
+
+        def compile_one(pair):
+            src, obj = pair
+            cmd = [nvcc, *flags, "-c", src, "-o", obj]
+            print(" ".join(cmd), file=sys.stderr)
+            subprocess.run(cmd, check=True)
+
+        with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+            list(pool.map(compile_one, zip(sources, objects)))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        partial = target + ".partial"
+        subprocess.run([nvcc, "-shared", "-cudart", "static", "-o", partial, *objects, "-lpthread"], check=True)
+        os.replace(partial, target)
+
+
+setup(ext_modules=[core_extension()], cmdclass={"build_ext": BuildWithCuda})

@@ -19,6 +19,10 @@ void cv_run(st_dtype src, st_dtype dst, const void *in, void *out, size_t n);
  * check that both give the same bits. */
 void cv_run_with(st_dtype src, st_dtype dst, const void *in, void *out, size_t n, int f16c);
 
+/* cv_run element by element with the GPU kernels' rules (kernels/dtype.h): nan 0 (DS_NAN_CPU) or
+ * 1 (DS_NAN_CUDA), saturate for E4M3 overflow. What the CUDA cast computes, checked on the CPU. */
+void cv_run_rules(st_dtype src, st_dtype dst, const void *in, void *out, size_t n, int nan, int saturate);
+
 /* Which implementation F32<->F16 uses here: "f16c" or "portable". */
 const char *cv_f16_impl(void);
 

@@ -7,6 +7,7 @@ conversion in C, tensors handed to torch and numpy through DLPack without a copy
 """
 
 from ._core import FormatError, __version__
+from .kernels import cuda_available
 from .loader import hash_model_file, hash_state_dict_keys, load_keys_dict, load_state_dict
 
 __all__ = [
@@ -16,4 +17,5 @@ __all__ = [
     "hash_model_file",
     "hash_state_dict_keys",
     "load_keys_dict",
+    "cuda_available",
 ]

@@ -160,4 +160,34 @@ DS_HD uint8_t ds_f32_to_e5m2(uint32_t x) {
     return (uint8_t)(r | (sign >> 24));
 }
 
+/* ---- by dtype code at run time ----
+ * Codes: 0 F32, 1 F16, 2 BF16, 3 F8_E4M3, 4 F8_E5M2 (dsk_dtype of kernels/ds_cuda.h). nan picks the
+ * NaN rule (DS_NAN_CPU / DS_NAN_CUDA; a BF16 NaN is then 0x7FC0 / 0x7FFF), saturate the E4M3 one.
+ * The kernels compile these per dtype pair; the C core runs them to check that arithmetic. */
+
+DS_HD uint32_t ds_any_to_f32(int t, uint32_t v, ds_nan nan) {
+    switch (t) {
+    case 1: return ds_f16_to_f32((uint16_t)v, nan);
+    case 2: return ds_bf16_to_f32((uint16_t)v);
+    case 3: return ds_e4m3_to_f32((uint8_t)v);
+    case 4: return ds_e5m2_to_f32((uint8_t)v, nan);
+    default: return v;
+    }
+}
+
+DS_HD uint32_t ds_f32_to_any(int t, uint32_t x, ds_nan nan, int saturate) {
+    switch (t) {
+    case 1: return ds_f32_to_f16(x, nan);
+    case 2: return ds_f32_to_bf16(x, nan == DS_NAN_CUDA ? (uint16_t)0x7FFF : (uint16_t)0x7FC0);
+    case 3: return ds_f32_to_e4m3(x, saturate);
+    case 4: return ds_f32_to_e5m2(x);
+    default: return x;
+    }
+}
+
+/* One element from dtype s to dtype d (the same dtype: the bits unchanged). */
+DS_HD uint32_t ds_convert_any(int s, int d, uint32_t v, ds_nan nan, int saturate) {
+    return s == d ? v : ds_f32_to_any(d, ds_any_to_f32(s, v, nan), nan, saturate);
+}
+
 #endif

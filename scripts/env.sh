@@ -9,6 +9,7 @@ py=${PYTHON:-python3}
 
 need_apt=()
 command -v cc >/dev/null 2>&1 || need_apt+=(build-essential)
+command -v c++ >/dev/null 2>&1 || need_apt+=(g++)  # tests/cuda_fake builds the GPU load's host logic
 command -v make >/dev/null 2>&1 || need_apt+=(make)
 "$py" -c 'import sysconfig, os, sys; sys.exit(0 if os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")) else 1)' \
   || need_apt+=(python3-dev)

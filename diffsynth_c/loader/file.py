@@ -21,6 +21,7 @@ from typing import Any, Iterable
 from .. import _core
 from ..dlpack import safetensors_name_of, to_torch
 from .conversion import c_sources_for
+from .device import load_pinned, load_to_cuda
 
 PathLike = str | os.PathLike
 
@@ -57,11 +58,30 @@ def _is_cpu(device: Any) -> bool:
     return torch.device(device).type == "cpu"
 
 
+def _gpu_path(device: Any) -> bool:
+    """Whether a load to device goes through the CUDA library (a CUDA device, and both torch and
+    our kernels can reach it)."""
+    import torch
+
+    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        return False
+    from ..kernels import cuda_available
+
+    return cuda_available()
+
+
 def _load_safetensors_files(
-    paths: list[PathLike], torch_dtype: Any, device: Any, path_display: list[str]
+    paths: list[PathLike], torch_dtype: Any, device: Any, path_display: list[str], pin_memory: bool = False
 ) -> list[dict[str, Any]]:
-    """Loads safetensors files in one parallel C call; one dict per file, keys in name order."""
+    """Loads safetensors files in one parallel C call; one dict per file, keys in name order.
+    With pin_memory (on the CPU) the tensors come back pinned already."""
     on_cpu = _is_cpu(device)
+    if not on_cpu and _gpu_path(device):
+        placed = load_to_cuda(paths, path_display, torch_dtype, device)
+        if placed is not None:
+            return placed
+    if on_cpu and pin_memory and _gpu_path("cuda"):
+        return load_pinned(paths, path_display, torch_dtype)
     target = safetensors_name_of(torch_dtype) if (torch_dtype is not None and on_cpu) else None
     sources = c_sources_for(target) if target else []
     per_file = _core.load(paths, target if sources else None, _threads(), _mode(), convert_from=sources)
@@ -92,9 +112,12 @@ def load_state_dict(
     """Loads one model file, or several merged into one state dict (as DiffSynth's
     ``load_state_dict``: a later file's tensor replaces an earlier one of the same name).
 
-    ``torch_dtype`` converts every tensor (``tensor.to(torch_dtype)``); ``device`` places them
-    (the bytes are read on the CPU, moved, then converted on the device, as DiffSynth's results
-    are); ``pin_memory`` pins CPU tensors. Raises ``FileNotFoundError`` for a missing file,
+    ``torch_dtype`` converts every tensor (``tensor.to(torch_dtype)``); ``device`` places them.
+    On a CUDA device, when ``diffsynth_c.cuda_available()``, the file's bytes go through pinned
+    staging buffers straight into tensors from torch's allocator and are converted on the GPU
+    (diffsynth_c/loader/device.py); otherwise they are read on the CPU, moved, then converted on the
+    device, as DiffSynth's are. ``pin_memory`` pins CPU tensors (read straight into pinned memory
+    when CUDA is there). Raises ``FileNotFoundError`` for a missing file,
     ``diffsynth_c.FormatError`` (a ``ValueError``) naming the file and tensor for a malformed one.
     """
     paths = _as_list(file_path, "load_state_dict")
@@ -104,15 +127,22 @@ def load_state_dict(
         for d in displays:
             print(f"Loading file [started]: {d}")
     loaded: dict[int, dict[str, Any]] = {}
+    pinned = False
     if safetensors_idx:
         dicts = _load_safetensors_files(
-            [paths[i] for i in safetensors_idx], torch_dtype, device, [displays[i] for i in safetensors_idx]
+            [paths[i] for i in safetensors_idx],
+            torch_dtype,
+            device,
+            [displays[i] for i in safetensors_idx],
+            pin_memory,
         )
+        pinned = pin_memory and _is_cpu(device) and _gpu_path("cuda")
         loaded.update(zip(safetensors_idx, dicts))
     state_dict: dict[str, Any] = {}
     for i, path in enumerate(paths):
-        sd = loaded.pop(i) if i in loaded else load_state_dict_from_bin(path, torch_dtype=torch_dtype, device=device)
-        if pin_memory:
+        from_c = i in loaded
+        sd = loaded.pop(i) if from_c else load_state_dict_from_bin(path, torch_dtype=torch_dtype, device=device)
+        if pin_memory and not (from_c and pinned):
             for k in sd:
                 sd[k] = sd[k].pin_memory()
         state_dict.update(sd)
