@@ -31,8 +31,8 @@ int io_pread(int fd, void *dst, size_t len, uint64_t off, ds_error *err);
 /* Maps a whole file privately (copy-on-write). Returns the base or NULL with err. */
 void *io_map_file(int fd, uint64_t size, ds_error *err);
 
-/* Anonymous, zero-filled, page-aligned memory; large regions are advised to
- * use transparent huge pages. Returns NULL with err when out of memory. */
+/* Anonymous, zero-filled, page-aligned memory (no huge-page advice: see io.c).
+ * Returns NULL with err when out of memory. */
 void *io_alloc(size_t len, ds_error *err);
 
 /* Unmaps a region from io_map_file or io_alloc (len as given there). */

@@ -90,7 +90,7 @@ int st_check_prefix(const uint8_t prefix[8], uint64_t file_size, uint64_t *heade
                        "header length %llu is over the format's limit of %llu bytes: "
                        "is this a safetensors file?",
                        (unsigned long long)n, (unsigned long long)ST_MAX_HEADER);
-    if (n > file_size - 8)
+    if (file_size < 8 || n > file_size - 8)
         return ds_fail(err, DS_ERR_FORMAT,
                        "header length %llu runs past the end of the file (%llu bytes): "
                        "the file is truncated or not a safetensors file",
