@@ -30,7 +30,29 @@ def loaders():
 
     table = {"diffsynth_c": lambda paths, dtype: diffsynth_c.load_state_dict(paths, torch_dtype=dtype)}
     table.update(PEERS)
+    table["torch-mmap"] = load_torch_mmap  # PyTorch checkpoints (benchmarks/torch_bin.py)
     return table
+
+
+def load_torch_mmap(paths: list[str], dtype) -> dict:
+    sd: dict = {}
+    for p in paths:
+        sd.update(torch.load(p, mmap=True, weights_only=True))
+    return {k: v.to(dtype) for k, v in sd.items()} if dtype is not None else sd
+
+
+def verify_bin(sd: dict, paths: list[str], dtype) -> tuple[bool, str]:
+    """Against torch.load(weights_only=True), which DiffSynth itself calls for these files."""
+    ref: dict = {}
+    for p in paths:
+        ref.update(torch.load(p, weights_only=True))
+    if list(sd) != list(ref):
+        return False, "different keys or order"
+    for k, r in ref.items():
+        r = r.to(dtype) if dtype is not None else r
+        if sd[k].dtype != r.dtype or sd[k].shape != r.shape or not torch.equal(sd[k].reshape(-1).view(torch.uint8), r.reshape(-1).view(torch.uint8)):
+            return False, f"{k} differs"
+    return True, ""
 
 
 def reference_order(paths: list[str]) -> list[str]:
@@ -70,11 +92,13 @@ def main() -> None:
     name, dtype_name, cache, do_verify, *paths = sys.argv[1:]
     dtype = None if dtype_name == "none" else getattr(torch, dtype_name)
     fn = loaders()[name]
-    tiny = os.path.join(bench_dir(), "tiny.safetensors")
+    is_bin = paths[0].endswith(".bin")
+    tiny = os.path.join(bench_dir(), "tiny.bin" if is_bin else "tiny.safetensors")
     if not os.path.exists(tiny):
         from safetensors.torch import save_file
 
-        save_file({"a": torch.ones(4, dtype=torch.bfloat16), "b": torch.ones(2, 2)}, tiny + ".tmp")
+        tiny_sd = {"a": torch.ones(4, dtype=torch.bfloat16), "b": torch.ones(2, 2)}
+        torch.save(tiny_sd, tiny + ".tmp") if is_bin else save_file(tiny_sd, tiny + ".tmp")
         os.replace(tiny + ".tmp", tiny)
     from peers import files_read_by, prepare
 
@@ -94,7 +118,10 @@ def main() -> None:
     nbytes = sum(os.path.getsize(p) for p in paths)
     ok, why = (None, "")
     if do_verify == "verify":
-        ok, why = verify(sd, paths, dtype, check_order=name in ("diffsynth_c", "diffsynth"))
+        if is_bin:
+            ok, why = verify_bin(sd, paths, dtype)
+        else:
+            ok, why = verify(sd, paths, dtype, check_order=name in ("diffsynth_c", "diffsynth"))
     print(json.dumps({"call_s": t1 - t0, "total_s": t2 - t0, "peak_rss_mib": peak, "bytes": nbytes, "ok": ok, "error": why}))
 
 

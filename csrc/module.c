@@ -28,6 +28,7 @@
 #include "keyhash.h"
 #include "readinto.h"
 #include "safetensors.h"
+#include "torchfile.h"
 
 #ifndef DS_VERSION
 #define DS_VERSION "0.0.0"
@@ -35,8 +36,11 @@
 
 typedef struct {
     PyObject *FormatError;
+    PyObject *NotNativeError;
     PyTypeObject *RegionType;
     PyTypeObject *TensorType;
+    PyTypeObject *TensorRefType;
+    PyObject *OrderedDict;
 } module_state;
 
 static module_state *state_of(PyObject *module) { return (module_state *)PyModule_GetState(module); }
@@ -1684,6 +1688,292 @@ done:
     return result;
 }
 
+/* ---- torch.save checkpoints ----------------------------------------------------------- */
+
+static PyStructSequence_Field tensor_ref_fields[] = {
+    {"storage", "index into the storages list"},
+    {"dtype", "safetensors dtype name of the elements"},
+    {"offset", "storage offset, in elements"},
+    {"shape", "tuple of sizes"},
+    {"stride", "tuple of strides, in elements"},
+    {"requires_grad", "as saved"},
+    {"parameter", "saved as an nn.Parameter"},
+    {NULL, NULL},
+};
+
+static PyStructSequence_Desc tensor_ref_desc = {
+    "diffsynth_c._core.TensorRef",
+    "A tensor of a checkpoint as data.pkl describes it: a view into one of its storages.",
+    tensor_ref_fields,
+    7,
+};
+
+static PyObject *dims_tuple(int n, const uint64_t *v) { return shape_tuple(n, v); }
+
+/* The Python value of a pickle object; tensors become TensorRef. */
+static PyObject *pk_to_py(module_state *st, const pk_obj *o, int depth) {
+    if (depth > 1000) {
+        PyErr_SetString(st->FormatError, "data.pkl nests containers more than 1000 deep");
+        return NULL;
+    }
+    switch (o->kind) {
+    case PK_NONE: Py_RETURN_NONE;
+    case PK_BOOL: return PyBool_FromLong((long)o->u.i);
+    case PK_INT: return PyLong_FromLongLong(o->u.i);
+    case PK_FLOAT: return PyFloat_FromDouble(o->u.f);
+    case PK_STR: return PyUnicode_DecodeUTF8(o->u.str.s, (Py_ssize_t)o->u.str.len, "surrogatepass");
+    case PK_BYTES: return PyBytes_FromStringAndSize(o->u.str.s, (Py_ssize_t)o->u.str.len);
+    case PK_TUPLE:
+    case PK_LIST: {
+        PyObject *r = o->kind == PK_TUPLE ? PyTuple_New((Py_ssize_t)o->u.seq.n) : PyList_New((Py_ssize_t)o->u.seq.n);
+        if (!r)
+            return NULL;
+        for (size_t i = 0; i < o->u.seq.n; i++) {
+            PyObject *v = pk_to_py(st, o->u.seq.v[i], depth + 1);
+            if (!v) {
+                Py_DECREF(r);
+                return NULL;
+            }
+            if (o->kind == PK_TUPLE)
+                PyTuple_SET_ITEM(r, (Py_ssize_t)i, v);
+            else
+                PyList_SET_ITEM(r, (Py_ssize_t)i, v);
+        }
+        return r;
+    }
+    case PK_DICT:
+    case PK_ODICT: {
+        PyObject *r = o->kind == PK_DICT ? PyDict_New() : PyObject_CallNoArgs(st->OrderedDict);
+        if (!r)
+            return NULL;
+        for (size_t i = 0; i + 1 < o->u.seq.n; i += 2) {
+            PyObject *k = pk_to_py(st, o->u.seq.v[i], depth + 1);
+            PyObject *v = k ? pk_to_py(st, o->u.seq.v[i + 1], depth + 1) : NULL;
+            int bad = !v;
+            if (v && PyObject_SetItem(r, k, v) < 0) {
+                bad = 1;
+                if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+                    PyErr_Clear();
+                    PyErr_Format(st->FormatError, "data.pkl has a dict key of type %s", Py_TYPE(k)->tp_name);
+                }
+            }
+            Py_XDECREF(k);
+            Py_XDECREF(v);
+            if (bad) {
+                Py_DECREF(r);
+                return NULL;
+            }
+        }
+        return r;
+    }
+    case PK_TENSOR: {
+        const pk_tensor *t = o->u.tensor;
+        PyObject *r = PyStructSequence_New(st->TensorRefType);
+        if (!r)
+            return NULL;
+        PyObject *vals[7] = {
+            PyLong_FromSize_t(t->storage->u.storage.index),
+            PyUnicode_FromString(st_dtype_name((st_dtype)t->dtype)),
+            PyLong_FromUnsignedLongLong(t->offset),
+            dims_tuple(t->ndim, t->size),
+            dims_tuple(t->ndim, t->stride),
+            PyBool_FromLong(t->requires_grad),
+            PyBool_FromLong(t->parameter),
+        };
+        int ok = 1;
+        for (int i = 0; i < 7; i++) {
+            if (!vals[i])
+                ok = 0;
+            PyStructSequence_SET_ITEM(r, i, vals[i] ? vals[i] : Py_NewRef(Py_None));
+        }
+        if (!ok) {
+            Py_DECREF(r);
+            return NULL;
+        }
+        return r;
+    }
+    default:
+        PyErr_SetString(st->FormatError, "data.pkl holds a value this reader does not represent");
+        return NULL;
+    }
+}
+
+PyDoc_STRVAR(torch_read_doc,
+             "torch_read(path) -> (obj, storages)\n\n"
+             "Reads a torch.save checkpoint's zip directory and data.pkl (nothing else) through the restricted\n"
+             "pickle machine. obj: the saved value, tensors as TensorRef; storages: list of (key, dtype or None for\n"
+             "untyped, nbytes, file offset). Raises NotNativeError (a FormatError) for a file this reader does not\n"
+             "represent (legacy format, big-endian, constructs outside its allow-list that torch accepts),\n"
+             "FormatError for a malformed one or one that names a refused global.");
+
+static PyObject *torch_read(PyObject *module, PyObject *arg) {
+    module_state *st = state_of(module);
+    PyObject *fs = NULL, *display = NULL, *obj = NULL, *stor = NULL, *result = NULL;
+    if (!PyUnicode_FSConverter(arg, &fs))
+        return NULL;
+    display = PyUnicode_DecodeFSDefault(PyBytes_AS_STRING(fs));
+    if (!display)
+        goto done;
+    tf_checkpoint c;
+    ds_error err;
+    err.input = -1;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS rc = tf_open(PyBytes_AS_STRING(fs), &c, &err);
+    Py_END_ALLOW_THREADS if (rc) {
+        if (err.status == DS_ERR_UNSUPPORTED)
+            PyErr_Format(st->NotNativeError, "%U: %s", display, err.msg);
+        else
+            raise_ds(st, &err, display);
+        goto done;
+    }
+    obj = pk_to_py(st, c.pk.root, 0);
+    if (obj)
+        stor = PyList_New((Py_ssize_t)c.pk.n_storages);
+    for (size_t i = 0; stor && i < c.pk.n_storages; i++) {
+        const pk_storage *s = &c.pk.storages[i]->u.storage;
+        PyObject *item;
+        if (s->dtype == PK_UNTYPED)
+            item = Py_BuildValue("(s#OKK)", s->key, (Py_ssize_t)s->key_len, Py_None,
+                                 (unsigned long long)c.storage_nbytes[i], (unsigned long long)c.storage_offset[i]);
+        else
+            item = Py_BuildValue("(s#sKK)", s->key, (Py_ssize_t)s->key_len, st_dtype_name((st_dtype)s->dtype),
+                                 (unsigned long long)c.storage_nbytes[i], (unsigned long long)c.storage_offset[i]);
+        if (!item)
+            Py_CLEAR(stor);
+        else
+            PyList_SET_ITEM(stor, (Py_ssize_t)i, item);
+    }
+    tf_close(&c);
+    if (obj && stor)
+        result = PyTuple_Pack(2, obj, stor);
+    else if (PyErr_ExceptionMatches(st->FormatError)) {
+        /* name the file */
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        PyErr_Format(st->FormatError, "%U: %S", display, value ? value : Py_None);
+        Py_XDECREF(type);
+        Py_XDECREF(value);
+        Py_XDECREF(tb);
+    }
+done:
+    Py_XDECREF(obj);
+    Py_XDECREF(stor);
+    Py_XDECREF(display);
+    Py_XDECREF(fs);
+    return result;
+}
+
+PyDoc_STRVAR(map_ranges_doc,
+             "map_ranges(path, ranges, threads=1, mode='mmap') -> list of Tensor\n\n"
+             "Byte ranges (offset, nbytes) of one file as 1-D U8 Tensors sharing one Region, their pages read\n"
+             "in on worker threads: a private mapping of the file (mode 'mmap') or pread into anonymous memory\n"
+             "(mode 'read'). The ranges must lie inside the file.");
+
+static PyObject *map_ranges(PyObject *module, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"path", "ranges", "threads", "mode", NULL};
+    module_state *st = state_of(module);
+    PyObject *path, *ranges_obj, *fs = NULL, *display = NULL, *fast = NULL, *result = NULL, *region = NULL;
+    int threads = 1;
+    const char *mode = "mmap";
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|is:map_ranges", kwlist, &path, &ranges_obj, &threads, &mode))
+        return NULL;
+    int use_map = strcmp(mode, "read") != 0;
+    if (use_map && strcmp(mode, "mmap") != 0)
+        return PyErr_Format(PyExc_ValueError, "mode must be 'mmap' or 'read', not '%s'", mode);
+    if (!PyUnicode_FSConverter(path, &fs))
+        return NULL;
+    load_plan plan;
+    memset(&plan, 0, sizeof plan);
+    uint64_t *offs = NULL, *lens = NULL, *dest = NULL;
+    display = PyUnicode_DecodeFSDefault(PyBytes_AS_STRING(fs));
+    fast = display ? PySequence_Fast(ranges_obj, "ranges must be a sequence of (offset, nbytes)") : NULL;
+    if (!fast)
+        goto done;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    offs = PyMem_Calloc(n ? (size_t)n : 1, sizeof *offs);
+    lens = PyMem_Calloc(n ? (size_t)n : 1, sizeof *lens);
+    dest = PyMem_Calloc(n ? (size_t)n : 1, sizeof *dest);
+    if (!offs || !lens || !dest) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    uint64_t total = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned long long o, l;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(fast, i), "KK:range", &o, &l))
+            goto done;
+        offs[i] = o;
+        lens[i] = l;
+        dest[i] = total;
+        total += (l + 63) & ~(uint64_t)63;
+    }
+    ds_error err;
+    err.input = -1;
+    int rc = 0;
+    load_file *lf = NULL;
+    Py_BEGIN_ALLOW_THREADS plan.files = calloc(1, sizeof *plan.files);
+    plan.n_files = 1;
+    if (!plan.files)
+        rc = ds_fail(&err, DS_ERR_NOMEM, "out of memory");
+    lf = plan.files;
+    if (!rc && !(rc = io_open(PyBytes_AS_STRING(fs), &lf->f, &err)))
+        lf->opened = 1;
+    for (Py_ssize_t i = 0; !rc && i < n; i++)
+        if (offs[i] > lf->f.size || lens[i] > lf->f.size - offs[i])
+            rc = ds_fail(&err, DS_ERR_FORMAT, "bytes [%llu, %llu) are past the end of the file (%llu bytes)",
+                         (unsigned long long)offs[i], (unsigned long long)(offs[i] + lens[i]),
+                         (unsigned long long)lf->f.size);
+    if (!rc && use_map) {
+        lf->map_len = (size_t)lf->f.size;
+        lf->map = lf->f.size ? io_map_file(lf->f.fd, lf->f.size, &err) : NULL;
+        rc = lf->f.size && !lf->map;
+        for (Py_ssize_t i = 0; !rc && i < n; i++)
+            rc = add_byte_tasks(&plan, TASK_POPULATE, 0, lf->map + offs[i], NULL, 0, (size_t)lens[i], POPULATE_CHUNK,
+                                &err);
+    } else if (!rc) {
+        lf->copy_len = (size_t)(total ? total : 1);
+        lf->copy = io_alloc(lf->copy_len, &err);
+        rc = !lf->copy;
+        for (Py_ssize_t i = 0; !rc && i < n; i++)
+            rc = add_byte_tasks(&plan, TASK_READ, 0, NULL, lf->copy + dest[i], offs[i], (size_t)lens[i], READ_CHUNK,
+                                &err);
+    }
+    if (!rc)
+        rc = io_run(plan.n_tasks, threads, run_task, &plan, NULL, NULL, &err);
+    if (lf && lf->opened) {
+        io_close(&lf->f);
+        lf->opened = 0;
+    }
+    Py_END_ALLOW_THREADS if (rc) {
+        raise_ds(st, &err, display);
+        goto done;
+    }
+    char *base = use_map ? lf->map : lf->copy;
+    region = use_map ? region_new(st, lf->map, lf->map_len, 1) : region_new(st, lf->copy, lf->copy_len, 0);
+    lf->map = lf->copy = NULL;
+    if (!region)
+        goto done;
+    result = PyList_New(n);
+    for (Py_ssize_t i = 0; result && i < n; i++) {
+        uint64_t shape[1] = {lens[i]};
+        PyObject *t = tensor_new(st, region, base + (use_map ? offs[i] : dest[i]), ST_U8, 1, shape, lens[i]);
+        if (!t)
+            Py_CLEAR(result);
+        else
+            PyList_SET_ITEM(result, i, t);
+    }
+done:
+    plan_free(&plan);
+    PyMem_Free(offs);
+    PyMem_Free(lens);
+    PyMem_Free(dest);
+    Py_XDECREF(region);
+    Py_XDECREF(fast);
+    Py_XDECREF(display);
+    Py_XDECREF(fs);
+    return result;
+}
+
 static PyObject *build_info(PyObject *module, PyObject *unused) {
     (void)module;
     (void)unused;
@@ -1700,6 +1990,8 @@ static PyMethodDef module_methods[] = {
     {"md5_hex", (PyCFunction)md5_hex, METH_O, md5_hex_doc},
     {"load", (PyCFunction)(void (*)(void))load, METH_VARARGS | METH_KEYWORDS, load_doc},
     {"convert", (PyCFunction)(void (*)(void))convert, METH_VARARGS | METH_KEYWORDS, convert_doc},
+    {"torch_read", (PyCFunction)torch_read, METH_O, torch_read_doc},
+    {"map_ranges", (PyCFunction)(void (*)(void))map_ranges, METH_VARARGS | METH_KEYWORDS, map_ranges_doc},
     {"read_into", (PyCFunction)(void (*)(void))read_into, METH_VARARGS | METH_KEYWORDS, read_into_doc},
     {"cuda_open", (PyCFunction)cuda_open, METH_O, cuda_open_doc},
     {"cuda_device_count", (PyCFunction)cuda_device_count, METH_NOARGS,
@@ -1719,6 +2011,21 @@ static int module_exec(PyObject *m) {
         PyExc_ValueError, NULL);
     if (!st->FormatError || PyModule_AddObjectRef(m, "FormatError", st->FormatError) < 0)
         return -1;
+    st->NotNativeError = PyErr_NewExceptionWithDoc(
+        "diffsynth_c._core.NotNativeError",
+        "A checkpoint the C reader does not represent (legacy format, constructs outside its allow-list that "
+        "torch accepts): the caller may hand it to torch.load(weights_only=True).",
+        st->FormatError, NULL);
+    if (!st->NotNativeError || PyModule_AddObjectRef(m, "NotNativeError", st->NotNativeError) < 0)
+        return -1;
+    PyObject *collections = PyImport_ImportModule("collections");
+    st->OrderedDict = collections ? PyObject_GetAttrString(collections, "OrderedDict") : NULL;
+    Py_XDECREF(collections);
+    if (!st->OrderedDict)
+        return -1;
+    st->TensorRefType = PyStructSequence_NewType(&tensor_ref_desc);
+    if (!st->TensorRefType || PyModule_AddType(m, st->TensorRefType) < 0)
+        return -1;
     st->RegionType = (PyTypeObject *)PyType_FromModuleAndSpec(m, &Region_spec, NULL);
     if (!st->RegionType || PyModule_AddType(m, st->RegionType) < 0)
         return -1;
@@ -1735,6 +2042,9 @@ static int module_exec(PyObject *m) {
 static int module_traverse(PyObject *m, visitproc visit, void *arg) {
     module_state *st = state_of(m);
     Py_VISIT(st->FormatError);
+    Py_VISIT(st->NotNativeError);
+    Py_VISIT(st->TensorRefType);
+    Py_VISIT(st->OrderedDict);
     Py_VISIT(st->RegionType);
     Py_VISIT(st->TensorType);
     return 0;
@@ -1743,6 +2053,9 @@ static int module_traverse(PyObject *m, visitproc visit, void *arg) {
 static int module_clear(PyObject *m) {
     module_state *st = state_of(m);
     Py_CLEAR(st->FormatError);
+    Py_CLEAR(st->NotNativeError);
+    Py_CLEAR(st->TensorRefType);
+    Py_CLEAR(st->OrderedDict);
     Py_CLEAR(st->RegionType);
     Py_CLEAR(st->TensorType);
     return 0;

@@ -10,38 +10,16 @@
  * the file. */
 #include "safetensors.h"
 
+#include "arena.h"
+
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "json.h"
 
-struct st_arena_block {
-    st_arena_block *next;
-    size_t used, cap;
-    _Alignas(16) unsigned char data[];
-};
-
-static void *arena_alloc(st_arena_block **arena, size_t n) {
-    st_arena_block *b = *arena;
-    n = (n + 15) & ~(size_t)15;
-    if (!b || b->cap - b->used < n) {
-        size_t cap = n > (1u << 16) ? n : (1u << 16);
-        b = malloc(sizeof *b + cap);
-        if (!b)
-            return NULL;
-        b->next = *arena;
-        b->used = 0;
-        b->cap = cap;
-        *arena = b;
-    }
-    void *p = b->data + b->used;
-    b->used += n;
-    return p;
-}
-
-static char *arena_str(st_arena_block **arena, const char *s, size_t n) {
-    char *d = arena_alloc(arena, n + 1);
+static char *arena_str(ds_arena_block **arena, const char *s, size_t n) {
+    char *d = ds_arena_alloc(arena, n + 1);
     if (d) {
         memcpy(d, s, n);
         d[n] = '\0';
@@ -114,7 +92,7 @@ typedef struct {
 typedef struct {
     js_cursor c;
     js_buf key, tmp;
-    st_arena_block *arena;
+    ds_arena_block *arena;
     entry *entries;
     size_t n_entries, cap_entries;
     meta_entry *meta;
@@ -212,7 +190,7 @@ static int parse_shape(parser *ps, const char *name, st_tensor *t) {
         if (js_u64(c, &ps->dims[i - 1], "tensor", name, "a shape dimension"))
             return -1;
     }
-    uint64_t *shape = arena_alloc(&ps->arena, i * sizeof(uint64_t) + 1);
+    uint64_t *shape = ds_arena_alloc(&ps->arena, i * sizeof(uint64_t) + 1);
     if (!shape)
         return nomem(ps);
     if (i)
@@ -579,11 +557,7 @@ int st_parse(const uint8_t *json, size_t json_len, uint64_t file_size, st_header
 done:
     if (rc)
         st_free(h);
-    while (ps.arena) {
-        st_arena_block *next = ps.arena->next;
-        free(ps.arena);
-        ps.arena = next;
-    }
+    ds_arena_free(&ps.arena);
     free(ps.entries);
     free(ps.meta);
     free(ps.dims);
@@ -595,11 +569,7 @@ done:
 void st_free(st_header *h) {
     free(h->tensors);
     free(h->meta);
-    while (h->arena) {
-        st_arena_block *next = h->arena->next;
-        free(h->arena);
-        h->arena = next;
-    }
+    ds_arena_free(&h->arena);
     memset(h, 0, sizeof *h);
 }
 

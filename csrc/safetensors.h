@@ -57,7 +57,7 @@ typedef struct {
     size_t key_len, value_len;
 } st_meta;
 
-typedef struct st_arena_block st_arena_block;
+#include "arena.h"
 
 typedef struct {
     uint64_t header_len; /* N */
@@ -68,7 +68,7 @@ typedef struct {
     int has_metadata;   /* "__metadata__" present and not null */
     size_t n_meta;
     st_meta *meta; /* sorted by key */
-    st_arena_block *arena;
+    ds_arena_block *arena;
 } st_header;
 
 /* Number of dtypes' bits per element, and their names in the format. */

@@ -22,6 +22,7 @@ from .. import _core
 from ..dlpack import safetensors_name_of, to_torch
 from .conversion import c_sources_for
 from .device import load_pinned, load_to_cuda
+from .torchfile import _map, load_tree, read_tree
 
 PathLike = str | os.PathLike
 
@@ -145,9 +146,11 @@ def load_state_dict(
         if pin_memory and not (from_c and pinned):
             for k in sd:
                 sd[k] = sd[k].pin_memory()
-        state_dict.update(sd)
         if verbose >= 1:
             print(f"Loading file [done]: {displays[i]}")
+        if not isinstance(file_path, (list, tuple)):
+            return sd  # one file: its own dict, as DiffSynth returns it (an OrderedDict for torch.save files)
+        state_dict.update(sd)
     return state_dict
 
 
@@ -156,17 +159,28 @@ def load_state_dict_from_safetensors(file_path: PathLike, torch_dtype: Any = Non
     return _load_safetensors_files([file_path], torch_dtype, device, [os.fsdecode(file_path)])[0]
 
 
-def load_state_dict_from_bin(file_path: PathLike, torch_dtype: Any = None, device: Any = "cpu") -> dict:
-    """A PyTorch checkpoint through ``torch.load(weights_only=True)``, unwrapping a single
-    ``state_dict`` / ``module`` / ``model_state`` key, as DiffSynth does."""
-    import torch
-
-    state_dict = torch.load(file_path, map_location=device, weights_only=True)
+def _unwrap(state_dict: Any) -> Any:
+    """DiffSynth's unwrapping of a checkpoint holding one key: state_dict, module or model_state."""
     if len(state_dict) == 1:
         for wrapper in ("state_dict", "module", "model_state"):
             if wrapper in state_dict:
-                state_dict = state_dict[wrapper]
-                break
+                return state_dict[wrapper]
+    return state_dict
+
+
+def load_state_dict_from_bin(file_path: PathLike, torch_dtype: Any = None, device: Any = "cpu") -> dict:
+    """A PyTorch checkpoint, read by the C core (diffsynth_c/loader/torchfile.py) with the results of
+    ``torch.load(weights_only=True)``, unwrapping a single ``state_dict`` / ``module`` /
+    ``model_state`` key and converting the top-level tensors, as DiffSynth does. Files the C reader
+    does not take go through torch.load itself."""
+    import torch
+
+    state_dict = load_tree(file_path, _threads(), _mode())
+    if state_dict is None:
+        state_dict = torch.load(file_path, map_location=device, weights_only=True)
+    elif not _is_cpu(device):
+        state_dict = _map(state_dict, torch.Tensor, lambda t: t.to(device))
+    state_dict = _unwrap(state_dict)
     if torch_dtype is not None:
         for k in state_dict:
             if isinstance(state_dict[k], torch.Tensor):
@@ -265,7 +279,20 @@ def convert_state_dict_to_keys_dict(state_dict: dict) -> dict:
 
 
 def load_keys_dict_from_bin(file_path: PathLike) -> dict:
-    return convert_state_dict_to_keys_dict(load_state_dict_from_bin(file_path))
+    """{name: shape list} of a PyTorch checkpoint from its data.pkl alone (no tensor byte is read),
+    with DiffSynth's unwrapping and its error for values that are neither tensors nor dicts."""
+    tree = read_tree(file_path)
+    if tree is None:
+        return convert_state_dict_to_keys_dict(load_state_dict_from_bin(file_path))
+    return _refs_to_keys_dict(_unwrap(tree[0]))
+
+
+def _refs_to_keys_dict(state_dict: Any) -> dict:
+    """convert_state_dict_to_keys_dict over TensorRef leaves (same recursion, same errors)."""
+    keys_dict = {}
+    for k, v in state_dict.items():
+        keys_dict[k] = list(v.shape) if isinstance(v, _core.TensorRef) else _refs_to_keys_dict(v)
+    return keys_dict
 
 
 def hash_model_file(path: PathLike | list[PathLike], with_shape: bool = True) -> str:
