@@ -1,0 +1,100 @@
+"""The drop-in: make an installed DiffSynth load through diffsynth_c.
+
+``patch_diffsynth()`` rebinds DiffSynth's loading functions and classes to diffsynth_c's, in
+DiffSynth's own modules and in every ``diffsynth.*`` module that imported them by name (such as
+``diffsynth.models.model_loader``, which holds ``load_model`` and ``hash_model_file``), so an
+unchanged pipeline script gets the faster loads. ``unpatch_diffsynth()`` puts every binding back.
+``import diffsynth_c.auto`` patches on import; so does importing diffsynth_c with
+``DIFFSYNTH_C_PATCH=1`` in the environment.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+# (DiffSynth module, name) -> (our module, name)
+_TABLE = {
+    ("diffsynth.core.loader.file", "load_state_dict"): ("diffsynth_c.loader.file", "load_state_dict"),
+    ("diffsynth.core.loader.file", "load_state_dict_from_safetensors"): ("diffsynth_c.loader.file", "load_state_dict_from_safetensors"),
+    ("diffsynth.core.loader.file", "load_state_dict_from_bin"): ("diffsynth_c.loader.file", "load_state_dict_from_bin"),
+    ("diffsynth.core.loader.file", "load_metadata_from_safetensors"): ("diffsynth_c.loader.file", "load_metadata_from_safetensors"),
+    ("diffsynth.core.loader.file", "hash_model_file"): ("diffsynth_c.loader.file", "hash_model_file"),
+    ("diffsynth.core.loader.file", "hash_state_dict_keys"): ("diffsynth_c.loader.file", "hash_state_dict_keys"),
+    ("diffsynth.core.loader.file", "load_keys_dict"): ("diffsynth_c.loader.file", "load_keys_dict"),
+    ("diffsynth.core.loader.model", "load_model"): ("diffsynth_c.loader.model", "load_model"),
+    ("diffsynth.core.vram.disk_map", "DiskMap"): ("diffsynth_c.vram.disk_map", "DiskMap"),
+    ("diffsynth.core.vram.initialization", "skip_model_initialization"): ("diffsynth_c.vram.initialization", "skip_model_initialization"),
+}
+
+_saved: list[tuple[Any, str, Any]] = []  # (module, attribute, DiffSynth's object) of every rebinding
+_ORIGINALS: dict[tuple[str, str], Any] = {}
+
+
+def _pairs() -> list[tuple[Any, Any]]:
+    """(DiffSynth's object, ours) for every entry of the table; imports DiffSynth."""
+    import importlib
+
+    pairs = []
+    for (ds_mod, ds_name), (our_mod, our_name) in _TABLE.items():
+        theirs = _ORIGINALS.get((ds_mod, ds_name))
+        if theirs is None:
+            theirs = getattr(importlib.import_module(ds_mod), ds_name)
+            _ORIGINALS[(ds_mod, ds_name)] = theirs
+        pairs.append((theirs, getattr(importlib.import_module(our_mod), our_name)))
+    return pairs
+
+
+def original(ds_module: str, name: str) -> Any:
+    """DiffSynth's own object, patched or not."""
+    _pairs()
+    return _ORIGINALS[(ds_module, name)]
+
+
+def is_patched() -> bool:
+    return bool(_saved)
+
+
+def patch_diffsynth() -> int:
+    """Rebinds DiffSynth's loaders to diffsynth_c's in every loaded ``diffsynth`` module. Returns how
+    many bindings changed (0 when already patched)."""
+    if _saved:
+        return 0
+    by_id = {id(theirs): (theirs, ours) for theirs, ours in _pairs()}
+    for name, module in list(sys.modules.items()):
+        if module is None or not (name == "diffsynth" or name.startswith("diffsynth.")):
+            continue
+        for attr, value in list(vars(module).items()):
+            hit = by_id.get(id(value))
+            if hit is not None and hit[0] is value:
+                _saved.append((module, attr, value))
+                setattr(module, attr, hit[1])
+    return len(_saved)
+
+
+def unpatch_diffsynth() -> int:
+    """Puts back every binding patch_diffsynth changed. Returns how many."""
+    n = len(_saved)
+    while _saved:
+        module, attr, value = _saved.pop()
+        setattr(module, attr, value)
+    return n
+
+
+@contextmanager
+def patched_module(module: Any) -> Iterator[None]:
+    """While the block runs, DiffSynth's ``module`` sees diffsynth_c's DiskMap, load_state_dict and
+    skip_model_initialization (for the branches of load_model handed to DiffSynth's own code)."""
+    by_id = {id(theirs): ours for theirs, ours in _pairs()}
+    changed = []
+    for attr, value in list(vars(module).items()):
+        ours = by_id.get(id(value))
+        if ours is not None and attr != "load_model":
+            changed.append((attr, value))
+            setattr(module, attr, ours)
+    try:
+        yield
+    finally:
+        for attr, value in changed:
+            setattr(module, attr, value)

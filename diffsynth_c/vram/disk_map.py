@@ -1,0 +1,191 @@
+"""``DiskMap``: a dict-like view of model files that reads one tensor when it is asked for.
+
+The keys come from the headers (safetensors) or ``data.pkl`` (torch.save files) read by the C
+core; ``dm[name]`` reads exactly that tensor's bytes into a fresh tensor (converting in C where it
+can), with the GIL released, so several threads may read at once. ``prefetch(keys)`` starts
+reading ahead on background threads so that a later ``dm[name]`` finds the tensor ready. Same
+constructor, keys, order, renaming (``state_dict_converter``) and results as DiffSynth's DiskMap.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Iterable, Iterator
+
+from .. import _core
+from ..dlpack import safetensors_name_of, torch_dtype_of
+from ..loader.conversion import c_converts
+
+_PREFETCH_THREADS = 4
+
+
+class _SafetensorsFile:
+    def __init__(self, path: str):
+        self.path = path
+        _hl, self.data_start, tensors, _meta = _core.read_header(path)
+        self.entries = {name: (dtype, shape, begin, end) for name, dtype, shape, begin, end in tensors}
+
+    def keys(self) -> Iterable[str]:
+        return self.entries.keys()
+
+    def read(self, name: str, torch_dtype: Any) -> Any:
+        import torch
+
+        dtype, shape, begin, end = self.entries[name]
+        target = safetensors_name_of(torch_dtype) if torch_dtype is not None else None
+        out_dtype = target if target and target != dtype and c_converts(dtype, target) else dtype
+        if dtype in ("F4",) or dtype not in _TORCHABLE:
+            # sub-byte and exotic dtypes: the ordinary loader's views, then a private copy
+            sd = _core.load([self.path], None, 1, "read")[0]
+            from ..dlpack import to_torch
+
+            return to_torch(dict(sd)[name]).clone()
+        out = torch.empty(shape, dtype=torch_dtype_of(out_dtype))
+        if end > begin:
+            _core.read_into([self.path], [(0, self.data_start + begin, end - begin, dtype, out_dtype, out.data_ptr(), name)])
+        return out
+
+
+class _TorchFile:
+    def __init__(self, path: str):
+        from ..loader.torchfile import read_tree
+
+        self.path = path
+        tree = read_tree(path)
+        if tree is None:  # not a checkpoint the C reader takes: as DiffSynth, load it whole
+            import torch
+
+            self.loaded = torch.load(path, weights_only=True, map_location="cpu")
+            self.obj, self.storages = None, None
+        else:
+            self.loaded = None
+            self.obj, self.storages = tree
+
+    def keys(self) -> Iterable[Any]:
+        return (self.loaded if self.loaded is not None else self.obj).keys()
+
+    def read(self, name: Any, torch_dtype: Any) -> Any:
+        import torch
+
+        if self.loaded is not None:
+            value = self.loaded[name]
+            return value.clone() if isinstance(value, torch.Tensor) else value
+        ref = self.obj[name]
+        if not isinstance(ref, _core.TensorRef):
+            return ref
+        _key, _dt, nbytes, offset = self.storages[ref.storage]
+        from ..dlpack import to_torch
+
+        raw = to_torch(_core.map_ranges(self.path, [(offset, nbytes)], 1, "read")[0])
+        dtype = torch_dtype_of(ref.dtype)
+        es = torch.empty((), dtype=dtype).element_size()
+        view = raw[: raw.numel() - raw.numel() % es].view(dtype)
+        return torch.as_strided(view, ref.shape, ref.stride, ref.offset).clone()
+
+
+_TORCHABLE = {"BOOL", "U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64", "F16", "BF16", "F32", "F64", "C64",
+              "F8_E4M3", "F8_E5M2", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ"}
+
+
+class DiskMap:
+    """DiffSynth's DiskMap(path, device, torch_dtype=None, state_dict_converter=None,
+    buffer_size=10**9) on the C core, plus ``prefetch``."""
+
+    def __init__(
+        self,
+        path: Any,
+        device: Any,
+        torch_dtype: Any = None,
+        state_dict_converter: Callable | None = None,
+        buffer_size: int = 10**9,
+    ):
+        self.path = path if isinstance(path, list) else [path]
+        self.device = device
+        self.torch_dtype = torch_dtype
+        env = os.environ.get("DIFFSYNTH_DISK_MAP_BUFFER_SIZE")
+        self.buffer_size = int(env) if env is not None else buffer_size
+        self.files = [_SafetensorsFile(p) if str(p).endswith(".safetensors") else _TorchFile(p) for p in self.path]
+        self.num_params = 0
+        self.name_map: dict[Any, int] = {}
+        for file_id, f in enumerate(self.files):
+            for name in f.keys():
+                self.name_map[name] = file_id
+        self.rename_dict = self.fetch_rename_dict(state_dict_converter)
+        self._lock = threading.Lock()
+        self._pending: dict[Any, Future] = {}
+        self._pool: ThreadPoolExecutor | None = None
+
+    def flush_files(self) -> None:
+        """Kept for DiffSynth's API: DiffSynth reopens its files to drop their mappings; ours keeps no
+        mapping open between reads, so only the counter restarts."""
+        self.num_params = 0
+
+    def _read(self, name: Any) -> Any:
+        import torch
+
+        on_cpu = torch.device(self.device).type == "cpu"
+        # on the CPU the C core converts while reading; elsewhere the device converts, as DiffSynth's does
+        param = self.files[self.name_map[name]].read(name, self.torch_dtype if on_cpu else None)
+        if on_cpu and self.torch_dtype is not None and isinstance(param, torch.Tensor) and param.dtype != self.torch_dtype:
+            param = param.to(self.torch_dtype)
+        if isinstance(param, torch.Tensor) and not on_cpu:
+            param = param.to(self.device)
+            if self.torch_dtype is not None:
+                param = param.to(self.torch_dtype)
+        return param
+
+    def __getitem__(self, name: Any) -> Any:
+        import torch
+
+        if self.rename_dict is not None:
+            name = self.rename_dict[name]
+        if name not in self.name_map:
+            raise KeyError(name)
+        with self._lock:
+            pending = self._pending.pop(name, None)
+        param = pending.result() if pending is not None else self._read(name)
+        if isinstance(param, torch.Tensor):
+            with self._lock:
+                self.num_params += param.numel()
+                if self.num_params > self.buffer_size:
+                    self.flush_files()
+        return param
+
+    def prefetch(self, names: Iterable[Any]) -> None:
+        """Starts reading these tensors in the background; ``self[name]`` then waits only for what
+        is still being read. Names are the ones ``self[...]`` takes (renamed ones included)."""
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(_PREFETCH_THREADS, thread_name_prefix="diffsynth_c-prefetch")
+            for name in names:
+                real = self.rename_dict[name] if self.rename_dict is not None else name
+                if real not in self._pending and real in self.name_map:
+                    self._pending[real] = self._pool.submit(self._read, real)
+
+    def fetch_rename_dict(self, state_dict_converter: Callable | None) -> dict | None:
+        if state_dict_converter is None:
+            return None
+        state_dict = {}
+        for f in self.files:
+            for name in f.keys():
+                state_dict[name] = name
+        return state_dict_converter(state_dict)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.rename_dict if self.rename_dict is not None else self.name_map)
+
+    def __contains__(self, x: Any) -> bool:
+        return x in (self.rename_dict if self.rename_dict is not None else self.name_map)
+
+    def __len__(self) -> int:
+        return len(self.rename_dict if self.rename_dict is not None else self.name_map)
+
+    def keys(self) -> Iterable[Any]:
+        return (self.rename_dict if self.rename_dict is not None else self.name_map).keys()
+
+    def __del__(self) -> None:
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
