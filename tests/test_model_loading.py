@@ -198,6 +198,9 @@ def test_load_model_equals_diffsynth(tmp_path, use_disk_map, dtype):
     a, b = ours.state_dict(), theirs.state_dict()
     assert list(a) == list(b) and all(same_tensor(a[k], b[k]) for k in b)
     assert not any(p.is_meta for p in ours.parameters())
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(0)).to(dtype)
+    with torch.no_grad():
+        assert same_tensor(ours.linear(x), theirs.linear(x))  # identical outputs on the same input
 
 
 def test_load_model_with_converter(tmp_path):
@@ -296,3 +299,22 @@ def test_detect_and_auto_load(tmp_path):
     assert not diffsynth_c.patch.is_patched()
     other = write_model_file(tmp_path / "other.safetensors", model_class())
     assert diffsynth_c.detect_model(other) == [] or all(c["model_class"] == MODEL_CLASS for c in diffsynth_c.detect_model(other))
+
+
+@pytest.mark.parametrize(
+    "model_name",
+    ["wan_video_motion_controller", "flux_value_controller", "flux_lora_patcher", "qwen_image_dit"],
+)
+def test_full_size_real_models_hash_to_their_model_configs(model_name):
+    """Real DiffSynth classes at their published size, on the meta device (no download, no memory):
+    the hash of their keys and shapes is the one MODEL_CONFIGS lists, so detection works on them."""
+    from diffsynth.configs import MODEL_CONFIGS
+
+    configs = [c for c in MODEL_CONFIGS if c["model_name"] == model_name and "state_dict_converter" not in c]
+    assert configs, model_name
+    hashes = set()
+    for c in configs:
+        with skip_model_initialization():
+            m = model_class(c["model_class"])(**c.get("extra_kwargs", {}))
+        hashes.add(diffsynth_c.hash_state_dict_keys(m.state_dict()))
+    assert hashes & {c["model_hash"] for c in configs}

@@ -81,6 +81,8 @@ def load_model(
     if state_dict_converter is not None:
         state_dict = state_dict_converter(state_dict)
     else:
+        if isinstance(state_dict, DiskMap):  # every key will be read: read them on several threads
+            state_dict.prefetch(list(state_dict))
         state_dict = {k: state_dict[k] for k in state_dict}
     if _zero3():
         from transformers.integrations.deepspeed import _load_state_dict_into_zero3_model

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Iterator
 from .. import _core
 from ..dlpack import safetensors_name_of, torch_dtype_of
 from ..loader.conversion import c_converts
+from ..loader.file import _threads
 
 _PREFETCH_THREADS = 4
 
@@ -44,7 +45,11 @@ class _SafetensorsFile:
             return to_torch(dict(sd)[name]).clone()
         out = torch.empty(shape, dtype=torch_dtype_of(out_dtype))
         if end > begin:
-            _core.read_into([self.path], [(0, self.data_start + begin, end - begin, dtype, out_dtype, out.data_ptr(), name)])
+            # large tensors are read in 8 MiB pieces by several threads; small ones on this one
+            threads = _threads() if end - begin >= (16 << 20) else 1
+            _core.read_into(
+                [self.path], [(0, self.data_start + begin, end - begin, dtype, out_dtype, out.data_ptr(), name)], threads
+            )
         return out
 
 
