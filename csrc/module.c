@@ -1974,6 +1974,69 @@ done:
     return result;
 }
 
+/* ---- lazy views of a mapped file (DiskMap) -------------------------------------------- */
+
+PyDoc_STRVAR(map_file_doc, "map_file(path) -> Region\n\n"
+                           "A private (copy-on-write) mapping of the whole file; nothing is read until a view asks.");
+
+static PyObject *map_file(PyObject *module, PyObject *arg) {
+    module_state *st = state_of(module);
+    PyObject *fs = NULL, *display = NULL, *result = NULL;
+    if (!PyUnicode_FSConverter(arg, &fs))
+        return NULL;
+    display = PyUnicode_DecodeFSDefault(PyBytes_AS_STRING(fs));
+    if (!display)
+        goto done;
+    io_file f;
+    ds_error err;
+    void *map = NULL;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS rc = io_open(PyBytes_AS_STRING(fs), &f, &err);
+    if (!rc) {
+        map = f.size ? io_map_file(f.fd, f.size, &err) : NULL;
+        rc = f.size && !map;
+        io_close(&f);
+    }
+    Py_END_ALLOW_THREADS if (rc) raise_ds(st, &err, display);
+    else result = region_new(st, map, (size_t)f.size, 1);
+done:
+    Py_XDECREF(display);
+    Py_XDECREF(fs);
+    return result;
+}
+
+PyDoc_STRVAR(region_view_doc, "region_view(region, offset, nbytes, threads=1) -> Tensor\n\n"
+                              "A 1-D U8 Tensor over [offset, offset+nbytes) of a file Region, its pages read in first\n"
+                              "(on `threads` worker threads, GIL released).");
+
+static PyObject *region_view(PyObject *module, PyObject *args) {
+    module_state *st = state_of(module);
+    PyObject *region_obj;
+    unsigned long long off, nbytes;
+    int threads = 1;
+    if (!PyArg_ParseTuple(args, "O!KK|i:region_view", st->RegionType, &region_obj, &off, &nbytes, &threads))
+        return NULL;
+    RegionObject *region = (RegionObject *)region_obj;
+    if (off > region->len || nbytes > region->len - off)
+        return PyErr_Format(PyExc_ValueError, "bytes [%llu, %llu) are outside the region of %zu bytes", off,
+                            off + nbytes, region->len);
+    load_plan plan;
+    memset(&plan, 0, sizeof plan);
+    ds_error err;
+    err.input = -1;
+    int rc = add_byte_tasks(&plan, TASK_POPULATE, 0, (char *)region->base + off, NULL, 0, (size_t)nbytes,
+                            threads > 1 ? READ_CHUNK : POPULATE_CHUNK, &err);
+    if (!rc) {
+        Py_BEGIN_ALLOW_THREADS rc = io_run(plan.n_tasks, threads, run_task, &plan, NULL, NULL, &err);
+        Py_END_ALLOW_THREADS
+    }
+    free(plan.tasks);
+    if (rc)
+        return raise_ds(st, &err, NULL);
+    uint64_t shape[1] = {nbytes};
+    return tensor_new(st, region_obj, (char *)region->base + off, ST_U8, 1, shape, nbytes);
+}
+
 static PyObject *build_info(PyObject *module, PyObject *unused) {
     (void)module;
     (void)unused;
@@ -1991,6 +2054,8 @@ static PyMethodDef module_methods[] = {
     {"load", (PyCFunction)(void (*)(void))load, METH_VARARGS | METH_KEYWORDS, load_doc},
     {"convert", (PyCFunction)(void (*)(void))convert, METH_VARARGS | METH_KEYWORDS, convert_doc},
     {"torch_read", (PyCFunction)torch_read, METH_O, torch_read_doc},
+    {"map_file", (PyCFunction)map_file, METH_O, map_file_doc},
+    {"region_view", (PyCFunction)region_view, METH_VARARGS, region_view_doc},
     {"map_ranges", (PyCFunction)(void (*)(void))map_ranges, METH_VARARGS | METH_KEYWORDS, map_ranges_doc},
     {"read_into", (PyCFunction)(void (*)(void))read_into, METH_VARARGS | METH_KEYWORDS, read_into_doc},
     {"cuda_open", (PyCFunction)cuda_open, METH_O, cuda_open_doc},

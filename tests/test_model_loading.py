@@ -144,20 +144,30 @@ def test_disk_map_buffer_size_env(dm_files, monkeypatch):
     assert dm.num_params == 0
 
 
-def test_disk_map_reads_only_the_tensor_asked_for(tmp_path):
+@pytest.mark.parametrize("mode", ["mmap", "read"])
+def test_disk_map_reads_only_the_tensor_asked_for(tmp_path, monkeypatch, mode):
+    """mmap mode maps the file and reads in the tensor's pages only (the resident set grows by that
+    much); read mode preads exactly its bytes."""
     from safetensors.torch import save_file
 
+    monkeypatch.setenv("DIFFSYNTH_C_LOAD_MODE", mode)
     p = str(tmp_path / "big.safetensors")
     save_file({f"w{i}": torch.zeros(1 << 20) for i in range(16)} | {"small": torch.ones(16)}, p)  # 64 MiB
     dm = DiskMap(p, "cpu")
+
+    def status(field):
+        with open("/proc/self/status") as f:
+            return int(next(x for x in f if x.startswith(field)).split()[1]) * 1024
 
     def rchar():
         with open("/proc/self/io") as f:
             return int(next(x for x in f if x.startswith("rchar")).split()[1])
 
-    before = rchar()
-    assert torch.equal(dm["small"], torch.ones(16))
-    assert rchar() - before < 1 << 16
+    rss, read = status("RssFile:"), rchar()
+    small = dm["small"]
+    assert torch.equal(small, torch.ones(16))
+    assert rchar() - read < 1 << 16 and status("RssFile:") - rss < 1 << 20
+    assert same_tensor(dm["w3"], torch.zeros(1 << 20))
 
 
 def test_disk_map_threads_and_prefetch(dm_files):

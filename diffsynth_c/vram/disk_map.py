@@ -15,9 +15,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Iterator
 
 from .. import _core
-from ..dlpack import safetensors_name_of, torch_dtype_of
+from ..dlpack import safetensors_name_of, to_torch, torch_dtype_of
 from ..loader.conversion import c_converts
-from ..loader.file import _threads
+from ..loader.file import _mode, _threads
 
 _PREFETCH_THREADS = 4
 
@@ -27,6 +27,30 @@ class _SafetensorsFile:
         self.path = path
         _hl, self.data_start, tensors, _meta = _core.read_header(path)
         self.entries = {name: (dtype, shape, begin, end) for name, dtype, shape, begin, end in tensors}
+        self.region = None  # the file's private mapping, made on the first view
+        self.lock = threading.Lock()
+
+    def flush(self) -> None:
+        """Forgets the mapping; tensors already handed out keep theirs alive."""
+        with self.lock:
+            self.region = None
+
+    def view(self, name: str) -> Any:
+        """The tensor as a view of the file's private mapping (copy-on-write: writes never reach the
+        file), its pages read in now, in parallel for large tensors. No copy."""
+        import torch
+
+        dtype, shape, begin, end = self.entries[name]
+        with self.lock:
+            if self.region is None:
+                self.region = _core.map_file(self.path)
+            region = self.region
+        threads = _threads() if end - begin >= (16 << 20) else 1
+        try:
+            raw = to_torch(_core.region_view(region, self.data_start + begin, end - begin, threads))
+        except ValueError as e:
+            raise _core.FormatError(f"{self.path}: tensor '{name}': {e}") from None
+        return raw.view(torch_dtype_of(dtype)).view(shape)
 
     def keys(self) -> Iterable[str]:
         return self.entries.keys()
@@ -36,12 +60,12 @@ class _SafetensorsFile:
 
         dtype, shape, begin, end = self.entries[name]
         target = safetensors_name_of(torch_dtype) if torch_dtype is not None else None
+        if (target is None or target == dtype) and dtype in _TORCHABLE and _mode() == "mmap":
+            return self.view(name)
         out_dtype = target if target and target != dtype and c_converts(dtype, target) else dtype
         if dtype in ("F4",) or dtype not in _TORCHABLE:
             # sub-byte and exotic dtypes: the ordinary loader's views, then a private copy
             sd = _core.load([self.path], None, 1, "read")[0]
-            from ..dlpack import to_torch
-
             return to_torch(dict(sd)[name]).clone()
         out = torch.empty(shape, dtype=torch_dtype_of(out_dtype))
         if end > begin:
@@ -81,8 +105,6 @@ class _TorchFile:
         if not isinstance(ref, _core.TensorRef):
             return ref
         _key, _dt, nbytes, offset = self.storages[ref.storage]
-        from ..dlpack import to_torch
-
         raw = to_torch(_core.map_ranges(self.path, [(offset, nbytes)], 1, "read")[0])
         dtype = torch_dtype_of(ref.dtype)
         es = torch.empty((), dtype=dtype).element_size()
@@ -123,8 +145,11 @@ class DiskMap:
         self._pool: ThreadPoolExecutor | None = None
 
     def flush_files(self) -> None:
-        """Kept for DiffSynth's API: DiffSynth reopens its files to drop their mappings; ours keeps no
-        mapping open between reads, so only the counter restarts."""
+        """As DiffSynth's: after buffer_size elements have been handed out, the files' mappings are
+        dropped (tensors already returned keep theirs) and the counter restarts."""
+        for f in self.files:
+            if isinstance(f, _SafetensorsFile):
+                f.flush()
         self.num_params = 0
 
     def _read(self, name: Any) -> Any:
