@@ -71,6 +71,23 @@ int io_pread(int fd, void *dst, size_t len, uint64_t off, ds_error *err) {
     return 0;
 }
 
+int io_pwrite(int fd, const void *src, size_t len, uint64_t off, ds_error *err) {
+    const char *p = src;
+    while (len) {
+        ssize_t r = pwrite(fd, p, len, (off_t)off);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return ds_fail_os(err, errno, "write of %zu bytes at offset %llu failed: %s", len,
+                              (unsigned long long)off, strerror(errno));
+        }
+        p += r;
+        len -= (size_t)r;
+        off += (uint64_t)r;
+    }
+    return 0;
+}
+
 size_t io_page_size(void) {
     static size_t page;
     if (!page)

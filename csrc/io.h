@@ -28,6 +28,10 @@ void io_close(io_file *f);
  * ends early is reported as having shrunk. Returns 0 or -1 with err. */
 int io_pread(int fd, void *dst, size_t len, uint64_t off, ds_error *err);
 
+/* Writes exactly len bytes at off, retrying short writes and EINTR. Returns 0 or -1 with err
+ * (ENOSPC, EIO, ...). */
+int io_pwrite(int fd, const void *src, size_t len, uint64_t off, ds_error *err);
+
 /* Maps a whole file privately (copy-on-write). Returns the base or NULL with err. */
 void *io_map_file(int fd, uint64_t size, ds_error *err);
 

@@ -43,10 +43,14 @@ def _mode() -> str:
 
 
 def _as_list(file_path: PathLike | list[PathLike], what: str) -> list[PathLike]:
+    """The files to read; a folder stands for its weight files (index json or shards, as diffusers
+    lays them out: diffsynth_c/loader/folder.py)."""
+    from .folder import expand
+
     paths = list(file_path) if isinstance(file_path, (list, tuple)) else [file_path]
     if not paths:
         raise ValueError(f"{what}: the list of files is empty")
-    return paths
+    return expand(paths)
 
 
 def _is_safetensors(path: PathLike) -> bool:
@@ -148,7 +152,7 @@ def load_state_dict(
                 sd[k] = sd[k].pin_memory()
         if verbose >= 1:
             print(f"Loading file [done]: {displays[i]}")
-        if not isinstance(file_path, (list, tuple)):
+        if not isinstance(file_path, (list, tuple)) and len(paths) == 1:
             return sd  # one file: its own dict, as DiffSynth returns it (an OrderedDict for torch.save files)
         state_dict.update(sd)
     return state_dict
@@ -253,6 +257,8 @@ def convert_keys_dict_to_single_str(keys_dict: dict, with_shape: bool = True) ->
 
 def load_keys_dict(file_path: PathLike | list[PathLike]) -> dict:
     """{name: shape} of one file or several merged; safetensors from the header alone."""
+    if not isinstance(file_path, (list, tuple)) and os.path.isdir(file_path):
+        file_path = _as_list(file_path, "load_keys_dict")
     if isinstance(file_path, (list, tuple)):
         keys_dict: dict = {}
         for p in file_path:

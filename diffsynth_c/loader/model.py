@@ -61,11 +61,17 @@ def load_model(
     vram_limit: Any = None,
     state_dict: Any = None,
     quantize: Any = None,
+    subfolder: str | None = None,
 ) -> Any:
-    """DiffSynth's ``load_model`` (same arguments; ``torch_dtype`` defaults to bfloat16)."""
+    """DiffSynth's ``load_model`` (same arguments; ``torch_dtype`` defaults to bfloat16). ``path``
+    may also be a model folder, with ``subfolder`` as diffusers takes it."""
     import torch
     from contextlib import ExitStack
 
+    if subfolder is not None:
+        from .folder import resolve
+
+        path = resolve(path, subfolder)
     if torch_dtype is None:
         torch_dtype = torch.bfloat16
     if module_map is not None or quantize is not None:

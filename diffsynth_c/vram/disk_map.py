@@ -128,7 +128,9 @@ class DiskMap:
         state_dict_converter: Callable | None = None,
         buffer_size: int = 10**9,
     ):
-        self.path = path if isinstance(path, list) else [path]
+        from ..loader.folder import expand
+
+        self.path = expand(path if isinstance(path, list) else [path])
         self.device = device
         self.torch_dtype = torch_dtype
         env = os.environ.get("DIFFSYNTH_DISK_MAP_BUFFER_SIZE")

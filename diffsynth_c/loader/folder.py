@@ -1,0 +1,236 @@
+"""diffusers' conventions for model folders: index files, shards, subfolders, and saving in shards.
+
+A folder resolves to the files a diffusers or transformers model keeps there: the
+``*.safetensors.index.json`` (or ``.bin.index.json``) and the shards its ``weight_map`` names, or the
+single weights file, or every ``*-0000k-of-0000n.safetensors`` shard. An index is checked before
+use: every shard exists, every key is listed once, and each shard holds exactly the keys the
+index gives it. ``save_state_dict`` writes shards named as diffusers names them plus the index
+(sorted keys, indent 2); the C core writes each file under a temporary name and renames it into
+place, so a failure never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+from .. import _core
+from ..dlpack import safetensors_name_of
+
+WEIGHTS = ("diffusion_pytorch_model", "model", "pytorch_model")
+_SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.(safetensors|bin)$")
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: Any) -> int:
+    """Bytes of a size given as an int or a string like "5GB" (10**9) or "500MiB" (2**20)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        if size <= 0:
+            raise ValueError(f"a size must be positive, not {size}")
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(size).upper())
+    if not m or m.group(2) not in _UNITS:
+        raise ValueError(f"cannot parse the size {size!r} (expected an int or e.g. '5GB', '500MiB')")
+    value = int(float(m.group(1)) * _UNITS[m.group(2)])
+    if value <= 0:
+        raise ValueError(f"a size must be positive, not {size!r}")
+    return value
+
+
+def _read_index(index_path: str) -> dict[str, str]:
+    def no_repeats(pairs):
+        seen = {}
+        for k, v in pairs:
+            if k in seen:
+                raise ValueError(f"{index_path}: key '{k}' is listed twice")
+            seen[k] = v
+        return seen
+
+    with open(index_path, encoding="utf-8") as f:
+        try:
+            data = json.load(f, object_pairs_hook=no_repeats)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{index_path}: not valid JSON: {e}") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index_path}: no weight_map of tensor names to shard files")
+    return weight_map
+
+
+def _check_index(index_path: str, folder: str, weight_map: dict[str, str]) -> list[str]:
+    shards = sorted(set(weight_map.values()))
+    paths = []
+    for shard in shards:
+        p = os.path.join(folder, shard)
+        if os.path.basename(shard) != shard or not os.path.isfile(p):
+            raise FileNotFoundError(f"{index_path}: shard '{shard}' is missing from {folder}")
+        paths.append(p)
+    if shards[0].endswith(".safetensors"):
+        listed: dict[str, set] = {}
+        for k, shard in weight_map.items():
+            listed.setdefault(shard, set()).add(k)
+        total = 0
+        for shard, p in zip(shards, paths):
+            tensors = _core.read_header(p)[2]
+            names = {t[0] for t in tensors}
+            total += sum(t[4] - t[3] for t in tensors)
+            if names != listed[shard]:
+                extra, missing = sorted(names - listed[shard]), sorted(listed[shard] - names)
+                raise ValueError(
+                    f"{index_path}: shard '{shard}' does not hold what the index lists"
+                    + (f"; not in the shard: {missing[:5]}" if missing else "")
+                    + (f"; not in the index: {extra[:5]}" if extra else "")
+                )
+        with open(index_path, encoding="utf-8") as f:
+            declared = (json.load(f).get("metadata") or {}).get("total_size")
+        if declared is not None and int(declared) != total:
+            raise ValueError(f"{index_path}: metadata.total_size is {declared} but the shards hold {total} bytes of tensors")
+    return paths
+
+
+def resolve(path: Any, subfolder: str | None = None) -> list[str]:
+    """The weight files of a file or folder path (with an optional subfolder), in load order."""
+    path = os.fspath(path)
+    if subfolder:
+        path = os.path.join(path, subfolder)
+    if not os.path.isdir(path):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: no such file or folder")
+        return [path]
+    for ext in ("safetensors", "bin"):
+        for stem in WEIGHTS:
+            index = os.path.join(path, f"{stem}.{ext}.index.json")
+            if os.path.isfile(index):
+                return _check_index(index, path, _read_index(index))
+        for stem in WEIGHTS:
+            single = os.path.join(path, f"{stem}.{ext}")
+            if os.path.isfile(single):
+                return [single]
+    shards = sorted(f for f in os.listdir(path) if _SHARD.search(f) and f.endswith(".safetensors"))
+    if shards:
+        counts = {_SHARD.search(f).group(2) for f in shards}
+        if len(counts) == 1 and len(shards) == int(counts.pop()):
+            return [os.path.join(path, f) for f in shards]
+        raise FileNotFoundError(f"{path}: the shards there do not form one complete set: {shards[:6]}")
+    raise FileNotFoundError(f"{path}: no index json, weights file or shards of a model in this folder")
+
+
+def expand(paths: list) -> list:
+    """paths with every folder replaced by its weight files."""
+    out = []
+    for p in paths:
+        if isinstance(p, (str, os.PathLike)) and os.path.isdir(p):
+            out.extend(resolve(p))
+        else:
+            out.append(p)
+    return out
+
+
+# ---- saving ----------------------------------------------------------------------------------
+
+
+def plan_shards(sizes: list[tuple[str, int]], max_shard_size: int) -> list[list[str]]:
+    """Groups tensor names in order into shards of at most max_shard_size bytes; a tensor larger than
+    that gets a shard of its own (as diffusers / huggingface_hub split state dicts)."""
+    shards: list[list[str]] = []
+    current: list[str] = []
+    current_size = 0
+    for name, size in sizes:
+        if size > max_shard_size:
+            shards.append([name])
+            continue
+        if current and current_size + size > max_shard_size:
+            shards.append(current)
+            current, current_size = [], 0
+        current.append(name)
+        current_size += size
+    if current:
+        shards.append(current)
+    return shards
+
+
+def _header(tensors: dict[str, Any], metadata: dict | None) -> tuple[bytes, list[tuple[int, int]], list]:
+    """The JSON header of one safetensors file, the (address, nbytes) of each tensor in data order,
+    and the CPU tensors that own those bytes. Tensors are laid out as safetensors lays them out
+    (larger element size first, then by name)."""
+    import torch
+
+    owners, entries = [], {}
+    if metadata:
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise ValueError("metadata must map strings to strings")
+        entries["__metadata__"] = dict(metadata)
+    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    items, offset = [], 0
+    for name in order:
+        t = tensors[name]
+        dtype = safetensors_name_of(t.dtype)
+        if dtype is None:
+            raise ValueError(f"tensor '{name}': dtype {t.dtype} has no safetensors name")
+        t = t.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        if not t.is_contiguous():
+            t = t.contiguous()
+        nbytes = t.numel() * t.element_size()
+        entries[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        items.append((t.data_ptr(), nbytes))
+        owners.append(t)
+        offset += nbytes
+    raw = json.dumps(entries, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return raw, items, owners
+
+
+def save_state_dict(
+    state_dict: dict[str, Any],
+    path: Any,
+    max_shard_size: Any = "10GB",
+    metadata: dict | None = None,
+    weights_name: str = "diffusion_pytorch_model",
+) -> list[str]:
+    """Writes state_dict into the folder path as diffusers' save_pretrained does: one
+    ``{weights_name}.safetensors``, or shards ``{weights_name}-00001-of-0000N.safetensors`` plus
+    ``{weights_name}.safetensors.index.json``. Returns the files written."""
+    from .file import _threads
+
+    limit = parse_size(max_shard_size)
+    for k, v in state_dict.items():
+        if not isinstance(k, str):
+            raise TypeError(f"state dict keys must be strings, not {type(k).__name__} ({k!r})")
+        if not hasattr(v, "element_size"):
+            raise TypeError(f"'{k}': only tensors can be saved in safetensors, not {type(v).__name__}")
+    folder = os.fspath(path)
+    os.makedirs(folder, exist_ok=True)
+    sizes = [(k, v.numel() * v.element_size()) for k, v in state_dict.items()]
+    shards = plan_shards(sizes, limit)
+    n = len(shards)
+    names = (
+        [f"{weights_name}.safetensors"]
+        if n <= 1
+        else [f"{weights_name}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    )
+    written = []
+    for shard_name, keys in zip(names, shards or [[]]):
+        header, items, owners = _header({k: state_dict[k] for k in keys}, metadata)
+        target = os.path.join(folder, shard_name)
+        _core.write_file(target, header, items, _threads())
+        del owners
+        written.append(target)
+    if n > 1:
+        index = {
+            "metadata": {"total_size": sum(s for _, s in sizes)},
+            "weight_map": {k: names[i] for i, keys in enumerate(shards) for k in keys},
+        }
+        index_path = os.path.join(folder, f"{weights_name}.safetensors.index.json")
+        tmp = f"{index_path}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, index_path)
+        written.append(index_path)
+    return written

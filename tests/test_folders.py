@@ -1,0 +1,164 @@
+"""Model folders as diffusers and transformers lay them out, and saving in shards."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from diffsynth.core import hash_model_file as ds_hash_model_file
+from diffsynth.core import load_state_dict as ds_load_state_dict
+
+import diffsynth_c
+from diffsynth_c import save_state_dict
+from diffsynth_c.loader.folder import parse_size, plan_shards, resolve
+
+from .conftest import ALL_TORCH_DTYPES, random_tensor, same_tensor
+
+
+def state_dict(n=12, seed=0):
+    sd = {f"blocks.{i}.w": random_tensor((64, 32 + i), torch.bfloat16, seed + i) for i in range(n)}
+    sd["norm.weight"] = random_tensor((64,), torch.float32, 99)
+    sd["ids"] = torch.arange(7)
+    sd["scalar"] = torch.tensor(1.5)
+    return sd
+
+
+def test_parse_size():
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("500MiB") == 500 * 2**20 and parse_size(123) == 123
+    assert parse_size("1.5 kb") == 1500
+    for bad in ("5 parsecs", "", -1, 0, "0GB"):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+
+
+def test_shard_plan_equals_huggingface_hub():
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    sd = state_dict(30)
+    sd["huge"] = torch.zeros(20000, dtype=torch.float32)  # bigger than a shard: a shard of its own
+    for limit in (4000, 10000, 50000, 10**9):
+        ours = plan_shards([(k, v.numel() * v.element_size()) for k, v in sd.items()], limit)
+        theirs = split_torch_state_dict_into_shards(sd, max_shard_size=limit)
+        assert sorted(sorted(s) for s in ours) == sorted(sorted(v) for v in theirs.filename_to_tensors.values())
+
+
+@pytest.mark.parametrize("limit", ["10GB", "20KB"])
+def test_save_round_trip_with_safetensors_and_diffsynth(tmp_path, limit):
+    from safetensors.torch import load_file
+
+    sd = state_dict()
+    for i, dt in enumerate(ALL_TORCH_DTYPES):
+        sd[f"dtype.{i}"] = random_tensor((3, 4), dt, 200 + i)
+    sd["view"] = sd["blocks.0.w"][1:, 3:]  # non-contiguous: written as a contiguous copy
+    files = save_state_dict(sd, tmp_path / "out", max_shard_size=limit, metadata={"format": "pt"})
+    shards = [f for f in files if f.endswith(".safetensors")]
+    if limit == "10GB":
+        assert [os.path.basename(f) for f in files] == ["diffusion_pytorch_model.safetensors"]
+    else:
+        n = len(shards)
+        assert n > 1 and os.path.basename(shards[0]) == f"diffusion_pytorch_model-00001-of-{n:05d}.safetensors"
+        index = json.load(open(tmp_path / "out" / "diffusion_pytorch_model.safetensors.index.json"))
+        assert set(index["weight_map"]) == set(sd)
+        assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in sd.values())
+        text = open(tmp_path / "out" / "diffusion_pytorch_model.safetensors.index.json").read()
+        assert text == json.dumps(index, indent=2, sort_keys=True) + "\n"
+    merged = {}
+    for f in shards:
+        merged.update(load_file(f))
+        assert (8 + int.from_bytes(open(f, "rb").read(8), "little")) % 8 == 0
+    assert set(merged) == set(sd) and all(same_tensor(merged[k], sd[k].contiguous()) for k in sd)
+    ours = diffsynth_c.load_state_dict(str(tmp_path / "out"))
+    assert all(same_tensor(ours[k], sd[k].contiguous()) for k in sd)
+    ref = ds_load_state_dict(shards)
+    assert list(diffsynth_c.load_state_dict(shards)) == list(ref)
+    assert not [f for f in os.listdir(tmp_path / "out") if ".tmp-" in f]
+
+
+def test_folder_layouts_and_hash(tmp_path):
+    sd = state_dict()
+    save_state_dict(sd, tmp_path / "m" / "transformer", max_shard_size="20KB")
+    shards = resolve(tmp_path / "m", "transformer")
+    assert len(shards) > 1 and shards == sorted(shards)
+    assert diffsynth_c.hash_model_file(str(tmp_path / "m" / "transformer")) == ds_hash_model_file(shards)
+    # transformers' names, a single file, and a bare set of shards without an index
+    save_state_dict(sd, tmp_path / "t", weights_name="model", max_shard_size="20KB")
+    assert all("model-0000" in os.path.basename(p) for p in resolve(tmp_path / "t"))
+    save_state_dict(sd, tmp_path / "single")
+    assert resolve(tmp_path / "single") == [str(tmp_path / "single" / "diffusion_pytorch_model.safetensors")]
+    os.remove(tmp_path / "m" / "transformer" / "diffusion_pytorch_model.safetensors.index.json")
+    assert resolve(tmp_path / "m" / "transformer") == shards
+    with pytest.raises(FileNotFoundError, match="no index json"):
+        resolve(tmp_path)
+
+
+def test_bad_indexes(tmp_path):
+    folder = tmp_path / "m"
+    save_state_dict(state_dict(), folder, max_shard_size="20KB")
+    index_path = folder / "diffusion_pytorch_model.safetensors.index.json"
+    good = json.load(open(index_path))
+
+    def write(index):
+        index_path.write_text(json.dumps(index) if isinstance(index, dict) else index)
+
+    bad = json.loads(json.dumps(good))
+    bad["weight_map"]["blocks.0.w"] = "diffusion_pytorch_model-00099-of-00099.safetensors"
+    write(bad)
+    with pytest.raises(FileNotFoundError, match="00099-of-00099.safetensors' is missing"):
+        diffsynth_c.load_state_dict(str(folder))
+    write('{"weight_map": {"a": "x.safetensors", "a": "y.safetensors"}}')
+    with pytest.raises(ValueError, match="'a' is listed twice"):
+        diffsynth_c.load_state_dict(str(folder))
+    bad = json.loads(json.dumps(good))
+    k = next(iter(bad["weight_map"]))
+    other = next(v for v in bad["weight_map"].values() if v != bad["weight_map"][k])
+    bad["weight_map"][k] = other
+    write(bad)
+    with pytest.raises(ValueError, match="does not hold what the index lists"):
+        diffsynth_c.load_state_dict(str(folder))
+    bad = json.loads(json.dumps(good))
+    bad["metadata"]["total_size"] += 1
+    write(bad)
+    with pytest.raises(ValueError, match="total_size"):
+        diffsynth_c.hash_model_file(str(folder))
+
+
+def test_save_refuses_bad_input_and_leaves_nothing(tmp_path):
+    with pytest.raises(ValueError, match="cannot parse the size"):
+        save_state_dict(state_dict(), tmp_path / "a", max_shard_size="lots")
+    with pytest.raises(TypeError, match="only tensors"):
+        save_state_dict({"a": torch.ones(2), "b": 3}, tmp_path / "b")
+    assert not os.path.exists(tmp_path / "b") or not os.listdir(tmp_path / "b")
+    from diffsynth_c import _core
+
+    with pytest.raises(FileNotFoundError, match="cannot create"):
+        _core.write_file(str(tmp_path / "nope" / "x.safetensors"), b"{}      ", [])
+
+
+def test_disk_map_and_load_model_take_folders(tmp_path):
+    from diffsynth_c import DiskMap
+
+    sd = state_dict()
+    save_state_dict(sd, tmp_path / "m" / "sub", max_shard_size="20KB")
+    dm = DiskMap(str(tmp_path / "m" / "sub"), "cpu")
+    assert sorted(dm) == sorted(sd) and same_tensor(dm["blocks.3.w"], sd["blocks.3.w"])
+
+
+def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
+    from diffsynth_c import _core
+
+    calls = []
+    real = _core.write_file
+
+    def fail_second(path, header, items, threads=1):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device (injected)")
+        return real(path, header, items, threads)
+
+    monkeypatch.setattr(_core, "write_file", fail_second)
+    with pytest.raises(OSError, match="injected"):
+        save_state_dict(state_dict(), tmp_path / "x", max_shard_size="20KB")
+    left = os.listdir(tmp_path / "x")
+    assert not [f for f in left if ".tmp-" in f] and not [f for f in left if f.endswith(".index.json")]
