@@ -162,3 +162,46 @@ def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
         save_state_dict(state_dict(), tmp_path / "x", max_shard_size="20KB")
     left = os.listdir(tmp_path / "x")
     assert not [f for f in left if ".tmp-" in f] and not [f for f in left if f.endswith(".index.json")]
+
+
+def test_convert_bin_to_shards_keeps_the_hash(tmp_path):
+    from .conftest import run_python
+
+    src = str(tmp_path / "model.bin")
+    sd = state_dict()
+    torch.save(sd, src)
+    r = run_python(f"import sys; from diffsynth_c.__main__ import main; sys.exit(main(['convert', {src!r}, {str(tmp_path / 'out')!r}, '--max-shard-size', '20KB']))")
+    assert r.returncode == 0, r.stderr
+    assert diffsynth_c.hash_model_file(str(tmp_path / "out")) == ds_hash_model_file(src)
+    got = diffsynth_c.load_state_dict(str(tmp_path / "out"))
+    assert all(same_tensor(got[k], sd[k]) for k in sd)
+    r = run_python(f"import sys; from diffsynth_c.__main__ import main; sys.exit(main(['hash', {str(tmp_path / 'out')!r}]))")
+    assert r.stdout.strip() == ds_hash_model_file(src)
+    nested = str(tmp_path / "nested.pt")
+    torch.save({"a": torch.ones(1), "n": {"b": torch.ones(1)}}, nested)
+    r = run_python(f"import sys; from diffsynth_c.__main__ import main; sys.exit(main(['convert', {nested!r}, {str(tmp_path / 'o2')!r}]))")
+    assert r.returncode == 1 and "nested dicts" in r.stderr
+
+
+class KeepNorm(torch.nn.Module):
+    _keep_in_fp32_modules = ["norm"]
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+        self.norm = torch.nn.LayerNorm(8)
+        self.block = torch.nn.Sequential(torch.nn.Linear(8, 8))
+
+
+def test_keep_in_fp32_modules(tmp_path):
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    sd = {k: torch.randn(v.shape, generator=g) for k, v in KeepNorm().state_dict().items()}
+    p = str(tmp_path / "k.safetensors")
+    save_file(sd, p)
+    for use_disk_map in (False, True):
+        m = diffsynth_c.load_model(KeepNorm, p, torch_dtype=torch.float16, use_disk_map=use_disk_map)
+        assert m.norm.weight.dtype == torch.float32 and torch.equal(m.norm.weight, sd["norm.weight"])
+        assert m.proj.weight.dtype == torch.float16 and torch.equal(m.proj.weight, sd["proj.weight"].half())
+        assert m.block[0].weight.dtype == torch.float16 and not m.training

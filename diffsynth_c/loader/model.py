@@ -35,6 +35,17 @@ def _init_contexts(torch_dtype: Any, device: Any) -> list:
     return [skip_model_initialization()]
 
 
+def _keep_cast(name: str, t: Any, keep: list[str], torch_dtype: Any) -> Any:
+    """A floating tensor in float32 when its name passes through a module of _keep_in_fp32_modules
+    (matched on the dotted name's parts, as diffusers matches them), else in torch_dtype."""
+    import torch
+
+    if not torch.is_floating_point(t):
+        return t
+    parts = name.split(".")
+    return t.to(torch.float32 if any(m in parts for m in keep) else torch_dtype)
+
+
 def _paths_of(path: Any) -> str:
     return ", ".join(map(str, path)) if isinstance(path, (list, tuple)) else str(path)
 
@@ -82,14 +93,18 @@ def load_model(
         for ctx in _init_contexts(torch_dtype, device):
             stack.enter_context(ctx)
         model = model_class(**config)
+    keep = list(getattr(model_class, "_keep_in_fp32_modules", None) or []) if torch_dtype != torch.float32 else []
+    load_dtype = None if keep else torch_dtype  # kept modules must come from the file's own values
     if state_dict is None:
-        state_dict = DiskMap(path, device, torch_dtype=torch_dtype) if use_disk_map else load_state_dict(path, torch_dtype, device)
+        state_dict = DiskMap(path, device, torch_dtype=load_dtype) if use_disk_map else load_state_dict(path, load_dtype, device)
     if state_dict_converter is not None:
         state_dict = state_dict_converter(state_dict)
     else:
         if isinstance(state_dict, DiskMap):  # every key will be read: read them on several threads
             state_dict.prefetch(list(state_dict))
         state_dict = {k: state_dict[k] for k in state_dict}
+    if keep:
+        state_dict = {k: _keep_cast(k, v, keep, torch_dtype) for k, v in state_dict.items()}
     if _zero3():
         from transformers.integrations.deepspeed import _load_state_dict_into_zero3_model
 
@@ -97,7 +112,12 @@ def load_model(
     else:
         _assign(model, state_dict, path)
     del state_dict
-    model = model.to(dtype=torch_dtype, device=device)
+    if keep:  # diffusers' torch_dtype: everything in torch_dtype but the modules kept in float32
+        model = model.to(device=device)
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            t.data = _keep_cast(name, t.data, keep, torch_dtype)
+    else:
+        model = model.to(dtype=torch_dtype, device=device)
     if hasattr(model, "eval"):
         model = model.eval()
     return model
