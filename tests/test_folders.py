@@ -89,7 +89,7 @@ def test_folder_layouts_and_hash(tmp_path):
     assert resolve(tmp_path / "single") == [str(tmp_path / "single" / "diffusion_pytorch_model.safetensors")]
     os.remove(tmp_path / "m" / "transformer" / "diffusion_pytorch_model.safetensors.index.json")
     assert resolve(tmp_path / "m" / "transformer") == shards
-    with pytest.raises(FileNotFoundError, match="no index json"):
+    with pytest.raises(IsADirectoryError, match="no index json"):
         resolve(tmp_path)
 
 

@@ -11,6 +11,7 @@ place, so a failure never leaves a half-written file.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -115,7 +116,7 @@ def resolve(path: Any, subfolder: str | None = None) -> list[str]:
         if len(counts) == 1 and len(shards) == int(counts.pop()):
             return [os.path.join(path, f) for f in shards]
         raise FileNotFoundError(f"{path}: the shards there do not form one complete set: {shards[:6]}")
-    raise FileNotFoundError(f"{path}: no index json, weights file or shards of a model in this folder")
+    raise IsADirectoryError(errno.EISDIR, f"{path}: is a directory with no index json, weights file or shards of a model", path)
 
 
 def expand(paths: list) -> list:
