@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+if ROOT not in sys.path:  # the scripts run as benchmarks/x.py from a checkout: the package is at ROOT
+    sys.path.insert(1, ROOT)
 GIB = 1 << 30
 
 
