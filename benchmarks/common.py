@@ -66,6 +66,22 @@ def truncated_layout(target_bytes: int, element_size: int) -> list[tuple[str, tu
     return [(k, s) for k, s in layout if _block_of(k) is None or _block_of(k) < keep_blocks]
 
 
+def layout_tensors(layout: list[tuple[str, tuple[int, ...]]], dtype):
+    """(name, tensor) for each entry of layout: random values of dtype, sliced at varying offsets of
+    one pool of 32M values (fast to make, not all alike)."""
+    import math
+
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    pool = torch.randn(1 << 25, generator=g).to(dtype)
+    for i, (key, shape) in enumerate(layout):
+        n = math.prod(shape)
+        start = (i * 7919) % (pool.numel() // 2)
+        t = pool[start : start + n].clone() if n <= pool.numel() - start else pool.repeat(n // pool.numel() + 1)[:n].clone()
+        yield key, t.reshape(shape)
+
+
 def generate_model(name: str, size_gib: float, shards: int, dtype_name: str = "bfloat16") -> list[str]:
     """Writes (once; reused when present) a sharded model of about size_gib with safetensors'
     own writer, named as diffusers names shards. Returns the shard paths."""
@@ -83,18 +99,10 @@ def generate_model(name: str, size_gib: float, shards: int, dtype_name: str = "b
     layout = truncated_layout(int(size_gib * GIB), element)
     total = sum(int(__import__("math").prod(s)) * element for _, s in layout)
     per_shard = total / shards
-    g = torch.Generator().manual_seed(0)
-    pool = torch.randn(1 << 25, generator=g).to(dtype)  # 32M values, sliced at varying offsets
     shard, shard_bytes, index = {}, 0, 0
-    for i, (key, shape) in enumerate(layout):
-        n = int(__import__("math").prod(shape))
-        start = (i * 7919) % (pool.numel() // 2)
-        if n <= pool.numel() - start:
-            t = pool[start : start + n].clone()
-        else:
-            t = pool.repeat(n // pool.numel() + 1)[:n].clone()
-        shard[key] = t.reshape(shape)
-        shard_bytes += n * element
+    for key, t in layout_tensors(layout, dtype):
+        shard[key] = t
+        shard_bytes += t.numel() * element
         if shard_bytes >= per_shard and index < shards - 1:
             save_file(shard, paths[index], metadata={"format": "pt"})
             shard, shard_bytes, index = {}, 0, index + 1

@@ -20,7 +20,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import GIB, bench_dir, machine, pread_ceiling, run_one, table, truncated_layout, warm_cache  # noqa: E402
+from common import GIB, bench_dir, layout_tensors, machine, pread_ceiling, run_one, table, truncated_layout, warm_cache  # noqa: E402
 
 
 def generate_bin(size_gib: float) -> str:
@@ -29,17 +29,7 @@ def generate_bin(size_gib: float) -> str:
     path = os.path.join(bench_dir(), f"qwen-image-dit-{size_gib:g}GiB.bin")
     if os.path.exists(path + ".complete"):
         return path
-    layout = truncated_layout(int(size_gib * GIB), 2)
-    g = torch.Generator().manual_seed(0)
-    pool = torch.randn(1 << 25, generator=g).to(torch.bfloat16)
-    sd = {}
-    for i, (key, shape) in enumerate(layout):
-        n = 1
-        for d in shape:
-            n *= d
-        start = (i * 7919) % (pool.numel() // 2)
-        t = pool[start : start + n].clone() if n <= pool.numel() - start else pool.repeat(n // pool.numel() + 1)[:n].clone()
-        sd[key] = t.reshape(shape)
+    sd = dict(layout_tensors(truncated_layout(int(size_gib * GIB), 2), torch.bfloat16))
     torch.save(sd, path)
     open(path + ".complete", "w").close()
     return path

@@ -1712,8 +1712,6 @@ static PyStructSequence_Desc tensor_ref_desc = {
     7,
 };
 
-static PyObject *dims_tuple(int n, const uint64_t *v) { return shape_tuple(n, v); }
-
 /* The Python value of a pickle object; tensors become TensorRef. */
 static PyObject *pk_to_py(module_state *st, const pk_obj *o, int depth) {
     if (depth > 1000) {
@@ -1779,8 +1777,8 @@ static PyObject *pk_to_py(module_state *st, const pk_obj *o, int depth) {
             PyLong_FromSize_t(t->storage->u.storage.index),
             PyUnicode_FromString(st_dtype_name((st_dtype)t->dtype)),
             PyLong_FromUnsignedLongLong(t->offset),
-            dims_tuple(t->ndim, t->size),
-            dims_tuple(t->ndim, t->stride),
+            shape_tuple(t->ndim, t->size),
+            shape_tuple(t->ndim, t->stride),
             PyBool_FromLong(t->requires_grad),
             PyBool_FromLong(t->parameter),
         };

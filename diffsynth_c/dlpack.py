@@ -73,6 +73,22 @@ def to_torch(t: _core.Tensor) -> Any:
     return torch.from_dlpack(t)
 
 
+def view_bytes(raw: Any, dtype: str, shape: tuple, display: str, name: str) -> Any:
+    """A uint8 torch tensor's bytes as a tensor of a safetensors dtype and shape (no copy), with the
+    same layout rules as to_torch: F4 packs pairs (float4_e2m1fn_x2, last dimension halved).
+    FormatError naming the file and tensor when torch has no such dtype or layout."""
+    from . import _core
+
+    try:
+        if dtype == "F4":
+            if not shape or shape[-1] % 2:
+                raise ValueError("F4 needs an even last dimension to become torch's float4_e2m1fn_x2")
+            return raw.view(torch_dtype_of("F4")).view(*shape[:-1], shape[-1] // 2)
+        return raw.view(torch_dtype_of(dtype)).view(shape)
+    except ValueError as e:
+        raise _core.FormatError(f"{display}: tensor '{name}': {e}") from None
+
+
 def to_numpy(t: _core.Tensor) -> Any:
     """A numpy array sharing t's memory (no copy); bfloat16/float8 as ml_dtypes types when installed,
     else as unsigned integers of the same width."""

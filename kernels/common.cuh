@@ -64,6 +64,43 @@ template <typename F> static int dsk_dispatch(int s, int d, F &&f) {
 #undef DSK_D
 }
 
+/* ---- vector access ---- */
+
+#ifdef __CUDACC__
+/* Loads or stores 8 elements of T at p, 8*sizeof(T) bytes aligned to min(16, 8*sizeof(T)). */
+template <typename T> __device__ __forceinline__ static void load8(const T *p, T v[8]) {
+    if (sizeof(T) == 1) {
+        uint2 a = *reinterpret_cast<const uint2 *>(p);
+        memcpy(v, &a, 8);
+    } else if (sizeof(T) == 2) {
+        uint4 a = *reinterpret_cast<const uint4 *>(p);
+        memcpy(v, &a, 16);
+    } else {
+        uint4 a = reinterpret_cast<const uint4 *>(p)[0], b = reinterpret_cast<const uint4 *>(p)[1];
+        memcpy(v, &a, 16);
+        memcpy(v + 4, &b, 16);
+    }
+}
+
+template <typename T> __device__ __forceinline__ static void store8(T *p, const T v[8]) {
+    if (sizeof(T) == 1) {
+        uint2 a;
+        memcpy(&a, v, 8);
+        *reinterpret_cast<uint2 *>(p) = a;
+    } else if (sizeof(T) == 2) {
+        uint4 a;
+        memcpy(&a, v, 16);
+        *reinterpret_cast<uint4 *>(p) = a;
+    } else {
+        uint4 a, b;
+        memcpy(&a, v, 16);
+        memcpy(&b, v + 4, 16);
+        reinterpret_cast<uint4 *>(p)[0] = a;
+        reinterpret_cast<uint4 *>(p)[1] = b;
+    }
+}
+#endif
+
 /* ---- errors ---- */
 
 __attribute__((format(printf, 3, 4))) static inline int dsk_fail(char *err, size_t errlen, const char *fmt, ...) {

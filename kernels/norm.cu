@@ -26,36 +26,13 @@ template <int T> __device__ __forceinline__ static float ld(const void *p, size_
     return ds_f32(dsk_to_f32<T>(((const typename dsk_elem<T>::type *)p)[i], dsk_rules{1, 0}));
 }
 
-/* Group g of 8 elements of a 16-byte-aligned row (one or two 16-byte accesses). */
-template <typename E> __device__ __forceinline__ static void load_group(const void *row, size_t g, E v[8]) {
-    const uint4 *q = reinterpret_cast<const uint4 *>(row) + g * (sizeof(E) * 8 / 16);
-    uint4 a = q[0];
-    memcpy(v, &a, 16);
-    if (sizeof(E) == 4) {
-        uint4 b = q[1];
-        memcpy(v + 4, &b, 16);
-    }
-}
-
-template <typename E> __device__ __forceinline__ static void store_group(void *row, size_t g, const E v[8]) {
-    uint4 *q = reinterpret_cast<uint4 *>(row) + g * (sizeof(E) * 8 / 16);
-    uint4 a;
-    memcpy(&a, v, 16);
-    q[0] = a;
-    if (sizeof(E) == 4) {
-        uint4 b;
-        memcpy(&b, v + 4, 16);
-        q[1] = b;
-    }
-}
-
 /* Calls f(i, x[i]) for every element of a row, 8 at a time with vector loads when vec is set. */
 template <int T, typename F> __device__ __forceinline__ static void for_row(const void *row, size_t cols, int vec, F f) {
     typedef typename dsk_elem<T>::type e;
     if (vec) {
         for (size_t g = threadIdx.x; g < cols / 8; g += blockDim.x) {
             e v[8];
-            load_group(row, g, v);
+            load8((const e *)row + g * 8, v);
 #pragma unroll
             for (int k = 0; k < 8; k++)
                 f(g * 8 + k, ds_f32(dsk_to_f32<T>(v[k], dsk_rules{1, 0})));
@@ -74,11 +51,11 @@ __device__ __forceinline__ static void write_row(const void *row, void *out, siz
     if (vec) {
         for (size_t q = threadIdx.x; q < cols / 8; q += blockDim.x) {
             e v[8];
-            load_group(row, q, v);
+            load8((const e *)row + q * 8, v);
 #pragma unroll
             for (int k = 0; k < 8; k++)
                 v[k] = dsk_from_f32<T>(ds_bits(g(q * 8 + k, ds_f32(dsk_to_f32<T>(v[k], r)))), r);
-            store_group(out, q, v);
+            store8((e *)out + q * 8, v);
         }
     } else {
         for (size_t i = threadIdx.x; i < cols; i += blockDim.x)

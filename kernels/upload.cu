@@ -74,10 +74,10 @@ struct piece {
 
 struct chunk {
     size_t first_piece, n_pieces;
-    uint64_t data_bytes;  /* staged bytes, [0, data_bytes) of the slot */
+    uint64_t data_bytes;  /* staged bytes, [0, data_bytes) of the slot, alignment gaps included */
+    uint64_t read_bytes;  /* bytes its pieces read: the slot is full when readers have read these */
     uint64_t table_bytes; /* convert table at the end of the slot */
     int n_convert;
-    unsigned tiles;
 };
 
 struct unit { /* one pread */
@@ -143,6 +143,7 @@ static int plan(job &j, size_t n, char *err, size_t errlen) {
             j.pieces.push_back(piece{i, done, len, start, conv});
             cur.n_pieces++;
             cur.data_bytes = start + len;
+            cur.read_bytes += len;
             if (conv) {
                 cur.n_convert++;
                 cur.table_bytes = align_up((uint64_t)cur.n_convert * tentry, 256);
@@ -297,12 +298,8 @@ static int run_job(job &j, int device, uint8_t *scratch, dsk_rules rules, cudaSt
         fail_job(j, (size_t)-1, "cannot start reader threads");
     }
     for (size_t c = 0; !rc && c < j.chunks.size(); c++) {
-        const chunk &ch = j.chunks[c];
-        uint64_t need = 0;
-        for (size_t p = ch.first_piece; p < ch.first_piece + ch.n_pieces; p++)
-            need += j.pieces[p].len;
         pthread_mutex_lock(&j.mu);
-        while (!j.failed && j.filled[c] < need)
+        while (!j.failed && j.filled[c] < j.chunks[c].read_bytes)
             pthread_cond_wait(&j.cv, &j.mu);
         int failed = j.failed;
         pthread_mutex_unlock(&j.mu);

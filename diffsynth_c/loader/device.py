@@ -17,8 +17,9 @@ import os
 from typing import Any
 
 from .. import _core
-from ..dlpack import TORCH_DTYPES, _VIEWED, safetensors_name_of, torch_dtype_of
+from ..dlpack import TORCH_DTYPES, safetensors_name_of, torch_dtype_of, view_bytes
 from .conversion import c_converts
+from .settings import threads
 
 _ALIGN = 256  # bytes between tensors inside one buffer, as torch's allocator would give
 _MIB = 1 << 20
@@ -56,13 +57,6 @@ def _staging_bytes(total: int) -> int:
         return max(2, int(env)) * _MIB
     # half the bytes (at least two slots of a MiB), at most 256 MiB: 4 slots of 64 MiB
     return max(2 * _MIB, min(256 * _MIB, (total // 2 + _MIB - 1) // _MIB * _MIB))
-
-
-def _threads_gpu() -> int:
-    env = os.environ.get("DIFFSYNTH_C_THREADS")
-    if env:
-        return max(1, int(env))
-    return min(16, max(4, _core.build_info()["cpu_count"]))
 
 
 def _stream_of(dev: Any) -> int:
@@ -154,7 +148,7 @@ def load_to_cuda(paths: list, displays: list[str], torch_dtype: Any, device: Any
                 dev.index,
                 scratch.data_ptr() if scratch is not None else 0,
                 staging,
-                _threads_gpu(),
+                threads(per_cpu=1),
                 stream,
                 *rules,
             )
@@ -202,29 +196,12 @@ def load_pinned(paths: list, displays: list[str], torch_dtype: Any) -> list[dict
             for name, dtype, out_dtype, shape, begin, end, off, nbytes in plans
             if end > begin
         ]
-        _core.read_into([paths[fi]], items, _threads_gpu())
+        _core.read_into([paths[fi]], items, threads(per_cpu=1))
         sd: dict[str, Any] = {}
         for name, dtype, out_dtype, shape, begin, end, off, nbytes in plans:
-            raw = buf[off : off + nbytes]
-            if _simple(out_dtype):
-                x = raw.view(torch_dtype_of(out_dtype)).view(shape)
-            else:  # F4 / F6: the CPU path's own view rules
-                x = _view_special(raw, out_dtype, shape, displays[fi], name)
+            x = view_bytes(buf[off : off + nbytes], out_dtype, shape, displays[fi], name)
             if torch_dtype is not None and x.dtype != torch_dtype:
                 x = _pin(x.to(torch_dtype))
             sd[name] = x
         result.append(sd)
     return result
-
-
-def _view_special(raw: Any, dtype: str, shape: tuple, display: str, name: str) -> Any:
-    import torch
-
-    if dtype == "F4":
-        if not shape or shape[-1] % 2:
-            raise _core.FormatError(f"{display}: tensor '{name}': F4 needs an even last dimension")
-        return raw.view(torch_dtype_of("F4")).view(*shape[:-1], shape[-1] // 2)
-    if dtype in _VIEWED:
-        return raw.view(torch_dtype_of(dtype)).view(shape)
-    torch_dtype_of(dtype)  # raises with the reason (F6 has no torch dtype)
-    raise _core.FormatError(f"{display}: tensor '{name}': dtype {dtype} cannot be placed in pinned memory")

@@ -21,25 +21,11 @@ from typing import Any, Iterable
 from .. import _core
 from ..dlpack import safetensors_name_of, to_torch
 from .conversion import c_sources_for
+from .settings import mode, threads
 from .device import load_pinned, load_to_cuda
 from .torchfile import _map, load_tree, read_tree
 
 PathLike = str | os.PathLike
-
-
-def _threads() -> int:
-    """Worker threads for a load: DIFFSYNTH_C_THREADS, else twice the CPUs (reads of uncached pages
-    block in the kernel, so more threads than cores keep the disk busy), between 4 and 16."""
-    env = os.environ.get("DIFFSYNTH_C_THREADS")
-    if env:
-        return max(1, int(env))
-    return min(16, max(4, 2 * _core.build_info()["cpu_count"]))
-
-
-def _mode() -> str:
-    """'mmap' (default: private mappings, pages read in by the workers) or 'read' (pread into
-    anonymous memory: tensors never depend on the file again), from DIFFSYNTH_C_LOAD_MODE."""
-    return os.environ.get("DIFFSYNTH_C_LOAD_MODE", "mmap")
 
 
 def _as_list(file_path: PathLike | list[PathLike], what: str) -> list[PathLike]:
@@ -79,17 +65,17 @@ def _load_safetensors_files(
     paths: list[PathLike], torch_dtype: Any, device: Any, path_display: list[str], pin_memory: bool = False
 ) -> list[dict[str, Any]]:
     """Loads safetensors files in one parallel C call; one dict per file, keys in name order.
-    With pin_memory (on the CPU) the tensors come back pinned already."""
+    With pin_memory (on the CPU, CUDA present) the tensors come back pinned already."""
     on_cpu = _is_cpu(device)
     if not on_cpu and _gpu_path(device):
         placed = load_to_cuda(paths, path_display, torch_dtype, device)
         if placed is not None:
             return placed
-    if on_cpu and pin_memory and _gpu_path("cuda"):
+    if on_cpu and pin_memory:  # the caller asks only when CUDA can pin (see load_state_dict)
         return load_pinned(paths, path_display, torch_dtype)
     target = safetensors_name_of(torch_dtype) if (torch_dtype is not None and on_cpu) else None
     sources = c_sources_for(target) if target else []
-    per_file = _core.load(paths, target if sources else None, _threads(), _mode(), convert_from=sources)
+    per_file = _core.load(paths, target if sources else None, threads(), mode(), convert_from=sources)
     result = []
     for display, pairs in zip(path_display, per_file):
         sd: dict[str, Any] = {}
@@ -132,16 +118,16 @@ def load_state_dict(
         for d in displays:
             print(f"Loading file [started]: {d}")
     loaded: dict[int, dict[str, Any]] = {}
-    pinned = False
+    # safetensors files read straight into pinned memory when CUDA is there to pin it
+    pinned = bool(safetensors_idx) and pin_memory and _is_cpu(device) and _gpu_path("cuda")
     if safetensors_idx:
         dicts = _load_safetensors_files(
             [paths[i] for i in safetensors_idx],
             torch_dtype,
             device,
             [displays[i] for i in safetensors_idx],
-            pin_memory,
+            pinned,
         )
-        pinned = pin_memory and _is_cpu(device) and _gpu_path("cuda")
         loaded.update(zip(safetensors_idx, dicts))
     state_dict: dict[str, Any] = {}
     for i, path in enumerate(paths):
@@ -179,7 +165,7 @@ def load_state_dict_from_bin(file_path: PathLike, torch_dtype: Any = None, devic
     does not take go through torch.load itself."""
     import torch
 
-    state_dict = load_tree(file_path, _threads(), _mode())
+    state_dict = load_tree(file_path, threads(), mode())
     if state_dict is None:
         state_dict = torch.load(file_path, map_location=device, weights_only=True)
     elif not _is_cpu(device):

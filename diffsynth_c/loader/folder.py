@@ -19,6 +19,7 @@ from typing import Any
 
 from .. import _core
 from ..dlpack import safetensors_name_of
+from .settings import threads
 
 WEIGHTS = ("diffusion_pytorch_model", "model", "pytorch_model")
 _SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.(safetensors|bin)$")
@@ -41,7 +42,8 @@ def parse_size(size: Any) -> int:
     return value
 
 
-def _read_index(index_path: str) -> dict[str, str]:
+def _read_index(index_path: str) -> tuple[dict[str, str], Any]:
+    """(weight_map, metadata.total_size or None) of an index json, checked for repeated keys."""
     def no_repeats(pairs):
         seen = {}
         for k, v in pairs:
@@ -58,10 +60,11 @@ def _read_index(index_path: str) -> dict[str, str]:
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
         raise ValueError(f"{index_path}: no weight_map of tensor names to shard files")
-    return weight_map
+    metadata = data.get("metadata")
+    return weight_map, metadata.get("total_size") if isinstance(metadata, dict) else None
 
 
-def _check_index(index_path: str, folder: str, weight_map: dict[str, str]) -> list[str]:
+def _check_index(index_path: str, folder: str, weight_map: dict[str, str], declared: Any) -> list[str]:
     shards = sorted(set(weight_map.values()))
     paths = []
     for shard in shards:
@@ -85,8 +88,6 @@ def _check_index(index_path: str, folder: str, weight_map: dict[str, str]) -> li
                     + (f"; not in the shard: {missing[:5]}" if missing else "")
                     + (f"; not in the index: {extra[:5]}" if extra else "")
                 )
-        with open(index_path, encoding="utf-8") as f:
-            declared = (json.load(f).get("metadata") or {}).get("total_size")
         if declared is not None and int(declared) != total:
             raise ValueError(f"{index_path}: metadata.total_size is {declared} but the shards hold {total} bytes of tensors")
     return paths
@@ -105,7 +106,7 @@ def resolve(path: Any, subfolder: str | None = None) -> list[str]:
         for stem in WEIGHTS:
             index = os.path.join(path, f"{stem}.{ext}.index.json")
             if os.path.isfile(index):
-                return _check_index(index, path, _read_index(index))
+                return _check_index(index, path, *_read_index(index))
         for stem in WEIGHTS:
             single = os.path.join(path, f"{stem}.{ext}")
             if os.path.isfile(single):
@@ -196,8 +197,6 @@ def save_state_dict(
     """Writes state_dict into the folder path as diffusers' save_pretrained does: one
     ``{weights_name}.safetensors``, or shards ``{weights_name}-00001-of-0000N.safetensors`` plus
     ``{weights_name}.safetensors.index.json``. Returns the files written."""
-    from .file import _threads
-
     limit = parse_size(max_shard_size)
     for k, v in state_dict.items():
         if not isinstance(k, str):
@@ -218,7 +217,7 @@ def save_state_dict(
     for shard_name, keys in zip(names, shards or [[]]):
         header, items, owners = _header({k: state_dict[k] for k in keys}, metadata)
         target = os.path.join(folder, shard_name)
-        _core.write_file(target, header, items, _threads())
+        _core.write_file(target, header, items, threads())
         del owners
         written.append(target)
     if n > 1:

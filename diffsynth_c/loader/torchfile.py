@@ -46,33 +46,39 @@ def _map(obj: Any, leaf_type: type, fn) -> Any:
     return obj
 
 
+def tensor_of(ref: Any, storage: Any, typed: dict | None = None) -> Any:
+    """The tensor a TensorRef describes, as a view of its storage's bytes (a uint8 tensor): its
+    dtype, offset, shape and stride, and nn.Parameter / requires_grad as saved. typed caches the
+    storage's typed view so that tensors of one storage share it."""
+    import torch
+
+    key = (ref.storage, ref.dtype)
+    view = typed.get(key) if typed is not None else None
+    if view is None:
+        dtype = torch_dtype_of(ref.dtype)
+        view = storage[: storage.numel() - storage.numel() % dtype.itemsize].view(dtype)
+        if typed is not None:
+            typed[key] = view
+    t = torch.as_strided(view, ref.shape, ref.stride, ref.offset)
+    if ref.parameter:
+        return torch.nn.Parameter(t, requires_grad=ref.requires_grad)
+    if ref.requires_grad:
+        t.requires_grad_(True)
+    return t
+
+
 def load_tree(path: Any, threads: int, mode: str) -> Any | None:
     """The saved value with torch tensors on the CPU (views of the storages' bytes), or None when
     the C reader does not take the file."""
-    import torch
-
     tree = read_tree(path)
     if tree is None:
         return None
     obj, storages = tree
     flat = [to_torch(t) for t in _core.map_ranges(path, [(off, n) for _, _, n, off in storages], threads, mode)]
-    typed: dict[tuple[int, str], Any] = {}
+    typed: dict[tuple[int, str], Any] = {}  # one typed view per (storage, dtype), shared by its tensors
 
     def make(ref: Any) -> Any:
-        key = (ref.storage, ref.dtype)
-        view = typed.get(key)
-        if view is None:
-            dtype = torch_dtype_of(ref.dtype)
-            raw = flat[ref.storage]
-            es = torch.empty((), dtype=dtype).element_size()
-            view = raw[: raw.numel() - raw.numel() % es].view(dtype)
-            typed[key] = view
-        t = torch.as_strided(view, ref.shape, ref.stride, ref.offset)
-        if ref.parameter:
-            return torch.nn.Parameter(t, requires_grad=ref.requires_grad)
-        if ref.requires_grad:
-            t.requires_grad_(True)
-        return t
+        return tensor_of(ref, flat[ref.storage], typed)
 
     try:
         return _map(obj, _core.TensorRef, make)

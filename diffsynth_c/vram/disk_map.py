@@ -15,11 +15,18 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Iterator
 
 from .. import _core
-from ..dlpack import safetensors_name_of, to_torch, torch_dtype_of
+from ..dlpack import safetensors_name_of, to_torch, torch_dtype_of, view_bytes
 from ..loader.conversion import c_converts
-from ..loader.file import _mode, _threads
+from ..loader.settings import mode, threads
+from ..loader.folder import expand
+from ..loader.torchfile import read_tree, tensor_of
 
 _PREFETCH_THREADS = 4
+
+
+def _threads_for(nbytes: int) -> int:
+    """Large tensors are read in 8 MiB pieces by several threads; small ones on the caller's."""
+    return threads() if nbytes >= (16 << 20) else 1
 
 
 class _SafetensorsFile:
@@ -38,49 +45,39 @@ class _SafetensorsFile:
     def view(self, name: str) -> Any:
         """The tensor as a view of the file's private mapping (copy-on-write: writes never reach the
         file), its pages read in now, in parallel for large tensors. No copy."""
-        import torch
-
         dtype, shape, begin, end = self.entries[name]
         with self.lock:
             if self.region is None:
                 self.region = _core.map_file(self.path)
             region = self.region
-        threads = _threads() if end - begin >= (16 << 20) else 1
         try:
-            raw = to_torch(_core.region_view(region, self.data_start + begin, end - begin, threads))
+            raw = to_torch(_core.region_view(region, self.data_start + begin, end - begin, _threads_for(end - begin)))
         except ValueError as e:
             raise _core.FormatError(f"{self.path}: tensor '{name}': {e}") from None
-        return raw.view(torch_dtype_of(dtype)).view(shape)
+        return view_bytes(raw, dtype, shape, self.path, name)
 
     def keys(self) -> Iterable[str]:
         return self.entries.keys()
 
     def read(self, name: str, torch_dtype: Any) -> Any:
+        """The tensor in torch_dtype where C converts that pair (a fresh tensor), else in the file's
+        dtype: a view of the mapping (mmap mode) or the bytes read into a fresh buffer (read mode)."""
         import torch
 
         dtype, shape, begin, end = self.entries[name]
         target = safetensors_name_of(torch_dtype) if torch_dtype is not None else None
-        if (target is None or target == dtype) and dtype in _TORCHABLE and _mode() == "mmap":
+        convert = target is not None and target != dtype and c_converts(dtype, target)
+        if not convert and mode() == "mmap":
             return self.view(name)
-        out_dtype = target if target and target != dtype and c_converts(dtype, target) else dtype
-        if dtype in ("F4",) or dtype not in _TORCHABLE:
-            # sub-byte and exotic dtypes: the ordinary loader's views, then a private copy
-            sd = _core.load([self.path], None, 1, "read")[0]
-            return to_torch(dict(sd)[name]).clone()
-        out = torch.empty(shape, dtype=torch_dtype_of(out_dtype))
+        out = torch.empty(shape, dtype=torch_dtype_of(target)) if convert else torch.empty(end - begin, dtype=torch.uint8)
         if end > begin:
-            # large tensors are read in 8 MiB pieces by several threads; small ones on this one
-            threads = _threads() if end - begin >= (16 << 20) else 1
-            _core.read_into(
-                [self.path], [(0, self.data_start + begin, end - begin, dtype, out_dtype, out.data_ptr(), name)], threads
-            )
-        return out
+            item = (0, self.data_start + begin, end - begin, dtype, target if convert else dtype, out.data_ptr(), name)
+            _core.read_into([self.path], [item], _threads_for(end - begin))
+        return out if convert else view_bytes(out, dtype, shape, self.path, name)
 
 
 class _TorchFile:
     def __init__(self, path: str):
-        from ..loader.torchfile import read_tree
-
         self.path = path
         tree = read_tree(path)
         if tree is None:  # not a checkpoint the C reader takes: as DiffSynth, load it whole
@@ -106,14 +103,7 @@ class _TorchFile:
             return ref
         _key, _dt, nbytes, offset = self.storages[ref.storage]
         raw = to_torch(_core.map_ranges(self.path, [(offset, nbytes)], 1, "read")[0])
-        dtype = torch_dtype_of(ref.dtype)
-        es = torch.empty((), dtype=dtype).element_size()
-        view = raw[: raw.numel() - raw.numel() % es].view(dtype)
-        return torch.as_strided(view, ref.shape, ref.stride, ref.offset).clone()
-
-
-_TORCHABLE = {"BOOL", "U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64", "F16", "BF16", "F32", "F64", "C64",
-              "F8_E4M3", "F8_E5M2", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ"}
+        return tensor_of(ref, raw).clone()
 
 
 class DiskMap:
@@ -128,8 +118,6 @@ class DiskMap:
         state_dict_converter: Callable | None = None,
         buffer_size: int = 10**9,
     ):
-        from ..loader.folder import expand
-
         self.path = expand(path if isinstance(path, list) else [path])
         self.device = device
         self.torch_dtype = torch_dtype
