@@ -12,6 +12,7 @@ from .loader import hash_model_file, hash_state_dict_keys, load_keys_dict, load_
 from .loader.folder import save_state_dict
 from .loader.model import detect_model, load_model, load_model_auto
 from .patch import patch_diffsynth, unpatch_diffsynth
+from .vram import LAYER_NAMES as _LAYER_NAMES
 from .vram import DiskMap, skip_model_initialization
 
 __all__ = [
@@ -28,9 +29,23 @@ __all__ = [
     "load_model_auto",
     "DiskMap",
     "skip_model_initialization",
+    "enable_vram_management",
+    "AutoWrappedLinear",
+    "AutoWrappedModule",
+    "AutoWrappedNonRecurseModule",
     "patch_diffsynth",
     "unpatch_diffsynth",
 ]
+
+
+
+def __getattr__(name: str):  # the VRAM-managed layers import torch: only when asked for
+    if name in _LAYER_NAMES:
+        from .vram import layers
+
+        return getattr(layers, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 if __import__("os").environ.get("DIFFSYNTH_C_PATCH") == "1":
     patch_diffsynth()

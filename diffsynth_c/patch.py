@@ -26,7 +26,21 @@ _TABLE = {
     ("diffsynth.core.loader.model", "load_model"): ("diffsynth_c.loader.model", "load_model"),
     ("diffsynth.core.vram.disk_map", "DiskMap"): ("diffsynth_c.vram.disk_map", "DiskMap"),
     ("diffsynth.core.vram.initialization", "skip_model_initialization"): ("diffsynth_c.vram.initialization", "skip_model_initialization"),
+    **{
+        ("diffsynth.core.vram.layers", name): ("diffsynth_c.vram.layers", name)
+        for name in (
+            "AutoTorchModule",
+            "LoRAHotLoadMixin",
+            "AutoWrappedModule",
+            "AutoWrappedNonRecurseModule",
+            "AutoWrappedLinear",
+            "enable_vram_management",
+        )
+    },
 }
+# DiffSynth's classes that our isinstance checks also accept while patched (its quantised layers
+# derive from them and stay DiffSynth's)
+_BASES = ("AutoTorchModule", "LoRAHotLoadMixin")
 
 _saved: list[tuple[Any, str, Any]] = []  # (module, attribute, DiffSynth's object) of every rebinding
 _ORIGINALS: dict[tuple[str, str], Any] = {}
@@ -62,6 +76,10 @@ def patch_diffsynth() -> int:
     if _saved:
         return 0
     by_id = {id(theirs): (theirs, ours) for theirs, ours in _pairs()}
+    from .vram import layers
+
+    for base in _BASES:
+        layers._FOREIGN[getattr(layers, base)] = original("diffsynth.core.vram.layers", base)
     for name, module in list(sys.modules.items()):
         if module is None or not (name == "diffsynth" or name.startswith("diffsynth.")):
             continue
@@ -76,6 +94,9 @@ def patch_diffsynth() -> int:
 def unpatch_diffsynth() -> int:
     """Puts back every binding patch_diffsynth changed. Returns how many."""
     n = len(_saved)
+    from .vram import layers
+
+    layers._FOREIGN.clear()
     while _saved:
         module, attr, value = _saved.pop()
         setattr(module, attr, value)
@@ -85,12 +106,13 @@ def unpatch_diffsynth() -> int:
 @contextmanager
 def patched_module(module: Any) -> Iterator[None]:
     """While the block runs, DiffSynth's ``module`` sees diffsynth_c's DiskMap, load_state_dict and
-    skip_model_initialization (for the branches of load_model handed to DiffSynth's own code)."""
+    skip_model_initialization (for the quantised branches of load_model handed to DiffSynth's own
+    code, which keep DiffSynth's layers)."""
     by_id = {id(theirs): ours for theirs, ours in _pairs()}
     changed = []
     for attr, value in list(vars(module).items()):
         ours = by_id.get(id(value))
-        if ours is not None and attr != "load_model":
+        if ours is not None and attr not in ("load_model", "enable_vram_management"):
             changed.append((attr, value))
             setattr(module, attr, ours)
     try:

@@ -4,9 +4,9 @@ The model is built inside ``skip_model_initialization`` (no weight is initialise
 overwritten), the state dict comes from diffsynth_c (``load_state_dict`` or a ``DiskMap``), and is
 assigned to the model (``assign=True``: the loaded tensors become the parameters, so a plain load
 holds one copy of the weights). Then ``.to(dtype, device)`` and ``.eval()``, as DiffSynth does,
-branch for branch. VRAM management (``module_map``/``vram_config``) and quantisation are handed to
-DiffSynth's own implementation, reading through diffsynth_c's ``DiskMap``, when DiffSynth is
-installed; without it they raise ``NotImplementedError``.
+branch for branch. VRAM management (``module_map``/``vram_config``) wraps the model in diffsynth_c's
+layers (``vram/layers.py``); quantisation is handed to DiffSynth's own implementation, reading
+through diffsynth_c's ``DiskMap``, when DiffSynth is installed (without it, ``NotImplementedError``).
 """
 
 from __future__ import annotations
@@ -77,7 +77,6 @@ def load_model(
     """DiffSynth's ``load_model`` (same arguments; ``torch_dtype`` defaults to bfloat16). ``path``
     may also be a model folder, with ``subfolder`` as diffusers takes it."""
     import torch
-    from contextlib import ExitStack
 
     if subfolder is not None:
         from .folder import resolve
@@ -85,24 +84,19 @@ def load_model(
         path = resolve(path, subfolder)
     if torch_dtype is None:
         torch_dtype = torch.bfloat16
-    if module_map is not None or quantize is not None:
+    if quantize is not None:
         return _delegate(model_class, path, config, torch_dtype, device, state_dict_converter, use_disk_map,
                          module_map, vram_config, vram_limit, state_dict, quantize)
     config = {} if config is None else config
-    with ExitStack() as stack:
-        for ctx in _init_contexts(torch_dtype, device):
-            stack.enter_context(ctx)
-        model = model_class(**config)
+    if module_map is not None:
+        return _load_vram_managed(model_class, path, config, torch_dtype, device, state_dict_converter,
+                                  module_map, vram_config, vram_limit, state_dict)
+    model = _build(model_class, config, torch_dtype, device)
     keep = list(getattr(model_class, "_keep_in_fp32_modules", None) or []) if torch_dtype != torch.float32 else []
     load_dtype = None if keep else torch_dtype  # kept modules must come from the file's own values
     if state_dict is None:
         state_dict = DiskMap(path, device, torch_dtype=load_dtype) if use_disk_map else load_state_dict(path, load_dtype, device)
-    if state_dict_converter is not None:
-        state_dict = state_dict_converter(state_dict)
-    else:
-        if isinstance(state_dict, DiskMap):  # every key will be read: read them on several threads
-            state_dict.prefetch(list(state_dict))
-        state_dict = {k: state_dict[k] for k in state_dict}
+    state_dict = _state_dict_of(state_dict, state_dict_converter)
     if keep:
         state_dict = {k: _keep_cast(k, v, keep, torch_dtype) for k, v in state_dict.items()}
     if _zero3():
@@ -123,15 +117,62 @@ def load_model(
     return model
 
 
+def _build(model_class: Any, config: dict, torch_dtype: Any, device: Any) -> Any:
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        for ctx in _init_contexts(torch_dtype, device):
+            stack.enter_context(ctx)
+        return model_class(**config)
+
+
+def _state_dict_of(source: Any, state_dict_converter: Any) -> dict:
+    """A plain dict of every tensor of source (a DiskMap or a dict), renamed by the converter."""
+    if state_dict_converter is not None:
+        return state_dict_converter(source)
+    if isinstance(source, DiskMap):  # every key will be read: read them on several threads
+        source.prefetch(list(source))
+    return {k: source[k] for k in source}
+
+
+def _load_vram_managed(model_class: Any, path: Any, config: dict, torch_dtype: Any, device: Any,
+                       state_dict_converter: Any, module_map: Any, vram_config: Any, vram_limit: Any,
+                       state_dict: Any) -> Any:
+    """DiffSynth's VRAM-managed branch of load_model, on diffsynth_c's layers: the weights are loaded
+    in the first dtype and device of vram_config that is not 'disk' and the layers take it from
+    there; with offload on disk, only a DiskMap is made and the layers read from it."""
+    from ..vram.layers import _check_module_map, check_vram_config, enable_vram_management
+
+    _check_module_map(module_map)
+    on_disk = isinstance(vram_config, dict) and vram_config.get("offload_device") == "disk"
+    if not on_disk:
+        check_vram_config(vram_config)
+    states = ("offload", "onload", "preparing", "computation")
+    load_device = [d for d in (vram_config.get(f"{s}_device") for s in states) if d not in (None, "disk")][0]
+    load_dtype = [d for d in (vram_config.get(f"{s}_dtype") for s in states) if d not in (None, "disk")][0]
+    model = _build(model_class, config, torch_dtype, device)
+    if not on_disk:
+        if state_dict is None:
+            state_dict = DiskMap(path, load_device, torch_dtype=load_dtype)
+        _assign(model, _state_dict_of(state_dict, state_dict_converter), path)
+        model = enable_vram_management(model, module_map, vram_config=vram_config, disk_map=None, vram_limit=vram_limit)
+    else:
+        disk_map = DiskMap(path, load_device, state_dict_converter=state_dict_converter)
+        check_vram_config(vram_config, disk_map)
+        model = enable_vram_management(model, module_map, vram_config=vram_config, disk_map=disk_map, vram_limit=vram_limit)
+    if hasattr(model, "eval"):
+        model = model.eval()
+    return model
+
+
 def _delegate(*args: Any) -> Any:
-    """VRAM-managed and quantised loads: DiffSynth's own code, with its module globals pointing at
+    """Quantised loads: DiffSynth's own code, with its module globals pointing at
     diffsynth_c's DiskMap, load_state_dict and skip_model_initialization while it runs."""
     try:
         import diffsynth.core.loader.model as ds_model
     except ImportError:
         raise NotImplementedError(
-            "load_model with module_map/vram_config or quantize needs DiffSynth's VRAM-managed layers: "
-            "install diffsynth (diffsynth_c's own layers are not there yet)"
+            "load_model with quantize needs DiffSynth's quantisation (diffsynth.core.quant): install diffsynth"
         ) from None
     from ..patch import original, patched_module
 

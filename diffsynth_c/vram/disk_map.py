@@ -173,6 +173,27 @@ class DiskMap:
                     self.flush_files()
         return param
 
+    def _real_name(self, name: Any) -> Any:
+        real = self.rename_dict[name] if self.rename_dict is not None else name
+        if real not in self.name_map:
+            raise KeyError(name)
+        return real
+
+    def read_host(self, name: Any) -> Any:
+        """The tensor under name (renamed as ``self[name]``) in the file's own dtype on the CPU,
+        whatever this map's device and dtype: what the VRAM-managed layers copy to the GPU."""
+        real = self._real_name(name)
+        return self.files[self.name_map[real]].read(real, None)
+
+    def stored_nbytes(self, name: Any) -> int:
+        """Bytes of the tensor under name in its file (0 for torch checkpoints' entries)."""
+        real = self._real_name(name)
+        f = self.files[self.name_map[real]]
+        if isinstance(f, _SafetensorsFile):
+            _dtype, _shape, begin, end = f.entries[real]
+            return end - begin
+        return 0
+
     def prefetch(self, names: Iterable[Any]) -> None:
         """Starts reading these tensors in the background; ``self[name]`` then waits only for what
         is still being read. Names are the ones ``self[...]`` takes (renamed ones included)."""

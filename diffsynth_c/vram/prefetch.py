@@ -1,0 +1,396 @@
+"""The prefetch scheduler of the VRAM-managed layers: weights arrive before the layer that needs them.
+
+A wrapped layer whose weights are stored away from its computation (on the CPU, on disk, or in
+another dtype) asks its model's ``Scheduler`` for them with a ``Need``: which tensors, where they
+are, and the dtype and device the computation wants. The scheduler learns the order in which the
+layers of a model run (the first pass records it) and, on later passes, starts fetching the next
+layers' weights while the current one computes:
+
+- on a CUDA computation device (``CudaTransport``) a layer's resident CPU weights are packed once
+  into one contiguous page-locked slab (exact size, registered with ``cudaHostRegister``, no
+  power-of-two rounding), copied in one ``cudaMemcpyAsync`` on a copy stream, and the compute
+  stream waits on an event: no host synchronisation. The bus carries the stored dtype (fp8 storage:
+  one byte per parameter); the cast to the computation dtype runs on the GPU after the copy (our
+  cast kernel, bit-identical to torch's ``.to()``). Weights on disk are read ahead by worker threads
+  into pinned staging slabs, then copied the same way. Device buffers come from torch's caching
+  allocator on the copy stream and are recycled by it (``record_stream`` on the compute stream).
+- on a CPU computation device (``ThreadTransport``, what CI runs) the same schedule runs on worker
+  threads: disk reads and dtype conversions of the next layers happen while the current one
+  computes.
+
+If a layer arrives out of the learned order (another pipeline branch, a layer skipped), everything
+in flight is dropped, the layer is fetched on demand and the order is learned again. A fetched
+weight is used only if its source is still the same tensor at the same version (``_version``
+counts in-place writes such as a fused LoRA): never a stale weight.
+
+Settings: ``DIFFSYNTH_C_PREFETCH=0`` turns prefetching off (every fetch on demand, same results);
+``DIFFSYNTH_C_PREFETCH_DEPTH`` (default 2) is how many layers ahead; ``DIFFSYNTH_C_PREFETCH_MIB``
+(default 2048) bounds the bytes in flight (at least one layer always goes ahead).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+_ALIGN = 256  # slab offsets: aligned for vector loads of every dtype
+
+
+def prefetch_enabled() -> bool:
+    return os.environ.get("DIFFSYNTH_C_PREFETCH", "1") != "0"
+
+
+def _depth() -> int:
+    return max(1, int(os.environ.get("DIFFSYNTH_C_PREFETCH_DEPTH", "2")))
+
+
+def _max_bytes() -> int:
+    return max(0, int(os.environ.get("DIFFSYNTH_C_PREFETCH_MIB", "2048"))) << 20
+
+
+@dataclass
+class Need:
+    """What a layer's computation needs: tensor ``names[i]`` comes from ``sources[i]`` (a resident
+    tensor) or, when that is None, from ``disk_map[keys[i]]``; it must end up on ``device`` in
+    ``dtypes[i]`` (None: the stored dtype)."""
+
+    names: list
+    sources: list
+    keys: list
+    dtypes: list
+    device: Any
+    disk_map: Any = None
+    versions: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.versions = [None if s is None else s._version for s in self.sources]
+
+    def same_sources(self, other: "Need") -> bool:
+        """True when other names the same tensors at the same versions (nothing was rewritten)."""
+        if self.names != other.names or self.keys != other.keys or self.dtypes != other.dtypes:
+            return False
+        return all(a is b for a, b in zip(self.sources, other.sources)) and self.versions == other.versions
+
+    def nbytes(self) -> int:
+        total = 0
+        for s, k in zip(self.sources, self.keys):
+            if s is not None:
+                total += s.numel() * s.element_size()
+            else:
+                total += _disk_nbytes(self.disk_map, k)
+        return total
+
+
+def _disk_nbytes(disk_map: Any, key: Any) -> int:
+    size_of = getattr(disk_map, "stored_nbytes", None)
+    return size_of(key) if size_of is not None else 0
+
+
+def read_stored(disk_map: Any, key: Any) -> Any:
+    """The tensor under key in the file's own dtype, on the CPU (diffsynth_c's DiskMap), or what the
+    map returns (another DiskMap)."""
+    read_host = getattr(disk_map, "read_host", None)
+    return read_host(key) if read_host is not None else disk_map[key]
+
+
+def materialize(need: Need) -> dict:
+    """The computation's tensors, made on the calling thread: the reference every transport equals
+    (``torch.empty_like(src, dtype, device).copy_(src)``, DiffSynth's cast)."""
+    import torch
+
+    out = {}
+    for name, src, key, dtype in zip(need.names, need.sources, need.keys, need.dtypes):
+        if src is None:
+            src = read_stored(need.disk_map, key)
+        r = torch.empty_like(src, dtype=dtype or src.dtype, device=need.device)
+        r.copy_(src)
+        out[name] = r
+    return out
+
+
+class _Ticket:
+    """One layer's fetch in flight."""
+
+    __slots__ = ("layer", "need", "handle", "nbytes")
+
+    def __init__(self, layer: Any, need: Need, handle: Any, nbytes: int):
+        self.layer, self.need, self.handle, self.nbytes = layer, need, handle, nbytes
+
+
+class ThreadTransport:
+    """Fetches on worker threads (CPU computation; disk reads for any computation device)."""
+
+    def __init__(self, workers: int = 2):
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="diffsynth_c-vram")
+
+    def start(self, need: Need) -> Future:
+        return self.pool.submit(materialize, need)
+
+    def finish(self, handle: Future, need: Need) -> dict:
+        return handle.result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class Scheduler:
+    """The fetches of one model's wrapped layers, in the order they run (see the module's note).
+
+    ``fetch(layer, need)`` returns the layer's computation tensors (a dict name -> tensor). The
+    transport is chosen from the computation device on the first fetch."""
+
+    def __init__(self, transport_for: Callable[[Any], Any] | None = None):
+        self.order: list = []  # the learned sequence of layers (a layer may occur more than once)
+        self.recording = True
+        self.pos = 0
+        self.inflight: dict[int, _Ticket] = {}
+        self.transports: dict[str, Any] = {}
+        self.transport_for = transport_for or default_transport
+        self.lock = threading.Lock()
+        # counters, for tests and benchmarks: hits (prefetched and used), misses (fetched on demand),
+        # stale (prefetched, then dropped because the source changed), relearned (order changes)
+        self.stats = {"hits": 0, "misses": 0, "stale": 0, "relearned": 0}
+
+    # --- order learning ---------------------------------------------------------------------
+    def _advance(self, layer: Any) -> bool:
+        """Moves the cursor past layer; returns whether the learned order predicted it."""
+        if self.recording:
+            if self.order and self.order[0] is layer:
+                self.recording = False
+                self.pos = 1 % len(self.order)
+                return True
+            self.order.append(layer)
+            return False
+        if self.order[self.pos] is layer:
+            self.pos = (self.pos + 1) % len(self.order)
+            return True
+        self.stats["relearned"] += 1
+        self.drop()
+        self.order = [layer]
+        self.recording = True
+        return False
+
+    def drop(self) -> None:
+        """Forgets everything in flight (its buffers are freed when the copies end)."""
+        self.inflight.clear()
+
+    def forget(self, layer: Any) -> None:
+        """Drops what is in flight for one layer."""
+        self.inflight.pop(id(layer), None)
+
+    def __deepcopy__(self, memo: dict) -> "Scheduler":
+        return self  # copies of a layer (DiffSynth's computation copies) share their model's scheduler
+
+    def reset(self) -> None:
+        """Forgets the learned order too (after a layer changed state)."""
+        self.drop()
+        self.order = []
+        self.recording = True
+        self.pos = 0
+
+    # --- fetching -----------------------------------------------------------------------------
+    def _transport(self, need: Need) -> Any:
+        key = str(need.device)
+        t = self.transports.get(key)
+        if t is None:
+            t = self.transports[key] = self.transport_for(need.device)
+        return t
+
+    def _issue_ahead(self) -> None:
+        if self.recording or not self.order:
+            return
+        budget = _max_bytes() - sum(t.nbytes for t in self.inflight.values())
+        n = len(self.order)
+        for step in range(min(_depth(), n - 1)):
+            layer = self.order[(self.pos + step) % n]
+            if id(layer) in self.inflight:
+                continue
+            need = layer.current_need()
+            if need is None:  # resident in the computation dtype: nothing to fetch
+                continue
+            nbytes = need.nbytes()
+            if self.inflight and nbytes > budget:
+                break
+            handle = self._transport(need).start(need)
+            self.inflight[id(layer)] = _Ticket(layer, need, handle, nbytes)
+            budget -= nbytes
+
+    def fetch(self, layer: Any, need: Need) -> dict:
+        if not prefetch_enabled():
+            self.stats["misses"] += 1
+            return materialize(need)
+        with self.lock:
+            predicted = self._advance(layer)
+            ticket = self.inflight.pop(id(layer), None) if predicted else None
+            if ticket is not None and not ticket.need.same_sources(need):
+                self.stats["stale"] += 1
+                ticket = None
+            if ticket is None:
+                self.stats["misses"] += 1
+                transport = self._transport(need)
+                ticket = _Ticket(layer, need, transport.start(need), 0)
+            else:
+                self.stats["hits"] += 1
+            self._issue_ahead()  # the next layers' copies go out before this one is waited on
+            return self._transport(need).finish(ticket.handle, ticket.need)
+
+    def close(self) -> None:
+        self.drop()
+        for t in self.transports.values():
+            t.close()
+        self.transports.clear()
+
+
+def default_transport(device: Any) -> Any:
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return CudaTransport(device)
+    return ThreadTransport()
+
+
+class _PinnedSlab:
+    """Page-locked host memory of exactly nbytes: a plain CPU tensor registered with CUDA (torch's
+    pinned allocator would round the size up to a power of two). Unregistered when collected."""
+
+    def __init__(self, nbytes: int):
+        import torch
+
+        self.tensor = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+        self.registered = False
+        err = torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), self.tensor.numel(), 0)
+        self.registered = int(err) == 0  # unregistered memory still works, only without async copies
+
+    def __del__(self) -> None:
+        if getattr(self, "registered", False):
+            try:
+                import torch
+
+                torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
+            except Exception:  # interpreter shutdown
+                pass
+
+
+def slab_layout(tensors: list) -> tuple[list[int], int]:
+    """Offsets of the tensors packed one after another (each aligned), and the total bytes."""
+    offsets, size = [], 0
+    for t in tensors:
+        offsets.append(size)
+        size += (t.numel() * t.element_size() + _ALIGN - 1) // _ALIGN * _ALIGN
+    return offsets, size
+
+
+def pack_into_slab(tensors: list) -> tuple[Any, list]:
+    """One pinned slab holding copies of the CPU tensors, and views of it shaped as they are."""
+    import torch
+
+    offsets, size = slab_layout(tensors)
+    slab = _PinnedSlab(size)
+    views = []
+    for t, off in zip(tensors, offsets):
+        n = t.numel() * t.element_size()
+        v = slab.tensor[off : off + n].view(t.dtype).view(t.shape)
+        v.copy_(t)
+        views.append(v)
+    return slab, views
+
+
+class CudaTransport:
+    """Copies on a CUDA copy stream from pinned slabs, events for ordering, casts on the GPU."""
+
+    def __init__(self, device: Any):
+        import torch
+
+        self.device = torch.device(device)
+        if self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.stream = torch.cuda.Stream(self.device)
+        self.readers = ThreadPoolExecutor(2, thread_name_prefix="diffsynth_c-vram-disk")
+        self.retired: list = []  # (event, pinned staging) kept alive until their copy has ended
+        self.retired_lock = threading.Lock()
+
+    def _upload(self, host: Any, layout: list) -> tuple[Any, Any, list]:
+        """Starts the copy of a pinned uint8 slab; returns (device buffer, event, layout)."""
+        import torch
+
+        with torch.cuda.stream(self.stream):
+            dev = torch.empty(host.numel(), dtype=torch.uint8, device=self.device)
+            dev.copy_(host, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        return dev, event, layout
+
+    def _stage_from_disk(self, need: Need) -> tuple[Any, Any, list]:
+        """On a reader thread: the layer's tensors from disk into a pinned staging slab, then its
+        copy started. The staging slab lives until the copy's event has completed."""
+        stored = [None if s is not None else read_stored(need.disk_map, k) for s, k in zip(need.sources, need.keys)]
+        tensors = [s if s is not None else t for s, t in zip(need.sources, stored)]
+        slab, views = pack_into_slab([t.cpu() for t in tensors])
+        layout = [(off, v.dtype, tuple(v.shape)) for off, v in zip(slab_layout(views)[0], views)]
+        dev, event, layout = self._upload(slab.tensor, layout)
+        with self.retired_lock:
+            self.retired.append((event, slab))
+        return dev, event, layout
+
+    def start(self, need: Need) -> Any:
+        with self.retired_lock:
+            self.retired = [(e, s) for e, s in self.retired if not e.query()]
+        if any(s is None for s in need.sources):
+            return self.readers.submit(self._stage_from_disk, need)
+        host, layout = _resident_slab(need)
+        done: Future = Future()
+        done.set_result(self._upload(host, layout))
+        return done
+
+    def finish(self, handle: Future, need: Need) -> dict:
+        import torch
+
+        from ..kernels import KERNEL_DTYPES, cast, cuda_available
+        from ..dlpack import safetensors_name_of
+
+        dev, event, layout = handle.result()
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(event)
+        dev.record_stream(current)
+        out = {}
+        for name, (off, dtype, shape), want in zip(need.names, layout, need.dtypes):
+            n = 1
+            for s in shape:
+                n *= s
+            raw = dev[off : off + n * torch.empty((), dtype=dtype).element_size()].view(dtype).view(shape)
+            if want is None or want == dtype:
+                out[name] = raw
+            elif cuda_available() and {safetensors_name_of(dtype), safetensors_name_of(want)} <= set(KERNEL_DTYPES):
+                out[name] = cast(raw, torch.empty(shape, dtype=want, device=self.device))
+            else:
+                out[name] = raw.to(want)
+        return out
+
+    def close(self) -> None:
+        self.readers.shutdown(wait=False, cancel_futures=True)
+
+
+def _resident_slab(need: Need) -> tuple[Any, list]:
+    """The pinned slab holding a layer's resident CPU weights. The first time, the weights are
+    copied into one slab and the layer's tensors are pointed at it (same values, one copy in host
+    memory); later fetches find them there."""
+    owner = need.sources[0]
+    holder = getattr(owner, "_diffsynth_c_slab", None)
+    if holder is not None and all(
+        getattr(s, "_diffsynth_c_slab", None) is holder and s.data_ptr() == holder[0].tensor.data_ptr() + off
+        for s, off in zip(need.sources, holder[1])
+    ):  # still the slab's views (a move to another device and back would have replaced them)
+        slab, offsets = holder
+        return slab.tensor, [(off, s.dtype, tuple(s.shape)) for off, s in zip(offsets, need.sources)]
+    cpu = [s.detach().cpu() for s in need.sources]
+    slab, views = pack_into_slab(cpu)
+    offsets = slab_layout(views)[0]
+    for s, v in zip(need.sources, views):
+        if s.device.type == "cpu":
+            s.data = v  # keeps the Parameter (and its _version), its storage is now the slab
+            s._diffsynth_c_slab = (slab, offsets)
+    need.versions = [s._version for s in need.sources]
+    return slab.tensor, [(off, v.dtype, tuple(v.shape)) for off, v in zip(offsets, views)]
