@@ -142,6 +142,43 @@ static void from_f32(st_dtype dst, const uint32_t *in, void *out, size_t n, int 
     }
 }
 
+/* 8-bit sources: the 256 possible results are computed once per call by the element path below,
+ * then every element is a table lookup (bit-identical by construction, several times faster than
+ * converting each element through F32). Worth it from a few thousand elements. */
+enum { CV_LUT_MIN = 4096 };
+
+static void lut_run(st_dtype src, st_dtype dst, const uint8_t *in, void *out, size_t n, int f16c) {
+    uint8_t codes[256];
+    union {
+        uint8_t b[256];
+        uint16_t h[256];
+        uint32_t w[256];
+    } lut;
+    for (int i = 0; i < 256; i++)
+        codes[i] = (uint8_t)i;
+    cv_run_with(src, dst, codes, &lut, 256, f16c);
+    switch (st_dtype_bits(dst)) {
+    case 8: {
+        uint8_t *o = out;
+        for (size_t i = 0; i < n; i++)
+            o[i] = lut.b[in[i]];
+        break;
+    }
+    case 16: {
+        uint16_t *o = out;
+        for (size_t i = 0; i < n; i++)
+            o[i] = lut.h[in[i]];
+        break;
+    }
+    default: {
+        uint32_t *o = out;
+        for (size_t i = 0; i < n; i++)
+            o[i] = lut.w[in[i]];
+        break;
+    }
+    }
+}
+
 void cv_run_with(st_dtype src, st_dtype dst, const void *in, void *out, size_t n, int f16c) {
     enum { BLOCK = 1024 };
     uint32_t tmp[BLOCK];
@@ -150,6 +187,10 @@ void cv_run_with(st_dtype src, st_dtype dst, const void *in, void *out, size_t n
     char *op = out;
     if (src == dst) {
         memcpy(out, in, n * in_size);
+        return;
+    }
+    if (in_size == 1 && n >= CV_LUT_MIN) {
+        lut_run(src, dst, in, out, n, f16c);
         return;
     }
     if (src == ST_F32) {

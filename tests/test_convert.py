@@ -62,3 +62,28 @@ def test_convert_rejects_bad_input():
         _core.convert("F32", "F16", b"abc")
     with pytest.raises(ValueError, match="unknown safetensors dtype name 'float'"):
         _core.convert("float", "F16", b"")
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("src,dst", [(s, d) for s, d in PAIRS if s.startswith("F8")])
+def test_long_8bit_runs_take_the_table_path_and_stay_identical(src, dst, threads):
+    """From 4096 elements an 8-bit source is converted through a 256-entry table built by the
+    element path; convert_into splits the run over threads. Every pattern, shuffled, 3 MiB long."""
+    g = torch.Generator().manual_seed(11)
+    x = all_values(src).repeat(12 * 1024)[torch.randperm(256 * 12 * 1024, generator=g)].contiguous()
+    ref = x.to(TORCH[dst]).contiguous().view(torch.uint8)
+    assert _core.convert(src, dst, x.view(torch.uint8).numpy()) == bytes(ref.numpy())
+    out = torch.empty(x.shape, dtype=TORCH[dst])
+    _core.convert_into(src, dst, x.view(torch.uint8).numpy(), out.view(torch.uint8).numpy(), threads)
+    assert torch.equal(out.view(torch.uint8), ref)
+
+
+def test_convert_into_rejects_bad_buffers():
+    src = torch.zeros(8, dtype=torch.uint8).numpy()
+    with pytest.raises(ValueError, match=r"convert_into: 8 BF16 elements need 16 bytes, dst has 8"):
+        _core.convert_into("F8_E4M3", "BF16", src, torch.zeros(8, dtype=torch.uint8).numpy())
+    with pytest.raises(ValueError, match="src and dst overlap"):
+        buf = torch.zeros(24, dtype=torch.uint8).numpy()
+        _core.convert_into("F8_E4M3", "BF16", buf[:8], buf[4:20])
+    with pytest.raises(BufferError, match="not writable"):
+        _core.convert_into("F8_E4M3", "BF16", src, b"\0" * 16)

@@ -74,6 +74,19 @@ class Need:
             return False
         return all(a is b for a, b in zip(self.sources, other.sources)) and self.versions == other.versions
 
+    def is_local(self) -> bool:
+        """True when every tensor is already on the (non-CPU) computation device: only a cast on
+        that device is left, nothing to fetch."""
+        import torch
+
+        want = torch.device(self.device)
+        if want.type == "cpu":
+            return False
+        for s in self.sources:
+            if s is None or s.device.type != want.type or (want.index is not None and s.device.index != want.index):
+                return False
+        return True
+
     def nbytes(self) -> int:
         total = 0
         for s, k in zip(self.sources, self.keys):
@@ -96,17 +109,49 @@ def read_stored(disk_map: Any, key: Any) -> Any:
     return read_host(key) if read_host is not None else disk_map[key]
 
 
+def _cast_on_cpu(src: Any, dtype: Any) -> Any:
+    """src in dtype on the CPU, converted by the C core on several threads where it converts that
+    pair exactly as torch does (bit for bit), else None."""
+    import torch
+
+    from .. import _core
+    from ..dlpack import safetensors_name_of
+    from ..loader.conversion import c_converts
+    from ..loader.settings import threads
+
+    s, d = safetensors_name_of(src.dtype), safetensors_name_of(dtype)
+    if src.device.type != "cpu" or not src.is_contiguous() or s is None or d is None or not c_converts(s, d):
+        return None
+    out = torch.empty(src.shape, dtype=dtype)
+    if src.numel():
+        _core.convert_into(s, d, src.reshape(-1).view(torch.uint8).numpy(), out.reshape(-1).view(torch.uint8).numpy(),
+                           threads(per_cpu=1) if src.numel() >= (1 << 20) else 1)
+    return out
+
+
 def materialize(need: Need) -> dict:
-    """The computation's tensors, made on the calling thread: the reference every transport equals
-    (``torch.empty_like(src, dtype, device).copy_(src)``, DiffSynth's cast)."""
+    """The computation's tensors, made on the calling thread: what DiffSynth's cast
+    (``torch.empty_like(src, dtype, device).copy_(src)``) gives, bit for bit. On the CPU, dtype
+    conversions run in the C core, and a tensor just read from disk in the wanted dtype is used
+    as read (it is fresh already)."""
     import torch
 
     out = {}
+    on_cpu = torch.device(need.device).type == "cpu"
     for name, src, key, dtype in zip(need.names, need.sources, need.keys, need.dtypes):
-        if src is None:
+        fresh = src is None
+        if fresh:
             src = read_stored(need.disk_map, key)
-        r = torch.empty_like(src, dtype=dtype or src.dtype, device=need.device)
-        r.copy_(src)
+        want = dtype or src.dtype
+        r = None
+        if on_cpu and src.device.type == "cpu":
+            if want == src.dtype and fresh:
+                r = src
+            elif want != src.dtype:
+                r = _cast_on_cpu(src, want)
+        if r is None:
+            r = torch.empty_like(src, dtype=want, device=need.device)
+            r.copy_(src)
         out[name] = r
     return out
 
@@ -209,7 +254,7 @@ class Scheduler:
             if id(layer) in self.inflight:
                 continue
             need = layer.current_need()
-            if need is None:  # resident in the computation dtype: nothing to fetch
+            if need is None or need.is_local():  # nothing to fetch
                 continue
             nbytes = need.nbytes()
             if self.inflight and nbytes > budget:
@@ -219,6 +264,8 @@ class Scheduler:
             budget -= nbytes
 
     def fetch(self, layer: Any, need: Need) -> dict:
+        if need.is_local():
+            return materialize(need)
         if not prefetch_enabled():
             self.stats["misses"] += 1
             return materialize(need)
@@ -260,6 +307,7 @@ class _PinnedSlab:
         import torch
 
         self.tensor = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+        self.staging = False  # a reusable staging buffer (disk reads), not a layer's own weights
         self.registered = False
         err = torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), self.tensor.numel(), 0)
         self.registered = int(err) == 0  # unregistered memory still works, only without async copies
@@ -309,57 +357,83 @@ class CudaTransport:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.stream = torch.cuda.Stream(self.device)
         self.readers = ThreadPoolExecutor(2, thread_name_prefix="diffsynth_c-vram-disk")
-        self.retired: list = []  # (event, pinned staging) kept alive until their copy has ended
-        self.retired_lock = threading.Lock()
+        self.lock = threading.Lock()
+        self.retired: list = []  # (event, slab): host memory a copy may still be reading
+        self.staging: list = []  # pinned slabs free for the next disk read
 
-    def _upload(self, host: Any, layout: list) -> tuple[Any, Any, list]:
-        """Starts the copy of a pinned uint8 slab; returns (device buffer, event, layout)."""
+    def _upload(self, slab: "_PinnedSlab", nbytes: int, layout: list) -> tuple[Any, Any, list]:
+        """Starts the copy of the first nbytes of a pinned slab; returns (device buffer, event,
+        layout). The slab stays referenced until the copy has ended."""
         import torch
 
-        with torch.cuda.stream(self.stream):
-            dev = torch.empty(host.numel(), dtype=torch.uint8, device=self.device)
-            dev.copy_(host, non_blocking=True)
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            dev = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            dev.copy_(slab.tensor[:nbytes], non_blocking=True)
             event = torch.cuda.Event()
             event.record(self.stream)
-        return dev, event, layout
-
-    def _stage_from_disk(self, need: Need) -> tuple[Any, Any, list]:
-        """On a reader thread: the layer's tensors from disk into a pinned staging slab, then its
-        copy started. The staging slab lives until the copy's event has completed."""
-        stored = [None if s is not None else read_stored(need.disk_map, k) for s, k in zip(need.sources, need.keys)]
-        tensors = [s if s is not None else t for s, t in zip(need.sources, stored)]
-        slab, views = pack_into_slab([t.cpu() for t in tensors])
-        layout = [(off, v.dtype, tuple(v.shape)) for off, v in zip(slab_layout(views)[0], views)]
-        dev, event, layout = self._upload(slab.tensor, layout)
-        with self.retired_lock:
+        with self.lock:
             self.retired.append((event, slab))
         return dev, event, layout
 
+    def _recycle(self) -> None:
+        """Slabs whose copies have ended: staging ones go back to the free list."""
+        with self.lock:
+            busy = []
+            for event, slab in self.retired:
+                if not event.query():
+                    busy.append((event, slab))
+                elif slab.staging and len(self.staging) < 4:
+                    self.staging.append(slab)
+            self.retired = busy
+
+    def _staging_slab(self, nbytes: int) -> "_PinnedSlab":
+        with self.lock:
+            fits = [s for s in self.staging if s.tensor.numel() >= nbytes]
+            if fits:
+                slab = min(fits, key=lambda s: s.tensor.numel())
+                self.staging.remove(slab)
+                return slab
+        slab = _PinnedSlab(nbytes)
+        slab.staging = True
+        return slab
+
+    def _stage_from_disk(self, need: Need) -> tuple[Any, Any, list]:
+        """On a reader thread: the layer's tensors read into a pinned staging slab (page cache to
+        pinned memory, one copy), then its upload started."""
+        tensors = [s.detach().cpu() if s is not None else read_stored(need.disk_map, k) for s, k in zip(need.sources, need.keys)]
+        offsets, size = slab_layout(tensors)
+        slab = self._staging_slab(size)
+        layout = []
+        for t, off in zip(tensors, offsets):
+            n = t.numel() * t.element_size()
+            slab.tensor[off : off + n].view(t.dtype).view(t.shape).copy_(t)
+            layout.append((off, t.dtype, tuple(t.shape)))
+        return self._upload(slab, size, layout)
+
     def start(self, need: Need) -> Any:
-        with self.retired_lock:
-            self.retired = [(e, s) for e, s in self.retired if not e.query()]
-        if any(s is None for s in need.sources):
+        self._recycle()
+        if any(s is None or s.device.type != "cpu" for s in need.sources):
             return self.readers.submit(self._stage_from_disk, need)
-        host, layout = _resident_slab(need)
+        slab, size, layout = _resident_slab(need)
         done: Future = Future()
-        done.set_result(self._upload(host, layout))
+        done.set_result(self._upload(slab, size, layout))
         return done
 
     def finish(self, handle: Future, need: Need) -> dict:
         import torch
 
-        from ..kernels import KERNEL_DTYPES, cast, cuda_available
         from ..dlpack import safetensors_name_of
+        from ..kernels import KERNEL_DTYPES, cast, cuda_available
 
         dev, event, layout = handle.result()
         current = torch.cuda.current_stream(self.device)
-        current.wait_event(event)
-        dev.record_stream(current)
+        current.wait_event(event)  # the compute stream waits on the GPU; the host goes on
+        dev.record_stream(current)  # the allocator recycles the buffer only after this stream used it
         out = {}
         for name, (off, dtype, shape), want in zip(need.names, layout, need.dtypes):
             n = 1
-            for s in shape:
-                n *= s
+            for d in shape:
+                n *= d
             raw = dev[off : off + n * torch.empty((), dtype=dtype).element_size()].view(dtype).view(shape)
             if want is None or want == dtype:
                 out[name] = raw
@@ -373,24 +447,22 @@ class CudaTransport:
         self.readers.shutdown(wait=False, cancel_futures=True)
 
 
-def _resident_slab(need: Need) -> tuple[Any, list]:
-    """The pinned slab holding a layer's resident CPU weights. The first time, the weights are
-    copied into one slab and the layer's tensors are pointed at it (same values, one copy in host
-    memory); later fetches find them there."""
-    owner = need.sources[0]
-    holder = getattr(owner, "_diffsynth_c_slab", None)
+def _resident_slab(need: Need) -> tuple["_PinnedSlab", int, list]:
+    """The pinned slab holding a layer's resident CPU weights, its size and layout. The first time,
+    the weights are copied into one slab and the layer's tensors are pointed at it (same values,
+    one copy in host memory); later fetches find them there."""
+    holder = getattr(need.sources[0], "_diffsynth_c_slab", None)
     if holder is not None and all(
         getattr(s, "_diffsynth_c_slab", None) is holder and s.data_ptr() == holder[0].tensor.data_ptr() + off
         for s, off in zip(need.sources, holder[1])
     ):  # still the slab's views (a move to another device and back would have replaced them)
-        slab, offsets = holder
-        return slab.tensor, [(off, s.dtype, tuple(s.shape)) for off, s in zip(offsets, need.sources)]
-    cpu = [s.detach().cpu() for s in need.sources]
-    slab, views = pack_into_slab(cpu)
-    offsets = slab_layout(views)[0]
+        slab, offsets, size = holder
+        return slab, size, [(off, s.dtype, tuple(s.shape)) for off, s in zip(offsets, need.sources)]
+    slab, views = pack_into_slab([s.detach() for s in need.sources])
+    offsets, size = slab_layout(views)
+    holder = (slab, offsets, size)
     for s, v in zip(need.sources, views):
-        if s.device.type == "cpu":
-            s.data = v  # keeps the Parameter (and its _version), its storage is now the slab
-            s._diffsynth_c_slab = (slab, offsets)
+        s.data = v  # keeps the Parameter (and its _version); its storage is now the slab
+        s._diffsynth_c_slab = holder
     need.versions = [s._version for s in need.sources]
-    return slab.tensor, [(off, v.dtype, tuple(v.shape)) for off, v in zip(offsets, views)]
+    return slab, size, [(off, v.dtype, tuple(v.shape)) for off, v in zip(offsets, views)]
