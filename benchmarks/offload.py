@@ -201,7 +201,8 @@ def main() -> None:
                     torch.cuda.empty_cache()
     t_res = results[("resident", "-")][0]
     for (stored, impl), (t, rss) in results.items():
-        carried = weights * (1 if stored == "cpu_fp8" else 2) if stored != "resident" else 0
+        # bytes each forward moves or converts (CPU offload in bf16 on the CPU moves nothing)
+        carried = 0 if stored == "resident" or (stored == "cpu_bf16" and not on_gpu) else weights * (1 if stored == "cpu_fp8" else 2)
         theirs = results.get((stored, "diffsynth"))
         rows.append([
             stored, impl, f"{t * 1000:.1f}", f"{t / t_res:.2f}x",
