@@ -73,9 +73,13 @@ def load_model(
     state_dict: Any = None,
     quantize: Any = None,
     subfolder: str | None = None,
+    device_map: Any = None,
+    max_memory: dict | None = None,
 ) -> Any:
     """DiffSynth's ``load_model`` (same arguments; ``torch_dtype`` defaults to bfloat16). ``path``
-    may also be a model folder, with ``subfolder`` as diffusers takes it."""
+    may also be a model folder, with ``subfolder`` as diffusers takes it; ``device_map`` ("cuda",
+    "cpu", "auto", "balanced", a device or a dict) and ``max_memory`` place the model's blocks on
+    several devices as diffusers does (see ``placement.py``), recorded in ``model.hf_device_map``."""
     import torch
 
     if subfolder is not None:
@@ -84,6 +88,9 @@ def load_model(
         path = resolve(path, subfolder)
     if torch_dtype is None:
         torch_dtype = torch.bfloat16
+    if device_map is not None:
+        return _load_with_device_map(model_class, path, config or {}, torch_dtype, state_dict_converter,
+                                     device_map, max_memory, module_map, quantize, state_dict)
     if quantize is not None:
         return _delegate(model_class, path, config, torch_dtype, device, state_dict_converter, use_disk_map,
                          module_map, vram_config, vram_limit, state_dict, quantize)
@@ -92,7 +99,7 @@ def load_model(
         return _load_vram_managed(model_class, path, config, torch_dtype, device, state_dict_converter,
                                   module_map, vram_config, vram_limit, state_dict)
     model = _build(model_class, config, torch_dtype, device)
-    keep = list(getattr(model_class, "_keep_in_fp32_modules", None) or []) if torch_dtype != torch.float32 else []
+    keep = _kept(model_class, torch_dtype)
     load_dtype = None if keep else torch_dtype  # kept modules must come from the file's own values
     if state_dict is None:
         state_dict = DiskMap(path, device, torch_dtype=load_dtype) if use_disk_map else load_state_dict(path, load_dtype, device)
@@ -115,6 +122,54 @@ def load_model(
     if hasattr(model, "eval"):
         model = model.eval()
     return model
+
+
+def _load_with_device_map(model_class: Any, path: Any, config: dict, torch_dtype: Any, state_dict_converter: Any,
+                          device_map: Any, max_memory: Any, module_map: Any, quantize: Any, state_dict: Any) -> Any:
+    import torch
+
+    from . import placement
+
+    if module_map is not None or quantize is not None or state_dict is not None:
+        raise ValueError("load_model: device_map places the model's blocks itself; it does not combine with "
+                         "module_map/vram_config, quantize or a given state_dict")
+    whole = isinstance(device_map, torch.device) or (
+        isinstance(device_map, str) and (device_map in ("cuda", "cpu") or device_map.startswith("cuda:")))
+    if whole:
+        device = torch.device(device_map)
+        budgets = placement.parse_max_memory(max_memory)
+        key = "cpu" if device.type == "cpu" else (device.index or 0)
+        if key in budgets:
+            model = _build(model_class, config, torch_dtype, "meta")
+            need = sum(size for _, size in placement.placement_units(model, torch_dtype, _kept(model_class, torch_dtype)))
+            if need > budgets[key]:
+                raise ValueError(f"device_map={device_map!r}: the model needs {need / (1 << 30):.2f} GiB, "
+                                 f"max_memory[{key!r}] is {budgets[key] / (1 << 30):.2f} GiB")
+        model = load_model(model_class, path, config, torch_dtype, device, state_dict_converter)
+        model.hf_device_map = {"": device}
+        return model
+    if isinstance(device_map, str) and device_map not in placement.STRATEGIES:
+        raise ValueError(f"device_map: unknown value {device_map!r}; expected one of "
+                         f"{', '.join(placement.STRATEGIES)}, 'cuda:N', a torch.device or a dict")
+    model = _build(model_class, config, torch_dtype, "meta")
+    keep = _kept(model_class, torch_dtype)
+
+    def cast(name: str, t: Any) -> Any:
+        if keep:
+            return _keep_cast(name, t, keep, torch_dtype)
+        return t.to(torch_dtype) if t.is_floating_point() else t
+
+    model = placement.load_placed(model, path, device_map, max_memory, torch_dtype, keep, state_dict_converter, cast)
+    if hasattr(model, "eval"):
+        model = model.eval()
+    return model
+
+
+def _kept(model_class: Any, torch_dtype: Any) -> list:
+    """The class's _keep_in_fp32_modules, when torch_dtype is not float32 already."""
+    import torch
+
+    return list(getattr(model_class, "_keep_in_fp32_modules", None) or []) if torch_dtype != torch.float32 else []
 
 
 def _build(model_class: Any, config: dict, torch_dtype: Any, device: Any) -> Any:
