@@ -1,0 +1,70 @@
+"""The command line (diffsynth-c / python -m diffsynth_c): inspect, hash, bench, errors and exit
+codes. convert is tested with the folders it writes (test_folders.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import safetensors.torch
+import torch
+from diffsynth.core.loader.file import hash_model_file as ds_hash_model_file
+
+from .test_model_loading import lpips_file
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "diffsynth_c", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_inspect_lists_tensors_metadata_hash_and_the_diffsynth_model(tmp_path):
+    p = lpips_file(tmp_path)
+    r = cli("inspect", p, "--limit", "3")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith(f"{p}: safetensors, ")
+    assert f"model hash: {ds_hash_model_file(p)}" in lines
+    assert "image_metrics_lpips_squeeze" in lines[-1]
+    assert "more (--limit 0 shows all)" in r.stdout
+
+
+def test_inspect_json_and_torch_checkpoints(tmp_path):
+    st = str(tmp_path / "a.safetensors")
+    safetensors.torch.save_file({"w": torch.zeros(4, 3, dtype=torch.bfloat16), "ids": torch.zeros(5, dtype=torch.int64)}, st,
+                                metadata={"format": "pt"})
+    r = cli("inspect", st, "--json")
+    report = json.loads(r.stdout)
+    assert report["files"][0]["tensors"] == [["ids", "I64", [5], 40], ["w", "BF16", [4, 3], 24]]
+    assert report["files"][0]["metadata"] == {"format": "pt"}
+    assert report["model_hash"] == ds_hash_model_file(st)
+    bin_path = str(tmp_path / "m.bin")
+    torch.save({"x": torch.zeros(2, 2), "n": {"y": torch.ones(3, dtype=torch.float16)}}, bin_path)
+    report = json.loads(cli("inspect", bin_path, "--json").stdout)
+    assert report["files"][0]["format"] == "torch zip checkpoint"
+    assert report["files"][0]["tensors"] == [["x", "F32", [2, 2], 16], ["n.y", "F16", [3], 6]]
+    assert report["model_hash"] == ds_hash_model_file(bin_path)
+
+
+def test_hash_and_bench(tmp_path):
+    st = str(tmp_path / "a.safetensors")
+    safetensors.torch.save_file({"w": torch.randn(256, 256)}, st)
+    r = cli("hash", st)
+    assert r.returncode == 0 and r.stdout.strip() == ds_hash_model_file(st)
+    r = cli("bench", st, "--repeat", "1")
+    assert r.returncode == 0, r.stderr
+    loaders = [line.split()[0] for line in r.stdout.splitlines()[2:]]
+    assert loaders == ["diffsynth_c", "diffsynth", "safetensors"]
+
+
+def test_errors_are_one_line_unless_debug(tmp_path):
+    missing = str(tmp_path / "missing.safetensors")
+    r = cli("inspect", missing)
+    assert r.returncode == 1
+    assert r.stderr.startswith("diffsynth-c: error: ") and "missing.safetensors" in r.stderr and "Traceback" not in r.stderr
+    r = cli("--debug", "hash", missing)
+    assert r.returncode == 1 and "Traceback" in r.stderr
+    r = cli()
+    assert r.returncode == 2 and "usage: diffsynth-c" in r.stderr
+    r = cli("--help")
+    assert r.returncode == 0 and "inspect FILE" in r.stdout
