@@ -316,3 +316,12 @@ def table(rows: list[list[str]], header: list[str]) -> str:
     line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(header), sep] + [line(r) for r in rows])
+
+
+def report(title: str, rows: list[list[str]], header: list[str], markdown: str | None) -> None:
+    """Prints the title line and the table; also writes the table to markdown when given."""
+    print(title)
+    print(table(rows, header))
+    if markdown:
+        with open(markdown, "w") as f:
+            f.write(table(rows, header) + "\n")

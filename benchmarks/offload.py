@@ -29,7 +29,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import machine, peak_rss_mib, reset_peak_rss, rss_mib, table  # noqa: E402
+from common import machine, peak_rss_mib, report, reset_peak_rss, rss_mib  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -210,12 +210,9 @@ def main() -> None:
             f"{carried / t / 1e9:.1f}" if carried else "", f"{rss:.0f}",
         ])
     head = ["mode", "layers", "ms/forward", "vs resident", "DiffSynth/ours", "GB/s carried", "peak RSS +MiB"]
-    print(f"# offload: {n_blocks} blocks, hidden {hidden}, {weights * 2 / (1 << 30):.2f} GiB bf16, {tokens} tokens, "
-          f"{args.device}; {machine()}" + (f"; pinned H2D {h2d:.1f} GB/s" if h2d else ""))
-    print(table(rows, head))
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(table(rows, head) + "\n")
+    report(f"# offload: {n_blocks} blocks, hidden {hidden}, {weights * 2 / (1 << 30):.2f} GiB bf16, {tokens} tokens, "
+           f"{args.device}; {machine()}" + (f"; pinned H2D {h2d:.1f} GB/s" if h2d else ""),
+           rows, head, args.markdown)
 
 
 if __name__ == "__main__":

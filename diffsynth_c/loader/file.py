@@ -99,9 +99,17 @@ def load_state_dict(
     device: Any = "cpu",
     pin_memory: bool = False,
     verbose: int = 0,
+    *,
+    process_group: Any = None,
+    node_local: bool = False,
+    bucket_mib: int = 256,
 ) -> dict[str, Any]:
     """Loads one model file, or several merged into one state dict (as DiffSynth's
     ``load_state_dict``: a later file's tensor replaces an earlier one of the same name).
+
+    With a ``torch.distributed`` ``process_group``, every rank gets the full dict while each byte
+    is read from disk once across the group (``node_local``: once per host; ``bucket_mib``: the
+    size of the exchanged buckets); see ``diffsynth_c/loader/distributed.py``.
 
     ``torch_dtype`` converts every tensor (``tensor.to(torch_dtype)``); ``device`` places them.
     On a CUDA device, when ``diffsynth_c.cuda_available()``, the file's bytes go through pinned
@@ -111,6 +119,8 @@ def load_state_dict(
     when CUDA is there). Raises ``FileNotFoundError`` for a missing file,
     ``diffsynth_c.FormatError`` (a ``ValueError``) naming the file and tensor for a malformed one.
     """
+    if process_group is not None:
+        return _load_in_group(file_path, torch_dtype, device, pin_memory, verbose, process_group, node_local, bucket_mib)
     paths = _as_list(file_path, "load_state_dict")
     displays = [os.fsdecode(p) for p in paths]
     safetensors_idx = [i for i, p in enumerate(paths) if _is_safetensors(p)]
@@ -141,6 +151,55 @@ def load_state_dict(
         if not isinstance(file_path, (list, tuple)) and len(paths) == 1:
             return sd  # one file: its own dict, as DiffSynth returns it (an OrderedDict for torch.save files)
         state_dict.update(sd)
+    return state_dict
+
+
+def _load_in_group(file_path: Any, torch_dtype: Any, device: Any, pin_memory: bool, verbose: int, group: Any,
+                   node_local: bool, bucket_mib: int) -> dict[str, Any]:
+    """load_state_dict across a process group: safetensors files read once across the ranks, torch
+    checkpoints by every rank; merged in file order as without a group. A rank that cannot find
+    its files makes every rank raise (no rank is left waiting in a collective)."""
+    import torch.distributed as dist
+
+    from .distributed import agree, all_ranks, load_safetensors_distributed
+
+    paths, error = [], None
+    try:
+        paths = _as_list(file_path, "load_state_dict")
+        for p in paths:
+            if not os.path.isfile(p):
+                raise FileNotFoundError(f"{os.fsdecode(p)}: no such file")
+    except (OSError, ValueError) as e:
+        error = str(e)
+    agree(group, dist.get_rank(group), error, "finding the files")
+    kinds = all_ranks(group, [_is_safetensors(p) for p in paths])
+    if any(k != kinds[0] for k in kinds):  # every rank must walk the same collectives
+        raise RuntimeError("distributed load: the ranks were given different file lists (count or formats): "
+                           + "; ".join(f"rank {r}: {len(k)} files" for r, k in enumerate(kinds)))
+    displays = [os.fsdecode(p) for p in paths]
+    single = not isinstance(file_path, (list, tuple)) and len(paths) == 1
+
+    if verbose >= 1:
+        for d in displays:
+            print(f"Loading file [started]: {d}")
+    if all(_is_safetensors(p) for p in paths):
+        state_dict = load_safetensors_distributed(paths, displays, torch_dtype, device, group, node_local, bucket_mib)
+    else:
+        state_dict = {}
+        for p, d in zip(paths, displays):
+            if _is_safetensors(p):
+                state_dict.update(load_safetensors_distributed([p], [d], torch_dtype, device, group, node_local, bucket_mib))
+            else:
+                sd = load_state_dict_from_bin(p, torch_dtype=torch_dtype, device=device)
+                if single:
+                    state_dict = sd
+                else:
+                    state_dict.update(sd)
+    if pin_memory:
+        state_dict = {k: v.pin_memory() for k, v in state_dict.items()}
+    if verbose >= 1:
+        for d in displays:
+            print(f"Loading file [done]: {d}")
     return state_dict
 
 

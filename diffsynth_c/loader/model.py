@@ -75,11 +75,15 @@ def load_model(
     subfolder: str | None = None,
     device_map: Any = None,
     max_memory: dict | None = None,
+    *,
+    process_group: Any = None,
 ) -> Any:
     """DiffSynth's ``load_model`` (same arguments; ``torch_dtype`` defaults to bfloat16). ``path``
     may also be a model folder, with ``subfolder`` as diffusers takes it; ``device_map`` ("cuda",
     "cpu", "auto", "balanced", a device or a dict) and ``max_memory`` place the model's blocks on
-    several devices as diffusers does (see ``placement.py``), recorded in ``model.hf_device_map``."""
+    several devices as diffusers does (see ``placement.py``), recorded in ``model.hf_device_map``.
+    With a ``torch.distributed`` ``process_group`` each rank reads a share of the files and the
+    ranks exchange the rest (``distributed.py``); DeepSpeed ZeRO-3 keeps DiffSynth's route."""
     import torch
 
     if subfolder is not None:
@@ -101,6 +105,9 @@ def load_model(
     model = _build(model_class, config, torch_dtype, device)
     keep = _kept(model_class, torch_dtype)
     load_dtype = None if keep else torch_dtype  # kept modules must come from the file's own values
+    if state_dict is None and process_group is not None and not _zero3():
+        state_dict = (DiskMap(path, device, torch_dtype=load_dtype, process_group=process_group) if use_disk_map
+                      else load_state_dict(path, load_dtype, device, process_group=process_group))
     if state_dict is None:
         state_dict = DiskMap(path, device, torch_dtype=load_dtype) if use_disk_map else load_state_dict(path, load_dtype, device)
     state_dict = _state_dict_of(state_dict, state_dict_converter)

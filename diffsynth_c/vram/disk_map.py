@@ -117,8 +117,13 @@ class DiskMap:
         torch_dtype: Any = None,
         state_dict_converter: Callable | None = None,
         buffer_size: int = 10**9,
+        *,
+        process_group: Any = None,
     ):
         self.path = expand(path if isinstance(path, list) else [path])
+        # with a torch.distributed group, each safetensors tensor is read by one rank (by bytes, the
+        # same on every rank) and broadcast: every rank must ask for the same keys in the same order
+        self.process_group = process_group
         self.device = device
         self.torch_dtype = torch_dtype
         env = os.environ.get("DIFFSYNTH_DISK_MAP_BUFFER_SIZE")
@@ -142,12 +147,52 @@ class DiskMap:
                 f.flush()
         self.num_params = 0
 
+    def _owner(self, name: Any) -> int | None:
+        """The group rank that reads name (None: every rank reads it itself)."""
+        if self.process_group is None or not isinstance(self.files[self.name_map[name]], _SafetensorsFile):
+            return None
+        if not hasattr(self, "_owners"):
+            import torch.distributed as dist
+
+            size, sizes = dist.get_world_size(self.process_group), []
+            for f in self.files:
+                if isinstance(f, _SafetensorsFile):
+                    sizes += [(n, e[3] - e[2]) for n, e in f.entries.items()]
+            total, done, self._owners = sum(b for _, b in sizes) or 1, 0, {}
+            for n, b in sizes:
+                self._owners[n] = min(size - 1, int((done + b / 2) * size // total))
+                done += b
+        return self._owners[name]
+
+    def _read_shared(self, name: Any, owner: int) -> Any:
+        """The tensor in the file's dtype on the CPU: read by its owner, broadcast to the group."""
+        import torch
+        import torch.distributed as dist
+
+        from .. import dlpack
+
+        f = self.files[self.name_map[name]]
+        dtype, shape, begin, end = f.entries[name]
+        if dist.get_rank(self.process_group) == owner:
+            t = f.read(name, None).contiguous()
+            buf = t.reshape(-1).view(torch.uint8).clone() if t.numel() else torch.empty(0, dtype=torch.uint8)
+        else:
+            buf = torch.empty(end - begin, dtype=torch.uint8)
+        src = owner if self.process_group is dist.group.WORLD else dist.get_global_rank(self.process_group, owner)
+        if buf.numel():
+            dist.broadcast(buf, src=src, group=self.process_group)
+        return dlpack.view_bytes(buf, dtype, shape, f.path, name)
+
     def _read(self, name: Any) -> Any:
         import torch
 
         on_cpu = torch.device(self.device).type == "cpu"
+        owner = self._owner(name)
         # on the CPU the C core converts while reading; elsewhere the device converts, as DiffSynth's does
-        param = self.files[self.name_map[name]].read(name, self.torch_dtype if on_cpu else None)
+        if owner is not None:
+            param = self._read_shared(name, owner)
+        else:
+            param = self.files[self.name_map[name]].read(name, self.torch_dtype if on_cpu else None)
         if on_cpu and self.torch_dtype is not None and isinstance(param, torch.Tensor) and param.dtype != self.torch_dtype:
             param = param.to(self.torch_dtype)
         if isinstance(param, torch.Tensor) and not on_cpu:
@@ -196,7 +241,10 @@ class DiskMap:
 
     def prefetch(self, names: Iterable[Any]) -> None:
         """Starts reading these tensors in the background; ``self[name]`` then waits only for what
-        is still being read. Names are the ones ``self[...]`` takes (renamed ones included)."""
+        is still being read. Names are the ones ``self[...]`` takes (renamed ones included).
+        Does nothing with a process group (its reads are collectives, made in the callers' order)."""
+        if self.process_group is not None:
+            return
         with self._lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(_PREFETCH_THREADS, thread_name_prefix="diffsynth_c-prefetch")
