@@ -1,5 +1,5 @@
 # The README's two commands are `make demo` and `make test`; the rest are for developers.
-.PHONY: demo test bench gpu-test gpu-bench env clean
+.PHONY: demo test bench fuzz sanitize gpu-test gpu-bench env clean
 
 demo:
 	scripts/demo.sh
@@ -9,6 +9,15 @@ test:
 
 bench:
 	scripts/bench.sh
+
+# each libFuzzer harness of tests/fuzz for FUZZ_SECONDS (the test command runs them for 60 s)
+FUZZ_SECONDS ?= 300
+fuzz:
+	scripts/fuzz.sh $(FUZZ_SECONDS)
+
+# the C core's tests against an AddressSanitizer + UBSan build (part of the test command)
+sanitize:
+	scripts/sanitize.sh
 
 # On a machine with a CUDA GPU, after `pip install --no-build-isolation -e .` into an environment
 # that has torch and pytest (the GPU machines have no network, so no venv is built here).

@@ -2,7 +2,10 @@
 #define _GNU_SOURCE
 #include "io.h"
 
+#include "guard.h"
+
 #include <errno.h>
+#include <stdio.h>
 #include <fcntl.h>
 #include <pthread.h>
 #include <sched.h>
@@ -117,6 +120,12 @@ void *io_map_file(int fd, uint64_t size, ds_error *err) {
         ds_fail_os(err, errno, "cannot map %llu bytes: %s", (unsigned long long)size, strerror(errno));
         return NULL;
     }
+    /* guarded against the file being truncated under it (guard.h), named by the fd's path */
+    char link[64], path[4096];
+    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+    ssize_t n = readlink(link, path, sizeof path - 1);
+    path[n > 0 ? n : 0] = '\0';
+    mg_register(p, (size_t)size, path);
     return p;
 }
 
@@ -134,6 +143,7 @@ void *io_alloc(size_t len, ds_error *err) {
 }
 
 void io_release(void *addr, size_t len) {
+    mg_unregister(addr);
     if (addr)
         munmap(addr, len ? len : 1);
 }

@@ -19,6 +19,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
+#include <signal.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -28,6 +29,7 @@
 #include "convert.h"
 #include "cuda.h"
 #include "dlpack.h"
+#include "guard.h"
 #include "io.h"
 #include "keyhash.h"
 #include "readinto.h"
@@ -1356,6 +1358,46 @@ static PyObject *convert_into(PyObject *module, PyObject *args, PyObject *kwargs
     return result;
 }
 
+/* ---- the SIGBUS guard of file mappings (guard.h) -------------------------------------- */
+
+static void guard_notify(void) {
+    /* async-signal-safe: Python runs its SIGBUS handler (diffsynth_c.loader.guard) at its next check */
+    PyErr_SetInterruptEx(SIGBUS);
+}
+
+PyDoc_STRVAR(guard_install_doc, "guard_install(notify=True) -> None\n\n"
+                                "Installs the SIGBUS handler that keeps a truncated file's mappings readable (as zeros).\n"
+                                "With notify, each guarded fault also makes Python run its own SIGBUS handler.");
+
+static PyObject *guard_install(PyObject *module, PyObject *args) {
+    (void)module;
+    int notify = 1;
+    if (!PyArg_ParseTuple(args, "|p:guard_install", &notify))
+        return NULL;
+    if (mg_install(notify ? guard_notify : NULL) != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(guard_faults_doc, "guard_faults() -> list of str\n\n"
+                               "The files whose mappings faulted (were truncated under them) since the last call.");
+
+static PyObject *guard_faults(PyObject *module, PyObject *noargs) {
+    (void)module;
+    (void)noargs;
+    char *labels[64];
+    size_t n = mg_take_faults(labels, 64);
+    PyObject *out = PyList_New(0);
+    for (size_t i = 0; i < n; i++) {
+        PyObject *s = out ? PyUnicode_DecodeFSDefault(labels[i]) : NULL;
+        if (!s || PyList_Append(out, s) < 0)
+            Py_CLEAR(out);
+        Py_XDECREF(s);
+        free(labels[i]);
+    }
+    return out;
+}
+
 /* ---- files and items of read_into / cuda_upload ------------------------------------- */
 
 /* The files named by `paths` and the item tuples that point into them. */
@@ -2240,6 +2282,8 @@ static PyMethodDef module_methods[] = {
     {"load", (PyCFunction)(void (*)(void))load, METH_VARARGS | METH_KEYWORDS, load_doc},
     {"convert", (PyCFunction)(void (*)(void))convert, METH_VARARGS | METH_KEYWORDS, convert_doc},
     {"convert_into", (PyCFunction)(void (*)(void))convert_into, METH_VARARGS | METH_KEYWORDS, convert_into_doc},
+    {"guard_install", (PyCFunction)guard_install, METH_VARARGS, guard_install_doc},
+    {"guard_faults", (PyCFunction)guard_faults, METH_NOARGS, guard_faults_doc},
     {"torch_read", (PyCFunction)torch_read, METH_O, torch_read_doc},
     {"map_file", (PyCFunction)map_file, METH_O, map_file_doc},
     {"write_file", (PyCFunction)(void (*)(void))write_file, METH_VARARGS | METH_KEYWORDS, write_file_doc},

@@ -212,12 +212,14 @@ static int seq_add(vm *m, pk_obj *s, pk_obj *item) {
     return 0;
 }
 
-static pk_obj *make_seq(vm *m, pk_kind kind, pk_obj **items, size_t n) {
+/* A sequence of the n stack items from index first (indexes, not a pointer: the stack may not be
+ * allocated yet when n is 0, and NULL + 0 is undefined). */
+static pk_obj *make_seq(vm *m, pk_kind kind, size_t first, size_t n) {
     pk_obj *o = new_obj(m, kind);
     if (!o)
         return NULL;
     for (size_t i = 0; i < n; i++)
-        if (seq_add(m, o, items[i]))
+        if (seq_add(m, o, m->stack[first + i]))
             return NULL;
     return o;
 }
@@ -626,7 +628,7 @@ static int run(vm *m) {
             size_t first = 0;
             if (pop_mark(m, &first))
                 return -1;
-            pk_obj *o = make_seq(m, PK_TUPLE, m->stack + first, m->sp - first);
+            pk_obj *o = make_seq(m, PK_TUPLE, first, m->sp - first);
             m->sp = first;
             if (push(m, o))
                 return -1;
@@ -639,7 +641,7 @@ static int run(vm *m) {
             size_t floor = m->n_marks ? m->marks[m->n_marks - 1] : 0;
             if (m->sp < floor + n)
                 return bad(m, "TUPLE of more items than the stack holds");
-            pk_obj *o = make_seq(m, PK_TUPLE, m->stack + m->sp - n, n);
+            pk_obj *o = make_seq(m, PK_TUPLE, m->sp - n, n);
             m->sp -= n;
             if (push(m, o))
                 return -1;

@@ -47,5 +47,9 @@ def __getattr__(name: str):  # the VRAM-managed layers import torch: only when a
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+from .loader import guard as _guard
+
+_guard.install()
+
 if __import__("os").environ.get("DIFFSYNTH_C_PATCH") == "1":
     patch_diffsynth()

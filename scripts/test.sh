@@ -1,7 +1,17 @@
 #!/usr/bin/env bash
-# The README's test command: sets up the environment and runs the whole test suite.
+# The README's test command: sets up the environment and runs the whole test suite: pytest, then
+# the C core's tests again against an AddressSanitizer + UBSan build (scripts/sanitize.sh), then
+# each libFuzzer harness for DIFFSYNTH_C_FUZZ_SECONDS (default 60; scripts/fuzz.sh).
+# Arguments go to the first pytest run; with arguments, only that run happens.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 venv=$("$root/scripts/env.sh")
 cd "$root"
-exec "$venv/bin/python" -m pytest -q "$@"
+if [ $# -gt 0 ]; then
+  exec "$venv/bin/python" -m pytest -q "$@"
+fi
+"$venv/bin/python" -m pytest -q
+echo "== sanitizers (scripts/sanitize.sh)"
+"$root/scripts/sanitize.sh"
+echo "== fuzzing (scripts/fuzz.sh)"
+"$root/scripts/fuzz.sh" "${DIFFSYNTH_C_FUZZ_SECONDS:-60}"

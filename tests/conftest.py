@@ -108,3 +108,12 @@ def model_files(tmp_path):
     save_file(shard1, str(p1), metadata={"format": "pt"})
     save_file(shard2, str(p2))
     return [str(p1), str(p2)]
+
+
+def pytest_sessionstart(session):
+    """Under scripts/sanitize.sh the sanitized build must be the one imported."""
+    if os.environ.get("DIFFSYNTH_C_EXPECT_SANITIZED") == "1":
+        import diffsynth_c
+
+        where = os.path.dirname(diffsynth_c.__file__)
+        assert os.sep + os.path.join("build", "asan") + os.sep in where + os.sep, f"imported {where}, not build/asan"
