@@ -138,7 +138,8 @@ def test_sixteen_threads_on_one_disk_map_and_many_files(tmp_path):
 
 def test_ctrl_c_stops_a_long_load_promptly_and_frees_its_buffers(tmp_path):
     p = str(tmp_path / "big.safetensors")
-    safetensors.torch.save_file({f"t{i}": torch.zeros(32 << 20, dtype=torch.uint8) for i in range(16)}, p)  # 512 MiB
+    # F32 -> F16 is converted by the C core while it reads (U8 would be converted by torch afterwards)
+    safetensors.torch.save_file({f"t{i}": torch.zeros(8 << 20, dtype=torch.float32) for i in range(16)}, p)  # 512 MiB
     r = child("""
         import json, os, signal, sys, threading, time, torch, diffsynth_c
         path = sys.argv[1]
@@ -149,6 +150,7 @@ def test_ctrl_c_stops_a_long_load_promptly_and_frees_its_buffers(tmp_path):
         start = rss()
         outcomes = []
         for attempt in range(5):
+            os.sync()  # dirty pages cannot be dropped: write them first
             fd = os.open(path, os.O_RDONLY); os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED); os.close(fd)
             threading.Timer(0.02, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
             t = time.perf_counter()
@@ -166,7 +168,7 @@ def test_ctrl_c_stops_a_long_load_promptly_and_frees_its_buffers(tmp_path):
     interrupted = [o for o in out["outcomes"] if o != "finished"]
     assert interrupted, f"the load always finished before Ctrl-C: {out}"
     assert interrupted[0] < 5.0  # promptly: well before a full 512 MiB conversion on a loaded machine
-    assert out["grown"] < 64 << 20  # the 1 GiB output buffer was freed
+    assert out["grown"] < 64 << 20  # the 256 MiB output buffer was freed
 
 
 def _raw_safetensors(path, header: dict, data: bytes = b"") -> str:
