@@ -2229,21 +2229,23 @@ static int fetch_poll_fn(void *arg, int64_t bytes) {
 }
 
 PyDoc_STRVAR(fetch_doc,
-             "fetch(jobs, headers, connections, retries, stall_seconds, progress) -> list\n\n"
+             "fetch(jobs, headers, connections, retries, stall_seconds, progress, out) -> None\n\n"
              "jobs: (url, fd, start, end, done) byte ranges [start, end) of open files (end -1: to the end of\n"
              "the body), done bytes of each already present. Runs them over `connections` connections with\n"
-             "the GIL released; progress(bytes) is called about every 100 ms. Returns one\n"
-             "(done, ok, status, ignored_range, message) per job. OSError when a write fails; the exception\n"
+             "the GIL released; progress(bytes) is called about every 100 ms. Appends to the list out one\n"
+             "(done, ok, status, ignored_range, attempts, message) per job, also when it raises: OSError when\n"
+             "a write fails; the exception\n"
              "of progress or KeyboardInterrupt stops every transfer (partial bytes stay in the files).");
 
 static PyObject *fetch(PyObject *module, PyObject *args) {
     (void)module;
-    PyObject *jseq, *hseq, *progress, *keep = NULL, *jl = NULL, *result = NULL;
+    PyObject *jseq, *hseq, *progress, *out, *keep = NULL, *jl = NULL, *result = NULL;
     int connections, retries;
     double stall;
     const char **hs = NULL;
     dn_job *jobs = NULL;
-    if (!PyArg_ParseTuple(args, "OOiidO", &jseq, &hseq, &connections, &retries, &stall, &progress))
+    if (!PyArg_ParseTuple(args, "OOiidOO!", &jseq, &hseq, &connections, &retries, &stall, &progress, &PyList_Type,
+                          &out))
         return NULL;
     Py_ssize_t nh = header_strings(hseq, &hs, &keep);
     if (nh < 0)
@@ -2270,26 +2272,33 @@ static PyObject *fetch(PyObject *module, PyObject *args) {
     fp.ts = PyEval_SaveThread();
     int rc = dn_fetch(jobs, (size_t)n, hs, (size_t)nh, connections, retries, stall, fetch_poll_fn, &fp, &err);
     PyEval_RestoreThread(fp.ts);
+    /* The results go to `out` even when the transfers were stopped, so that the
+     * caller can record how far each partial file got. */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *t = Py_BuildValue("(LOliis)", (long long)jobs[i].done, jobs[i].state == DN_DONE ? Py_True : Py_False,
+                                    jobs[i].status, jobs[i].ignored_range, jobs[i].attempts, jobs[i].msg);
+        if (!t || PyList_Append(out, t)) {
+            Py_XDECREF(t);
+            goto done;
+        }
+        Py_DECREF(t);
+    }
     if (rc) {
         if (err.status == DS_ERR_INTERRUPTED) {
             if (!PyErr_Occurred())
                 PyErr_SetNone(PyExc_KeyboardInterrupt);
         } else if (err.status == DS_ERR_OS) {
-            PyErr_SetObject(PyExc_OSError, Py_BuildValue("(is)", err.errnum, err.msg));
+            PyObject *e = Py_BuildValue("(is)", err.errnum, err.msg);
+            if (e) {
+                PyErr_SetObject(PyExc_OSError, e);
+                Py_DECREF(e);
+            }
         } else {
             PyErr_SetString(PyExc_MemoryError, err.msg);
         }
         goto done;
     }
-    result = PyList_New(n);
-    for (Py_ssize_t i = 0; result && i < n; i++) {
-        PyObject *t = Py_BuildValue("(LOliis)", (long long)jobs[i].done, jobs[i].state == DN_DONE ? Py_True : Py_False,
-                                    jobs[i].status, jobs[i].ignored_range, jobs[i].attempts, jobs[i].msg);
-        if (!t)
-            Py_CLEAR(result);
-        else
-            PyList_SET_ITEM(result, i, t);
-    }
+    result = Py_NewRef(Py_None);
 done:
     PyMem_Free(jobs);
     PyMem_Free(hs);

@@ -263,7 +263,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self.connection.close()
             return
-        rate = 64 * 1024 if fault == "trickle" else self.hub.rate
+        rate = 256 * 1024 if fault == "trickle" else self.hub.rate
         if not rate:
             self.wfile.write(body)
             return

@@ -307,12 +307,23 @@ def download_files(
                 progress.base += sum(r[2] for r in ranges)
                 plan.append((rel, part, ranges))
             jobs = [(by_path[rel].url, fds[rel], a, b, d) for rel, _, ranges in plan for a, b, d in ranges]
+            results: list = []
             try:
-                results = _core.fetch(jobs, headers, connections, retries, stall, progress) if jobs else []
-            except KeyboardInterrupt:
-                raise
-            except OSError as e:
-                raise DownloadError(f"{what}: cannot write the files under {folder}: {e.strerror or e}") from e
+                if jobs:
+                    _core.fetch(jobs, headers, connections, retries, stall, progress, results)
+            except BaseException as e:
+                # Ctrl-C or a failed write: keep what arrived, resumable by the next call.
+                k = 0
+                for rel, part, ranges in plan:
+                    for r in ranges:
+                        if k < len(results):
+                            r[2] = results[k][0]
+                        k += 1
+                    _save_part(part, by_path[rel], ranges)
+                if not isinstance(e, OSError):
+                    raise
+                names = ", ".join(rel for rel, _, _ in plan)
+                raise DownloadError(f"{what}: cannot write {names} under {folder}: {e.strerror or e}") from e
         except BaseException:
             for fd in fds.values():
                 os.close(fd)
