@@ -93,19 +93,35 @@ def test_path_and_layout_equal_diffsynth(hub, source, pattern, tmp_path, monkeyp
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
     monkeypatch.delenv("DIFFSYNTH_MODEL_BASE_PATH", raising=False)
     monkeypatch.delenv("DIFFSYNTH_SKIP_DOWNLOAD", raising=False)
-    ours = ModelConfig(model_id="org/layout", origin_file_pattern=pattern, local_model_path=str(tmp_path),
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    import huggingface_hub.constants as hf_constants  # reads HF_ENDPOINT once, at import
+
+    monkeypatch.setattr(hf_constants, "ENDPOINT", hub.url)
+    monkeypatch.setattr(hf_constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    ours = ModelConfig(model_id="org/layout", origin_file_pattern=pattern, local_model_path=str(tmp_path / "ours"),
                        download_source=source)
     ours.download_if_necessary()
-    # DiffSynth's class on the folder we filled (its own clients need a real hub's extra calls).
-    theirs = DiffSynthModelConfig(model_id="org/layout", origin_file_pattern=pattern, local_model_path=str(tmp_path),
-                                  skip_download=True)
+    # DiffSynth's own download_if_necessary, its hub client pointed at the same local hub.
+    theirs = DiffSynthModelConfig(model_id="org/layout", origin_file_pattern=pattern,
+                                  local_model_path=str(tmp_path / "theirs"), download_source=source)
     theirs.download_if_necessary()
-    assert ours.path == theirs.path
-    want = {p for p in hub.repos["org/layout"] if matches(p, ours.parse_original_file_pattern())}
+
+    def relative(path, base):
+        if isinstance(path, list):
+            return sorted(relative(p, base) for p in path)
+        return path.replace(str(tmp_path / base), "BASE", 1)
+
+    assert type(ours.path) is type(theirs.path)
+    assert relative(ours.path, "ours") == relative(theirs.path, "theirs")
+    assert layout(tmp_path / "ours/org/layout") == layout(tmp_path / "theirs/org/layout")
+    for p in layout(tmp_path / "ours/org/layout"):
+        assert (tmp_path / "ours/org/layout" / p).read_bytes() == hub.repos["org/layout"][p]
+
+
+def layout(folder) -> set:
+    """The files under folder, clients' own .cache folders left out."""
     got = set()
-    for root, dirs, files in os.walk(tmp_path / "org/layout"):
+    for root, dirs, files in os.walk(folder):
         dirs[:] = [d for d in dirs if d != ".cache"]
-        got |= {os.path.relpath(os.path.join(root, f), tmp_path / "org/layout") for f in files}
-    assert got == want
-    for p in want:
-        assert (tmp_path / "org/layout" / p).read_bytes() == hub.repos["org/layout"][p]
+        got |= {os.path.relpath(os.path.join(root, f), folder) for f in files}
+    return got
