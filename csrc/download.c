@@ -242,7 +242,7 @@ int dn_fetch(dn_job *jobs, size_t n_jobs, const char *const *headers, size_t n_h
             goto done;
         }
         CURLMsg *m;
-        int left;
+        int left, finished = 0;
         while ((m = curl_multi_info_read(multi, &left))) {
             if (m->msg != CURLMSG_DONE)
                 continue;
@@ -250,13 +250,16 @@ int dn_fetch(dn_job *jobs, size_t n_jobs, const char *const *headers, size_t n_h
                 if (slots[i].handle == m->easy_handle && slots[i].job) {
                     CURLcode result = m->data.result;
                     curl_multi_remove_handle(multi, slots[i].handle);
+                    finished++;
                     if (finish_job(&slots[i], result, retries, err))
                         goto done;
                     break;
                 }
             }
         }
-        curl_multi_poll(multi, NULL, 0, still ? 50 : 20, NULL);
+        /* A freed slot takes its next job at once, not after a poll timeout. */
+        if (!finished)
+            curl_multi_poll(multi, NULL, 0, still ? 50 : 20, NULL);
         now = now_seconds();
         if (poll && now - last_poll >= 0.1) {
             last_poll = now;

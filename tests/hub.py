@@ -32,6 +32,7 @@ class Hub:
 
     def __init__(self) -> None:
         self.repos: dict[str, dict[str, bytes]] = {}
+        self.hashes: dict[str, dict[str, str]] = {}
         self.faults: dict[str, list[str]] = {}
         self.requests: list[str] = []
         self.rate: float | None = None  # bytes per second per connection
@@ -40,11 +41,19 @@ class Hub:
 
     def add_repo(self, model_id: str, files: dict[str, bytes]) -> None:
         self.repos[model_id] = dict(files)
+        self.hashes.pop(model_id, None)
+
+    def sha256(self, model_id: str, path: str) -> str:
+        """The file's SHA-256, computed once (every request of a large file would cost seconds)."""
+        cached = self.hashes.setdefault(model_id, {})
+        if path not in cached:
+            cached[path] = hashlib.sha256(self.repos[model_id][path]).hexdigest()
+        return cached[path]
 
     def commit(self, model_id: str) -> str:
         h = hashlib.sha1(model_id.encode())
         for path in sorted(self.repos[model_id]):
-            h.update(path.encode() + hashlib.sha256(self.repos[model_id][path]).digest())
+            h.update(path.encode() + self.sha256(model_id, path).encode())
         return h.hexdigest()
 
     def fault(self, path: str, *kinds: str) -> None:
@@ -159,7 +168,7 @@ class _Handler(BaseHTTPRequestHandler):
                     "Path": p,
                     "Type": "blob",
                     "Size": len(b),
-                    "Sha256": hashlib.sha256(b).hexdigest(),
+                    "Sha256": self.hub.sha256(model_id, p),
                     "Revision": commit,
                     "IsLFS": True,
                     "Mode": "33188",
@@ -191,8 +200,8 @@ class _Handler(BaseHTTPRequestHandler):
                 "type": "file",
                 "path": p,
                 "size": len(b),
-                "oid": hashlib.sha1(b).hexdigest(),
-                "lfs": {"oid": hashlib.sha256(b).hexdigest(), "size": len(b), "pointerSize": 130},
+                "oid": hashlib.sha1(self.hub.sha256(model_id, p).encode()).hexdigest(),  # stands in for the blob id
+                "lfs": {"oid": self.hub.sha256(model_id, p), "size": len(b), "pointerSize": 130},
             }
             for p, b in sorted(repo.items())
         ]
@@ -238,7 +247,7 @@ class _Handler(BaseHTTPRequestHandler):
                     self.end_headers()
                     return
                 status = 206
-        sha = hashlib.sha256(self.hub.repos[model_id][path]).hexdigest()
+        sha = self.hub.sha256(model_id, path)
         self.send_response(status)
         self.send_header("Content-Length", str(end - start + (100 if fault == "short" else 0)))
         if status == 206:
@@ -276,3 +285,23 @@ class _Handler(BaseHTTPRequestHandler):
             ahead = sent / rate - (time.monotonic() - t0)
             if ahead > 0:
                 time.sleep(ahead)
+
+
+def main() -> None:
+    """Serves a generated repo until stdin closes: `python -m tests.hub MODEL_ID SIZE FILES [RATE]`
+    (RATE in bytes per second per connection, 0 for none). Prints the URL first."""
+    import sys
+
+    model_id, size, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    hub = Hub()
+    hub.add_repo(model_id, {f"model-{i + 1:05d}-of-{n:05d}.safetensors": fake_bytes(f"f{i}", size // n) for i in range(n)})
+    hub.rate = float(sys.argv[4]) if len(sys.argv) > 4 and float(sys.argv[4]) > 0 else None
+    hub.commit(model_id)  # hashes every file now, not during the first client's run
+    hub.start()
+    print(hub.url, flush=True)
+    sys.stdin.read()
+    hub.stop()
+
+
+if __name__ == "__main__":
+    main()

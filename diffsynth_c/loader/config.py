@@ -284,7 +284,7 @@ def download_files(
 ) -> None:
     """Downloads files into folder (by their paths), in parallel, resuming partial files; each
     is verified (size, SHA-256) under a temporary name and then renamed into place."""
-    connections = connections or int(os.environ.get("DIFFSYNTH_C_DOWNLOAD_CONNECTIONS", "8"))
+    connections = connections or int(os.environ.get("DIFFSYNTH_C_DOWNLOAD_CONNECTIONS", "16"))
     retries = int(os.environ.get("DIFFSYNTH_C_DOWNLOAD_RETRIES", "5"))
     stall = float(os.environ.get("DIFFSYNTH_C_DOWNLOAD_STALL", "30"))
     todo = {f.path: HASH_RETRIES for f in files}
