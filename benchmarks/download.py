@@ -1,9 +1,10 @@
 """Download throughput against the local hub (tests/hub.py, a separate process on 127.0.0.1):
 ours (libcurl, ranges over several connections), huggingface_hub.snapshot_download and
 modelscope.snapshot_download, the same repo in the same run, with and without a per-connection
-rate cap (the hub's own, to mimic a CDN's per-connection limit). A plain `curl` of each file,
-one connection, to /dev/null, is the loopback reference. Times are of the download call alone,
-in a fresh process per client (imports not counted); every client writes to the same disk.
+rate cap (the hub's own, to mimic a CDN's per-connection limit). Client `curl`, a plain curl of
+each file in turn (one connection, to /dev/null), is the loopback reference. Times are of the
+download call alone, in a fresh process per client (imports not counted); the hub clients write
+to the same disk.
 
     python benchmarks/download.py                 # 3 files, 384 MiB, cap 40 MiB/s
     python benchmarks/download.py --size-mib 4096 # the issue's 4 GiB repo
@@ -42,7 +43,7 @@ def run_client(client: str, url: str, folder: str, files: int) -> float:
         f"snapshot_download({MODEL!r}, local_dir={os.path.join(folder, MODEL)!r})",
         "modelscope": "from modelscope import snapshot_download\nt0 = time.perf_counter()\n"
         f"snapshot_download({MODEL!r}, local_dir={os.path.join(folder, MODEL)!r})",
-        "curl (1 conn/file)": "import subprocess\nt0 = time.perf_counter()\n"
+        "curl": "import subprocess\nt0 = time.perf_counter()\n"
         "[subprocess.run(['curl', '-sf', '-o', '/dev/null', "
         f"{url!r} + '/{MODEL}/resolve/main/model-%05d-of-{files:05d}.safetensors' % (i + 1)], check=True) "
         f"for i in range({files})]",
@@ -57,7 +58,7 @@ def main() -> None:
     ap.add_argument("--size-mib", type=int, default=384)
     ap.add_argument("--files", type=int, default=3)
     ap.add_argument("--cap-mib", type=float, default=40.0, help="per-connection cap of the shaped runs")
-    ap.add_argument("--clients", default="ours,huggingface_hub,modelscope,curl (1 conn/file)")
+    ap.add_argument("--clients", default="ours,huggingface_hub,modelscope,curl")
     args = ap.parse_args()
     size = args.size_mib << 20
     clients = args.clients.split(",")

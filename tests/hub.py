@@ -180,7 +180,9 @@ class _Handler(BaseHTTPRequestHandler):
                 for p, b in sorted(repo.items())
             ]
             dirs = sorted({p.rsplit("/", 1)[0] for p in repo if "/" in p})
-            files += [{"Name": d.rsplit("/", 1)[-1], "Path": d, "Type": "tree", "Size": 0, "Revision": commit} for d in dirs]
+            files += [
+                {"Name": d.rsplit("/", 1)[-1], "Path": d, "Type": "tree", "Size": 0, "Revision": commit} for d in dirs
+            ]
             return self.send_json(envelope({"Files": files}))
         if rest == "/repo":
             return self.serve_file(model_id, query.get("FilePath", [""])[0], {})
@@ -205,7 +207,8 @@ class _Handler(BaseHTTPRequestHandler):
             }
             for p, b in sorted(repo.items())
         ]
-        entries += [{"type": "directory", "path": d, "oid": "0" * 40} for d in sorted({p.rsplit("/", 1)[0] for p in repo if "/" in p})]
+        dirs = sorted({p.rsplit("/", 1)[0] for p in repo if "/" in p})
+        entries += [{"type": "directory", "path": d, "oid": "0" * 40} for d in dirs]
         # Two entries a page, to exercise Link paging.
         cursor = int(query.get("cursor", ["0"])[0])
         page = entries[cursor : cursor + 2]
@@ -294,7 +297,8 @@ def main() -> None:
 
     model_id, size, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     hub = Hub()
-    hub.add_repo(model_id, {f"model-{i + 1:05d}-of-{n:05d}.safetensors": fake_bytes(f"f{i}", size // n) for i in range(n)})
+    names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    hub.add_repo(model_id, {name: fake_bytes(f"f{i}", size // n) for i, name in enumerate(names)})
     hub.rate = float(sys.argv[4]) if len(sys.argv) > 4 and float(sys.argv[4]) > 0 else None
     hub.commit(model_id)  # hashes every file now, not during the first client's run
     hub.start()

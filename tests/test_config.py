@@ -97,7 +97,8 @@ def test_path_and_layout_equal_diffsynth(hub, source, pattern, tmp_path, monkeyp
     import huggingface_hub.constants as hf_constants  # reads HF_ENDPOINT once, at import
 
     monkeypatch.setattr(hf_constants, "ENDPOINT", hub.url)
-    monkeypatch.setattr(hf_constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    template = hub.url + "/{repo_id}/resolve/{revision}/{filename}"
+    monkeypatch.setattr(hf_constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
     ours = ModelConfig(model_id="org/layout", origin_file_pattern=pattern, local_model_path=str(tmp_path / "ours"),
                        download_source=source)
     ours.download_if_necessary()

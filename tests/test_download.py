@@ -231,3 +231,18 @@ def test_full_disk(hub, env, tmp_path_factory):
         assert not (mnt / "org/model/model.safetensors").exists()
     finally:
         subprocess.run(["umount", str(mnt)])
+
+
+def test_benchmark_runs_from_anywhere(tmp_path):
+    """benchmarks/download.py as the README runs it, tiny and with ours and curl only."""
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["DIFFSYNTH_C_BENCH_DIR"] = str(tmp_path)
+    r = subprocess.run(
+        [sys.executable, os.path.join(root, "benchmarks", "download.py"), "--size-mib", "6", "--clients", "ours,curl"],
+        cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "unshaped" in r.stdout and "ours" in r.stdout

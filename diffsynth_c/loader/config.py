@@ -18,6 +18,7 @@ import os
 import sys
 import time
 import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Union
 
@@ -151,7 +152,8 @@ class HuggingFace:
                     continue
                 lfs = e.get("lfs") or {}
                 q = urllib.parse.quote(e["path"])
-                files.append(RemoteFile(e["path"], int(e["size"]), lfs.get("oid"), f"{self.endpoint}/{model_id}/resolve/{commit}/{q}"))
+                url_of = f"{self.endpoint}/{model_id}/resolve/{commit}/{q}"
+                files.append(RemoteFile(e["path"], int(e["size"]), lfs.get("oid"), url_of))
             link = _header_value(raw, "Link") or ""
             url = None
             for part in link.split(","):
@@ -233,7 +235,8 @@ class _Progress:
         speed = done / max(now - self.t0, 1e-6)
         eta = (self.total - done) / speed if speed > 0 else float("inf")
         sys.stderr.write(
-            f"\r{self.label}: {done / 2**20:,.0f}/{self.total / 2**20:,.0f} MiB  {speed / 2**20:,.1f} MiB/s  ETA {eta:,.0f} s   "
+            f"\r{self.label}: {done / 2**20:,.0f}/{self.total / 2**20:,.0f} MiB  "
+            f"{speed / 2**20:,.1f} MiB/s  ETA {eta:,.0f} s   "
         )
         sys.stderr.flush()
 
@@ -242,6 +245,16 @@ class _Progress:
             self.last = 0.0
             self.__call__(0)
             sys.stderr.write("\n")
+
+
+def _seal(fd: int, part: str, size: int, want_hash: bool) -> Optional[str]:
+    """Cuts the partial file to its size, makes it durable and closes it; its SHA-256 when asked."""
+    try:
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return _sha256_file(part) if want_hash else None
 
 
 def _ranges(size: int) -> list[list[int]]:
@@ -330,7 +343,8 @@ def download_files(
             raise
         # Settle each file: all ranges done -> verify and rename; else report.
         i = 0
-        failures = []
+        failures: list[str] = []
+        complete: list = []
         for rel, part, ranges in plan:
             f = by_path[rel]
             res = results[i : i + len(ranges)]
@@ -354,17 +368,18 @@ def download_files(
                 failures.append(f"{rel}: {bad[0][5]} after {bad[0][4]} attempts")
                 todo.pop(rel)
                 continue
-            try:
-                os.ftruncate(fd, f.size)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            got = _sha256_file(part) if f.sha256 else None
+            complete.append((rel, part, fd, f))
+        # Seal and hash the complete files in parallel (fsync and hashlib release the GIL).
+        with ThreadPoolExecutor(max_workers=max(1, min(4, len(complete)))) as pool:
+            sealed = list(pool.map(lambda c: _seal(c[2], c[1], c[3].size, bool(c[3].sha256)), complete))
+        for (rel, part, _, f), got in zip(complete, sealed):
             if os.path.getsize(part) != f.size or (f.sha256 and got != f.sha256):
                 _discard(part)
                 todo[rel] -= 1
                 if todo[rel] <= 0:
-                    failures.append(f"{rel}: SHA-256 {got} does not match the hub's {f.sha256} after {HASH_RETRIES} downloads")
+                    failures.append(
+                        f"{rel}: SHA-256 {got} does not match the hub's {f.sha256} after {HASH_RETRIES} downloads"
+                    )
                     todo.pop(rel)
                 continue
             os.replace(part, os.path.join(folder, rel))
