@@ -80,7 +80,7 @@ class Hub:
             pass
 
         Handler.hub = hub
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = _QuietServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self
@@ -90,6 +90,11 @@ class Hub:
             self.server.shutdown()
             self.server.server_close()
             self.server = None
+
+
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        pass  # clients that hang up mid-body (retries, Ctrl-C tests) are expected here
 
 
 class _Handler(BaseHTTPRequestHandler):

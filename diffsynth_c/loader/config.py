@@ -26,7 +26,7 @@ from .. import _core
 
 MANIFEST = os.path.join(".cache", "diffsynth_c", "manifest.json")
 PARTIAL = os.path.join(".cache", "diffsynth_c", "partial")  # partial files, out of the glob's sight
-RANGE_SIZE = 16 << 20  # files larger than two of these are split into ranges of this size
+RANGE_MIN, RANGE_MAX = 16 << 20, 64 << 20  # bounds of the ranges large files are split into
 HASH_RETRIES = 3
 
 
@@ -257,13 +257,19 @@ def _seal(fd: int, part: str, size: int, want_hash: bool) -> Optional[str]:
     return _sha256_file(part) if want_hash else None
 
 
-def _ranges(size: int) -> list[list[int]]:
-    if size <= 2 * RANGE_SIZE:
+def range_size(total: int, connections: int) -> int:
+    """Two ranges a connection for the whole download, within [RANGE_MIN, RANGE_MAX]: enough
+    ranges that every connection stays busy to the end, few enough that requests stay cheap."""
+    return max(RANGE_MIN, min(RANGE_MAX, total // (2 * connections)))
+
+
+def _ranges(size: int, step: int) -> list[list[int]]:
+    if size <= 2 * step:
         return [[0, size, 0]]
-    return [[s, min(s + RANGE_SIZE, size), 0] for s in range(0, size, RANGE_SIZE)]
+    return [[s, min(s + step, size), 0] for s in range(0, size, step)]
 
 
-def _load_part(part: str, f: RemoteFile) -> list[list[int]]:
+def _load_part(part: str, f: RemoteFile, step: int) -> list[list[int]]:
     """The ranges of a partial file and how much of each is on disk; fresh ranges when the
     partial file belongs to another version."""
     try:
@@ -273,7 +279,7 @@ def _load_part(part: str, f: RemoteFile) -> list[list[int]]:
             return [[int(a), int(b), int(d)] for a, b, d in state["ranges"]]
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    return _ranges(f.size)
+    return _ranges(f.size, step)
 
 
 def _save_part(part: str, f: RemoteFile, ranges: list[list[int]]) -> None:
@@ -303,6 +309,7 @@ def download_files(
     todo = {f.path: HASH_RETRIES for f in files}
     by_path = {f.path: f for f in files}
     progress = _Progress(sum(f.size for f in files), what)
+    step = range_size(sum(f.size for f in files), connections)
     while todo:
         plan, fds = [], {}
         try:
@@ -313,7 +320,7 @@ def download_files(
                 try:
                     os.makedirs(os.path.dirname(dest), exist_ok=True)
                     os.makedirs(os.path.dirname(part), exist_ok=True)
-                    ranges = _load_part(part, f)
+                    ranges = _load_part(part, f, step)
                     fds[rel] = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
                 except OSError as e:
                     raise DownloadError(f"{what}: cannot write {rel} under {folder}: {e.strerror}") from e
