@@ -47,7 +47,7 @@ def core_extension() -> Extension:
         define_macros=[("DS_VERSION", f'"{version}"')],
         extra_compile_args=flags,
         extra_link_args=["-pthread"] + [f for f in flags if f.startswith("-fsanitize")],
-        libraries=["dl"],
+        libraries=["dl", "curl"],
     )
 
 

@@ -29,6 +29,7 @@
 #include "convert.h"
 #include "cuda.h"
 #include "dlpack.h"
+#include "download.h"
 #include "guard.h"
 #include "io.h"
 #include "keyhash.h"
@@ -2265,6 +2266,158 @@ done:
     return result;
 }
 
+/* ---- downloads ------------------------------------------------------------ */
+
+/* Copies a sequence of str into a NULL-free array of UTF-8 pointers that live
+ * as long as *keep (a list of bytes). Returns the count, or -1 with an exception. */
+static Py_ssize_t header_strings(PyObject *seq, const char ***out, PyObject **keep) {
+    *out = NULL;
+    *keep = PySequence_List(seq);
+    if (!*keep)
+        return -1;
+    Py_ssize_t n = PyList_GET_SIZE(*keep);
+    *out = PyMem_Calloc((size_t)n + 1, sizeof **out);
+    if (!*out) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *b = PyUnicode_AsUTF8String(PyList_GET_ITEM(*keep, i));
+        if (!b)
+            return -1;
+        PyList_SetItem(*keep, i, b); /* steals b, drops the str */
+        (*out)[i] = PyBytes_AS_STRING(b);
+    }
+    return n;
+}
+
+PyDoc_STRVAR(http_get_doc, "http_get(url, headers, max_body) -> (status, final_url, header_bytes, body)\n\n"
+                           "GETs url with redirects followed; the GIL is released. OSError on a transport error.");
+
+static PyObject *http_get(PyObject *module, PyObject *args) {
+    (void)module;
+    const char *url;
+    PyObject *hseq, *keep = NULL, *result = NULL;
+    Py_ssize_t max_body;
+    const char **hs = NULL;
+    if (!PyArg_ParseTuple(args, "sOn", &url, &hseq, &max_body))
+        return NULL;
+    Py_ssize_t nh = header_strings(hseq, &hs, &keep);
+    if (nh >= 0) {
+        dn_reply reply;
+        ds_error err;
+        int rc;
+        Py_BEGIN_ALLOW_THREADS rc = dn_get(url, hs, (size_t)nh, (size_t)max_body, &reply, &err);
+        Py_END_ALLOW_THREADS if (rc) PyErr_Format(PyExc_ConnectionError, "%s: %s", url, err.msg);
+        else {
+            result = Py_BuildValue("(lsy#y#)", reply.status, reply.final_url, reply.headers,
+                                   (Py_ssize_t)reply.headers_len, reply.body, (Py_ssize_t)reply.body_len);
+            dn_reply_free(&reply);
+        }
+    }
+    PyMem_Free(hs);
+    Py_XDECREF(keep);
+    return result;
+}
+
+typedef struct {
+    PyThreadState *ts;
+    PyObject *progress; /* borrowed; None for none */
+} fetch_poll;
+
+/* Takes the GIL for a moment: Ctrl-C, then the progress callback. */
+static int fetch_poll_fn(void *arg, int64_t bytes) {
+    fetch_poll *fp = arg;
+    PyEval_RestoreThread(fp->ts);
+    int stop = PyErr_CheckSignals() != 0;
+    if (!stop && fp->progress != Py_None) {
+        PyObject *r = PyObject_CallFunction(fp->progress, "L", (long long)bytes);
+        stop = r == NULL;
+        Py_XDECREF(r);
+    }
+    fp->ts = PyEval_SaveThread();
+    return stop;
+}
+
+PyDoc_STRVAR(fetch_doc,
+             "fetch(jobs, headers, connections, retries, stall_seconds, progress, out) -> None\n\n"
+             "jobs: (url, fd, start, end, done) byte ranges [start, end) of open files (end -1: to the end of\n"
+             "the body), done bytes of each already present. Runs them over `connections` connections with\n"
+             "the GIL released; progress(bytes) is called about every 100 ms. Appends to the list out one\n"
+             "(done, ok, status, ignored_range, attempts, message) per job, also when it raises: OSError when\n"
+             "a write fails; the exception\n"
+             "of progress or KeyboardInterrupt stops every transfer (partial bytes stay in the files).");
+
+static PyObject *fetch(PyObject *module, PyObject *args) {
+    (void)module;
+    PyObject *jseq, *hseq, *progress, *out, *keep = NULL, *jl = NULL, *result = NULL;
+    int connections, retries;
+    double stall;
+    const char **hs = NULL;
+    dn_job *jobs = NULL;
+    if (!PyArg_ParseTuple(args, "OOiidOO!", &jseq, &hseq, &connections, &retries, &stall, &progress, &PyList_Type,
+                          &out))
+        return NULL;
+    Py_ssize_t nh = header_strings(hseq, &hs, &keep);
+    if (nh < 0)
+        goto done;
+    jl = PySequence_List(jseq);
+    if (!jl)
+        goto done;
+    Py_ssize_t n = PyList_GET_SIZE(jl);
+    jobs = PyMem_Calloc((size_t)n + 1, sizeof *jobs);
+    if (!jobs) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        long long start, end, have;
+        if (!PyArg_ParseTuple(PyList_GET_ITEM(jl, i), "siLLL", &jobs[i].url, &jobs[i].fd, &start, &end, &have))
+            goto done;
+        jobs[i].start = start;
+        jobs[i].end = end;
+        jobs[i].done = have;
+    }
+    ds_error err;
+    fetch_poll fp = {NULL, progress};
+    fp.ts = PyEval_SaveThread();
+    int rc = dn_fetch(jobs, (size_t)n, hs, (size_t)nh, connections, retries, stall, fetch_poll_fn, &fp, &err);
+    PyEval_RestoreThread(fp.ts);
+    /* The results go to `out` even when the transfers were stopped, so that the
+     * caller can record how far each partial file got. */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *t = Py_BuildValue("(LOliis)", (long long)jobs[i].done, jobs[i].state == DN_DONE ? Py_True : Py_False,
+                                    jobs[i].status, jobs[i].ignored_range, jobs[i].attempts, jobs[i].msg);
+        if (!t || PyList_Append(out, t)) {
+            Py_XDECREF(t);
+            goto done;
+        }
+        Py_DECREF(t);
+    }
+    if (rc) {
+        if (err.status == DS_ERR_INTERRUPTED) {
+            if (!PyErr_Occurred())
+                PyErr_SetNone(PyExc_KeyboardInterrupt);
+        } else if (err.status == DS_ERR_OS) {
+            PyObject *e = Py_BuildValue("(is)", err.errnum, err.msg);
+            if (e) {
+                PyErr_SetObject(PyExc_OSError, e);
+                Py_DECREF(e);
+            }
+        } else {
+            PyErr_SetString(PyExc_MemoryError, err.msg);
+        }
+        goto done;
+    }
+    result = Py_NewRef(Py_None);
+done:
+    PyMem_Free(jobs);
+    PyMem_Free(hs);
+    Py_XDECREF(jl);
+    Py_XDECREF(keep);
+    return result;
+}
+
 static PyObject *build_info(PyObject *module, PyObject *unused) {
     (void)module;
     (void)unused;
@@ -2275,6 +2428,8 @@ static PyObject *build_info(PyObject *module, PyObject *unused) {
 /* ---- module ----------------------------------------------------------------- */
 
 static PyMethodDef module_methods[] = {
+    {"http_get", (PyCFunction)http_get, METH_VARARGS, http_get_doc},
+    {"fetch", (PyCFunction)fetch, METH_VARARGS, fetch_doc},
     {"read_header", (PyCFunction)read_header, METH_O, read_header_doc},
     {"hash_files", (PyCFunction)(void (*)(void))hash_files, METH_VARARGS | METH_KEYWORDS, hash_files_doc},
     {"keys_string", (PyCFunction)(void (*)(void))keys_string, METH_VARARGS | METH_KEYWORDS, keys_string_doc},

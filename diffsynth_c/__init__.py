@@ -9,6 +9,7 @@ conversion in C, tensors handed to torch and numpy through DLPack without a copy
 from ._core import FormatError, __version__
 from .kernels import cuda_available
 from .loader import hash_model_file, hash_state_dict_keys, load_keys_dict, load_state_dict
+from .loader.config import DownloadError, ModelConfig
 from .loader.folder import save_state_dict
 from .loader.model import detect_model, load_model, load_model_auto
 from .patch import patch_diffsynth, unpatch_diffsynth
@@ -25,6 +26,8 @@ __all__ = [
     "cuda_available",
     "load_model",
     "save_state_dict",
+    "ModelConfig",
+    "DownloadError",
     "detect_model",
     "load_model_auto",
     "DiskMap",

@@ -1,0 +1,541 @@
+"""Mirrors ``diffsynth.core.loader.config``: ``ModelConfig`` and model downloads.
+
+Same fields, environment variables, local layout (``{base}/{model_id}/{path in repo}``), pattern
+semantics and resulting ``path`` as DiffSynth's class. The downloads are ours: the listing and
+every byte go through libcurl in the C core (``_core.http_get``, ``_core.fetch``), several files
+and several ranges of a large file at once, resumed from partial files, SHA-256 and size checked
+before a file is renamed into place. A small manifest (``.cache/diffsynth_c/manifest.json`` in
+the model folder) records what was verified, so a model that is complete costs no request.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import hashlib
+import json
+import os
+import sys
+import time
+import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Union
+
+from .. import _core
+
+MANIFEST = os.path.join(".cache", "diffsynth_c", "manifest.json")
+PARTIAL = os.path.join(".cache", "diffsynth_c", "partial")  # partial files, out of the glob's sight
+RANGE_MIN, RANGE_MAX = 16 << 20, 64 << 20  # bounds of the ranges large files are split into
+HASH_RETRIES = 3
+
+
+class DownloadError(RuntimeError):
+    """A model file could not be downloaded; the message names the model and the file."""
+
+
+@dataclass
+class RemoteFile:
+    """One file of a repository listing."""
+
+    path: str
+    size: int
+    sha256: Optional[str]
+    url: str
+
+
+def _env_true(name: str) -> Optional[bool]:
+    value = os.environ.get(name)
+    if value is None:
+        return None
+    return {"true": True, "false": False}.get(value.lower())
+
+
+def matches(path: str, pattern: str) -> bool:
+    """DiffSynth's and the hubs' rule: fnmatch on the whole path in the repo, ``*`` crossing ``/``,
+    a trailing ``/`` meaning everything below."""
+    if pattern.endswith("/"):
+        pattern += "*"
+    return fnmatch.fnmatchcase(path, pattern)
+
+
+# ---- the hubs ------------------------------------------------------------------------------
+
+
+def _header_value(raw: bytes, name: str) -> Optional[str]:
+    for line in raw.decode("latin-1").split("\r\n"):
+        key, sep, value = line.partition(":")
+        if sep and key.strip().lower() == name.lower():
+            return value.strip()
+    return None
+
+
+def _get_json(url: str, headers: list[str], what: str) -> tuple[Any, bytes]:
+    """GETs a JSON reply, retrying connection errors, 429 and 5xx with backoff."""
+    for attempt in range(5):
+        try:
+            status, _, raw_headers, body = _core.http_get(url, headers, 64 << 20)
+        except ConnectionError:
+            if attempt == 4:
+                raise DownloadError(f"{what}: cannot reach {url}") from None
+        else:
+            if status == 200:
+                try:
+                    return json.loads(body), raw_headers
+                except ValueError:
+                    raise DownloadError(f"{what}: the reply of {url} is not JSON") from None
+            if status == 404:
+                code = _header_value(raw_headers, "X-Error-Code") or ""
+                if "Revision" in code:
+                    raise DownloadError(f"{what}: revision not found ({url})")
+                raise DownloadError(f"{what}: model not found (HTTP 404 from {url})")
+            if status in (401, 403):
+                raise DownloadError(f"{what}: access denied (HTTP {status}); set the hub's token")
+            if status != 429 and status < 500 or attempt == 4:
+                raise DownloadError(f"{what}: HTTP {status} from {url}")
+        time.sleep(0.2 * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+class ModelScope:
+    """ModelScope's API: revisions, the recursive file list, files by path."""
+
+    def __init__(self) -> None:
+        endpoint = os.environ.get("MODELSCOPE_ENDPOINT")
+        if not endpoint:
+            endpoint = "https://" + os.environ.get("MODELSCOPE_DOMAIN", "www.modelscope.cn")
+        self.endpoint = endpoint.rstrip("/")
+        token = os.environ.get("MODELSCOPE_API_TOKEN")
+        self.headers = [f"Authorization: Bearer {token}", f"Cookie: m_session_id={token}"] if token else []
+
+    def listing(self, model_id: str, revision: str = "master") -> tuple[str, list[RemoteFile]]:
+        api = f"{self.endpoint}/api/v1/models/{model_id}"
+        what = f"model {model_id!r} (ModelScope)"
+        revs, _ = _get_json(f"{api}/revisions", self.headers, what)
+        rev_map = (revs.get("Data") or {}).get("RevisionMap") or {}
+        names = [r.get("Revision") for r in (rev_map.get("Branches") or []) + (rev_map.get("Tags") or [])]
+        if names and revision not in names:
+            raise DownloadError(f"{what}: revision {revision!r} not found")
+        q = urllib.parse.urlencode({"Revision": revision, "Recursive": "True"})
+        reply, _ = _get_json(f"{api}/repo/files?{q}", self.headers, what)
+        if reply.get("Code") != 200 or not isinstance(reply.get("Data"), dict):
+            raise DownloadError(f"{what}: unexpected listing reply: {str(reply)[:200]}")
+        files, commit = [], revision
+        for f in reply["Data"].get("Files") or []:
+            if f.get("Type") != "blob" or f["Path"] in (".gitignore", ".gitattributes"):
+                continue
+            commit = f.get("Revision") or commit
+            q = urllib.parse.urlencode({"Revision": revision, "FilePath": f["Path"]})
+            files.append(RemoteFile(f["Path"], int(f["Size"]), f.get("Sha256") or None, f"{api}/repo?{q}"))
+        return commit, files
+
+
+class HuggingFace:
+    """Hugging Face's API: the revision's commit, the recursive tree (paged), files by commit."""
+
+    def __init__(self) -> None:
+        self.endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+        token = os.environ.get("HF_TOKEN")
+        self.headers = [f"Authorization: Bearer {token}"] if token else []
+
+    def listing(self, model_id: str, revision: str = "main") -> tuple[str, list[RemoteFile]]:
+        what = f"model {model_id!r} (Hugging Face)"
+        rev = urllib.parse.quote(revision, safe="")
+        info, _ = _get_json(f"{self.endpoint}/api/models/{model_id}/revision/{rev}", self.headers, what)
+        commit = info["sha"]
+        url = f"{self.endpoint}/api/models/{model_id}/tree/{commit}?recursive=true"
+        files = []
+        while url:
+            page, raw = _get_json(url, self.headers, what)
+            for e in page:
+                if e.get("type") != "file":
+                    continue
+                lfs = e.get("lfs") or {}
+                q = urllib.parse.quote(e["path"])
+                url_of = f"{self.endpoint}/{model_id}/resolve/{commit}/{q}"
+                files.append(RemoteFile(e["path"], int(e["size"]), lfs.get("oid"), url_of))
+            link = _header_value(raw, "Link") or ""
+            url = None
+            for part in link.split(","):
+                if 'rel="next"' in part:
+                    url = part.split(";")[0].strip().strip("<>")
+        return commit, files
+
+
+# ---- the manifest --------------------------------------------------------------------------
+
+
+def _read_manifest(folder: str) -> dict:
+    try:
+        with open(os.path.join(folder, MANIFEST), encoding="utf-8") as f:
+            m = json.load(f)
+        return m if isinstance(m, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_manifest(folder: str, manifest: dict) -> None:
+    path = os.path.join(folder, MANIFEST)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + f".tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(manifest, f)
+    os.replace(tmp, path)
+
+
+def _stamp(path: str) -> Optional[list]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _present(folder: str, f: dict, rel: str, manifest_files: dict) -> bool:
+    """Whether the file at rel is the listed file: size, then the recorded stamp or the hash."""
+    path = os.path.join(folder, rel)
+    stamp = _stamp(path)
+    if stamp is None or stamp[0] != f["size"]:
+        return False
+    seen = manifest_files.get(rel)
+    if seen and seen.get("stamp") == stamp and seen.get("sha256") == f["sha256"]:
+        return True
+    if f["sha256"] and _sha256_file(path) != f["sha256"]:
+        return False
+    manifest_files[rel] = {"size": f["size"], "sha256": f["sha256"], "stamp": stamp}
+    return True
+
+
+# ---- transfers -----------------------------------------------------------------------------
+
+
+class _Progress:
+    """Bytes, speed and ETA on stderr, when it is a terminal (or DIFFSYNTH_C_PROGRESS=1)."""
+
+    def __init__(self, total: int, label: str) -> None:
+        flag = os.environ.get("DIFFSYNTH_C_PROGRESS")
+        self.on = flag == "1" or (flag != "0" and sys.stderr.isatty() and total >= 8 << 20)
+        self.total, self.label, self.t0, self.last = total, label, time.monotonic(), 0.0
+        self.base = 0
+
+    def __call__(self, done: int) -> None:
+        now = time.monotonic()
+        if not self.on or now - self.last < 0.5:
+            return
+        self.last = now
+        done += self.base
+        speed = done / max(now - self.t0, 1e-6)
+        eta = (self.total - done) / speed if speed > 0 else float("inf")
+        sys.stderr.write(
+            f"\r{self.label}: {done / 2**20:,.0f}/{self.total / 2**20:,.0f} MiB  "
+            f"{speed / 2**20:,.1f} MiB/s  ETA {eta:,.0f} s   "
+        )
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.on:
+            self.last = 0.0
+            self.__call__(0)
+            sys.stderr.write("\n")
+
+
+def _seal(fd: int, part: str, size: int, want_hash: bool) -> Optional[str]:
+    """Cuts the partial file to its size, makes it durable and closes it; its SHA-256 when asked."""
+    try:
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return _sha256_file(part) if want_hash else None
+
+
+def range_size(total: int, connections: int) -> int:
+    """Two ranges a connection for the whole download, within [RANGE_MIN, RANGE_MAX]: enough
+    ranges that every connection stays busy to the end, few enough that requests stay cheap."""
+    return max(RANGE_MIN, min(RANGE_MAX, total // (2 * connections)))
+
+
+def _ranges(size: int, step: int) -> list[list[int]]:
+    if size <= 2 * step:
+        return [[0, size, 0]]
+    return [[s, min(s + step, size), 0] for s in range(0, size, step)]
+
+
+def _load_part(part: str, f: RemoteFile, step: int) -> list[list[int]]:
+    """The ranges of a partial file and how much of each is on disk; fresh ranges when the
+    partial file belongs to another version."""
+    try:
+        with open(part + ".json", encoding="utf-8") as fh:
+            state = json.load(fh)
+        if state["size"] == f.size and state["sha256"] == f.sha256 and os.path.exists(part):
+            return [[int(a), int(b), int(d)] for a, b, d in state["ranges"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return _ranges(f.size, step)
+
+
+def _save_part(part: str, f: RemoteFile, ranges: list[list[int]]) -> None:
+    try:
+        with open(part + ".json", "w", encoding="utf-8") as fh:
+            json.dump({"size": f.size, "sha256": f.sha256, "ranges": ranges}, fh)
+    except OSError:
+        pass
+
+
+def _discard(part: str) -> None:
+    for p in (part, part + ".json"):
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass
+
+
+def download_files(
+    folder: str, files: list[RemoteFile], headers: list[str], what: str, connections: Optional[int] = None
+) -> None:
+    """Downloads files into folder (by their paths), in parallel, resuming partial files; each
+    is verified (size, SHA-256) under a temporary name and then renamed into place."""
+    connections = connections or int(os.environ.get("DIFFSYNTH_C_DOWNLOAD_CONNECTIONS", "16"))
+    retries = int(os.environ.get("DIFFSYNTH_C_DOWNLOAD_RETRIES", "5"))
+    stall = float(os.environ.get("DIFFSYNTH_C_DOWNLOAD_STALL", "30"))
+    todo = {f.path: HASH_RETRIES for f in files}
+    by_path = {f.path: f for f in files}
+    progress = _Progress(sum(f.size for f in files), what)
+    step = range_size(sum(f.size for f in files), connections)
+    while todo:
+        plan, fds = [], {}
+        try:
+            for rel in todo:
+                f = by_path[rel]
+                dest = os.path.join(folder, rel)
+                part = os.path.join(folder, PARTIAL, rel) + ".incomplete"
+                try:
+                    os.makedirs(os.path.dirname(dest), exist_ok=True)
+                    os.makedirs(os.path.dirname(part), exist_ok=True)
+                    ranges = _load_part(part, f, step)
+                    fds[rel] = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                except OSError as e:
+                    raise DownloadError(f"{what}: cannot write {rel} under {folder}: {e.strerror}") from e
+                progress.base += sum(r[2] for r in ranges)
+                plan.append((rel, part, ranges))
+            jobs = [(by_path[rel].url, fds[rel], a, b, d) for rel, _, ranges in plan for a, b, d in ranges]
+            results: list = []
+            try:
+                if jobs:
+                    _core.fetch(jobs, headers, connections, retries, stall, progress, results)
+            except BaseException as e:
+                # Ctrl-C or a failed write: keep what arrived, resumable by the next call.
+                k = 0
+                for rel, part, ranges in plan:
+                    for r in ranges:
+                        if k < len(results):
+                            r[2] = results[k][0]
+                        k += 1
+                    _save_part(part, by_path[rel], ranges)
+                if not isinstance(e, OSError):
+                    raise
+                names = ", ".join(rel for rel, _, _ in plan)
+                raise DownloadError(f"{what}: cannot write {names} under {folder}: {e.strerror or e}") from e
+        except BaseException:
+            for fd in fds.values():
+                os.close(fd)
+            raise
+        # Settle each file: all ranges done -> verify and rename; else report.
+        i = 0
+        failures: list[str] = []
+        complete: list = []
+        for rel, part, ranges in plan:
+            f = by_path[rel]
+            res = results[i : i + len(ranges)]
+            i += len(ranges)
+            for r, (done, *_rest) in zip(ranges, res):
+                r[2] = done
+            fd = fds.pop(rel)
+            bad = [x for x in res if not x[1]]
+            if any(x[3] for x in bad):  # the server ignores Range: one whole-file request
+                os.close(fd)
+                _discard(part)
+                with open(part + ".json", "w", encoding="utf-8") as fh:
+                    json.dump({"size": f.size, "sha256": f.sha256, "ranges": [[0, f.size, 0]]}, fh)
+                todo[rel] -= 1
+                if todo[rel] <= 0:
+                    failures.append(f"{rel}: the server ignores Range")
+                continue
+            if bad:
+                os.close(fd)
+                _save_part(part, f, ranges)
+                failures.append(f"{rel}: {bad[0][5]} after {bad[0][4]} attempts")
+                todo.pop(rel)
+                continue
+            complete.append((rel, part, fd, f))
+        # Seal and hash the complete files in parallel (fsync and hashlib release the GIL).
+        with ThreadPoolExecutor(max_workers=max(1, min(4, len(complete)))) as pool:
+            sealed = list(pool.map(lambda c: _seal(c[2], c[1], c[3].size, bool(c[3].sha256)), complete))
+        for (rel, part, _, f), got in zip(complete, sealed):
+            if os.path.getsize(part) != f.size or (f.sha256 and got != f.sha256):
+                _discard(part)
+                todo[rel] -= 1
+                if todo[rel] <= 0:
+                    failures.append(
+                        f"{rel}: SHA-256 {got} does not match the hub's {f.sha256} after {HASH_RETRIES} downloads"
+                    )
+                    todo.pop(rel)
+                continue
+            os.replace(part, os.path.join(folder, rel))
+            _discard(part)
+            todo.pop(rel)
+        progress.base = 0
+        if failures:
+            progress.close()
+            raise DownloadError(f"{what}: " + "; ".join(failures))
+    progress.close()
+
+
+# ---- ModelConfig ---------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """Where a model's files are, or which hub files to download (DiffSynth's fields)."""
+
+    path: Union[str, list, None] = None
+    model_id: Optional[str] = None
+    origin_file_pattern: Union[str, list, None] = None
+    download_source: Optional[str] = None
+    local_model_path: Optional[str] = None
+    skip_download: Optional[bool] = None
+    offload_device: Any = None
+    offload_dtype: Any = None
+    onload_device: Any = None
+    onload_dtype: Any = None
+    preparing_device: Any = None
+    preparing_dtype: Any = None
+    computation_device: Any = None
+    computation_dtype: Any = None
+    clear_parameters: bool = False
+    state_dict: Optional[Dict[str, Any]] = None
+    quantize: Any = None
+
+    def check_input(self) -> None:
+        """Raises ValueError when neither path nor model_id is given."""
+        if self.path is None and self.model_id is None:
+            raise ValueError(
+                'No valid model files. Please use `ModelConfig(path="xxx")` or '
+                '`ModelConfig(model_id="xxx/yyy", origin_file_pattern="zzz")`. '
+                "`skip_download=True` only supports the first one."
+            )
+
+    def parse_original_file_pattern(self) -> str:
+        """The pattern to match: everything for None, "" or "./", a trailing "/" gets "*"."""
+        if self.origin_file_pattern in (None, "", "./"):
+            return "*"
+        if self.origin_file_pattern.endswith("/"):
+            return self.origin_file_pattern + "*"
+        return self.origin_file_pattern
+
+    def parse_download_source(self) -> str:
+        """download_source, else DIFFSYNTH_DOWNLOAD_SOURCE, else "modelscope" (lower case)."""
+        if self.download_source is not None:
+            return self.download_source.lower()
+        return os.environ.get("DIFFSYNTH_DOWNLOAD_SOURCE", "modelscope").lower()
+
+    def parse_skip_download(self) -> Optional[bool]:
+        """skip_download, else DIFFSYNTH_SKIP_DOWNLOAD ("true"/"false"), else False."""
+        if self.skip_download is not None:
+            return self.skip_download
+        if os.environ.get("DIFFSYNTH_SKIP_DOWNLOAD") is None:
+            return False
+        return _env_true("DIFFSYNTH_SKIP_DOWNLOAD")
+
+    def require_downloading(self) -> bool:
+        """Whether download_if_necessary goes to the hub (no path given, downloads not skipped)."""
+        if self.path is not None:
+            return False
+        return not self.parse_skip_download()
+
+    def reset_local_model_path(self) -> None:
+        """DIFFSYNTH_MODEL_BASE_PATH overrides local_model_path; the default is ./models."""
+        if os.environ.get("DIFFSYNTH_MODEL_BASE_PATH") is not None:
+            self.local_model_path = os.environ.get("DIFFSYNTH_MODEL_BASE_PATH")
+        elif self.local_model_path is None:
+            self.local_model_path = "./models"
+
+    def download(self) -> None:
+        """Brings the matching files of the repo into {local_model_path}/{model_id}; no request
+        when the manifest shows every matching file present and unchanged."""
+        pattern = self.parse_original_file_pattern()
+        source = self.parse_download_source()
+        if source == "modelscope":
+            hub: Union[ModelScope, HuggingFace] = ModelScope()
+        elif source == "huggingface":
+            hub = HuggingFace()
+        else:
+            raise ValueError("`download_source` should be `modelscope` or `huggingface`.")
+        folder = os.path.join(self.local_model_path, self.model_id)
+        what = f"model {self.model_id!r}"
+        manifest = _read_manifest(folder)
+        key = f"{source} {getattr(hub, 'endpoint', '')}"
+        listing = manifest.get("listings", {}).get(key)
+        seen = manifest.setdefault("files", {})
+        if listing:
+            wanted = {p: f for p, f in listing["files"].items() if matches(p, pattern)}
+            if wanted and all(_present(folder, f, p, seen) for p, f in wanted.items()):
+                try:
+                    _write_manifest(folder, manifest)  # a re-hashed file gets its new stamp
+                except OSError:
+                    pass
+                return
+        commit, remote = hub.listing(self.model_id)
+        wanted_files = [f for f in remote if matches(f.path, pattern)]
+        if not wanted_files:
+            raise DownloadError(f"{what}: no file of the repo matches {pattern!r}")
+        entries = {f.path: {"size": f.size, "sha256": f.sha256} for f in remote}
+        missing = [f for f in wanted_files if not _present(folder, entries[f.path], f.path, seen)]
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            raise DownloadError(f"{what}: cannot create {folder}: {e.strerror}") from e
+        download_files(folder, missing, hub.headers, what)
+        for f in missing:
+            seen[f.path] = {"size": f.size, "sha256": f.sha256, "stamp": _stamp(os.path.join(folder, f.path))}
+        manifest.setdefault("listings", {})[key] = {"commit": commit, "files": entries}
+        try:
+            _write_manifest(folder, manifest)
+        except OSError:
+            pass
+
+    def download_if_necessary(self) -> None:
+        """Downloads when needed, then sets path: one file as a string, several as a list, the
+        model folder for an empty pattern."""
+        self.check_input()
+        self.reset_local_model_path()
+        if self.require_downloading():
+            self.download()
+        if self.path is None:
+            if self.origin_file_pattern in (None, "", "./"):
+                self.path = os.path.join(self.local_model_path, self.model_id)
+            else:
+                self.path = glob.glob(os.path.join(self.local_model_path, self.model_id, self.origin_file_pattern))
+        if isinstance(self.path, list) and len(self.path) == 1:
+            self.path = self.path[0]
+
+    def vram_config(self) -> dict:
+        """The eight offload/onload/preparing/computation device and dtype fields."""
+        return {
+            "offload_device": self.offload_device,
+            "offload_dtype": self.offload_dtype,
+            "onload_device": self.onload_device,
+            "onload_dtype": self.onload_dtype,
+            "preparing_device": self.preparing_device,
+            "preparing_dtype": self.preparing_dtype,
+            "computation_device": self.computation_device,
+            "computation_dtype": self.computation_dtype,
+        }
