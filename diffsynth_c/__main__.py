@@ -6,6 +6,8 @@
     diffsynth-c convert SRC... DST       .bin/.pth/.ckpt (or any file set or folder) into safetensors
                                          shards plus an index, hash preserved
     diffsynth-c bench FILE...            load the files with diffsynth_c and the installed peers
+    diffsynth-c download MODEL_ID [PATTERN] [--source modelscope|huggingface] [--local-dir DIR]
+                                         fetch a model's files as ModelConfig does; prints the path
 
 Errors go to stderr as one line (the whole traceback with --debug); the exit status is 0 on
 success, 1 when the command failed, 2 for a wrong command line.
@@ -204,7 +206,23 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="load files with diffsynth_c and the installed peers, print a table")
     b.add_argument("paths", nargs="+", metavar="FILE")
     b.add_argument("--repeat", type=int, default=3)
+    d = sub.add_parser("download", help="a model's files from ModelScope or Hugging Face, as ModelConfig fetches them")
+    d.add_argument("model_id")
+    d.add_argument("pattern", nargs="?", default=None, help="files inside the repository (fnmatch; 'dir/' for a folder)")
+    d.add_argument("--source", choices=["modelscope", "huggingface"], default=None,
+                   help="default: DIFFSYNTH_DOWNLOAD_SOURCE, else modelscope")
+    d.add_argument("--local-dir", default=None, help="base folder (default: DIFFSYNTH_MODEL_BASE_PATH, else ./models)")
     return ap
+
+
+def download(model_id: str, pattern: str | None, source: str | None, local_dir: str | None) -> str:
+    """Runs ModelConfig.download_if_necessary; returns its path (one per line for several files)."""
+    from .loader.config import ModelConfig
+
+    config = ModelConfig(model_id=model_id, origin_file_pattern=pattern, download_source=source,
+                         local_model_path=local_dir)
+    config.download_if_necessary()
+    return "\n".join(config.path) if isinstance(config.path, list) else str(config.path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f)
         elif args.command == "bench":
             print(bench(args.paths, max(1, args.repeat)))
+        elif args.command == "download":
+            print(download(args.model_id, args.pattern, args.source, args.local_dir))
     except KeyboardInterrupt:
         print("diffsynth-c: interrupted", file=sys.stderr)
         return 130

@@ -24,6 +24,7 @@ _TABLE = {
     ("diffsynth.core.loader.file", "hash_state_dict_keys"): ("diffsynth_c.loader.file", "hash_state_dict_keys"),
     ("diffsynth.core.loader.file", "load_keys_dict"): ("diffsynth_c.loader.file", "load_keys_dict"),
     ("diffsynth.core.loader.model", "load_model"): ("diffsynth_c.loader.model", "load_model"),
+    ("diffsynth.core.loader.config", "ModelConfig"): ("diffsynth_c.loader.config", "ModelConfig"),
     ("diffsynth.core.vram.disk_map", "DiskMap"): ("diffsynth_c.vram.disk_map", "DiskMap"),
     ("diffsynth.core.vram.initialization", "skip_model_initialization"): ("diffsynth_c.vram.initialization", "skip_model_initialization"),
     **{

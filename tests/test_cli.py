@@ -68,3 +68,40 @@ def test_errors_are_one_line_unless_debug(tmp_path):
     assert r.returncode == 2 and "usage: diffsynth-c" in r.stderr
     r = cli("--help")
     assert r.returncode == 0 and "inspect FILE" in r.stdout
+
+
+def test_download_prints_the_path_and_fails_with_one_line(tmp_path):
+    import os
+
+    from .hub import Hub
+
+    hub = Hub()
+    hub.add_repo("owner/model", {"model.safetensors": b"x" * 1000, "sub/a.json": b"{}"})
+    hub.start()
+    try:
+        env = dict(os.environ, MODELSCOPE_ENDPOINT=hub.url, HF_ENDPOINT=hub.url)
+        run = lambda *a: subprocess.run([sys.executable, "-m", "diffsynth_c", *a], capture_output=True, text=True,  # noqa: E731
+                                        timeout=300, env=env)
+        r = run("download", "owner/model", "model.safetensors", "--local-dir", str(tmp_path))
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip().splitlines()[-1] == os.path.join(str(tmp_path), "owner/model", "model.safetensors")
+        assert (tmp_path / "owner/model/model.safetensors").read_bytes() == b"x" * 1000
+        r = run("download", "nobody/none", "--source", "huggingface", "--local-dir", str(tmp_path))
+        assert r.returncode == 1 and r.stderr.startswith("diffsynth-c: error: ") and "nobody/none" in r.stderr
+        assert "Traceback" not in r.stderr
+    finally:
+        hub.stop()
+
+
+def test_patch_puts_our_model_config_in_diffsynth():
+    import diffsynth.core
+    import diffsynth.core.loader.config as ds_config
+
+    import diffsynth_c
+
+    diffsynth_c.patch_diffsynth()
+    try:
+        assert ds_config.ModelConfig is diffsynth_c.ModelConfig and diffsynth.core.ModelConfig is diffsynth_c.ModelConfig
+    finally:
+        diffsynth_c.unpatch_diffsynth()
+    assert ds_config.ModelConfig is not diffsynth_c.ModelConfig
