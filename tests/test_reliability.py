@@ -142,6 +142,8 @@ def test_ctrl_c_stops_a_long_load_promptly_and_frees_its_buffers(tmp_path):
     safetensors.torch.save_file({f"t{i}": torch.zeros(8 << 20, dtype=torch.float32) for i in range(16)}, p)  # 512 MiB
     r = child("""
         import json, os, signal, sys, threading, time, torch, diffsynth_c
+        # a shell's background job starts with SIGINT ignored, and Python then keeps it ignored
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         path = sys.argv[1]
         os.environ["DIFFSYNTH_C_LOAD_MODE"] = "read"; os.environ["DIFFSYNTH_C_THREADS"] = "1"
         def rss():
