@@ -97,6 +97,40 @@ def _get_json(url: str, headers: list[str], what: str) -> tuple[Any, bytes]:
     raise AssertionError("unreachable")
 
 
+_MISSING = object()
+
+
+def _field(obj: Any, name: str, kind: type, what: str, default: Any = _MISSING) -> Any:
+    """obj[name] when obj is a JSON object and the value has the kind wanted; default when the
+    value is absent or null (and a default is given); DownloadError otherwise."""
+    value = obj.get(name) if isinstance(obj, dict) else None
+    if value is None and default is not _MISSING:
+        return default
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise DownloadError(f"{what}: unexpected reply: {name!r} is {type(value).__name__}, not {kind.__name__}:"
+                            f" {str(obj)[:200]}")
+    return value
+
+
+def _remote_file(what: str, path: Any, size: Any, sha256: Any, url: str) -> RemoteFile:
+    """A listing entry, checked: the hub's path becomes a path below the model folder, so it must
+    be relative and stay inside it; the size is a byte count; a hash is 64 hex digits."""
+    if not isinstance(path, str) or not path:
+        raise DownloadError(f"{what}: a listing entry has no path: {path!r}")
+    parts = path.split("/")
+    if path.startswith("/") or "\\" in path or "\0" in path or any(p in ("", ".", "..") for p in parts):
+        raise DownloadError(f"{what}: the listing names {path!r}, which is not a plain path inside the repo")
+    if isinstance(size, str) and size.isdigit():
+        size = int(size)
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise DownloadError(f"{what}: {path}: the listing gives the size {size!r}")
+    if sha256 is not None:
+        if not isinstance(sha256, str) or len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256.lower()):
+            raise DownloadError(f"{what}: {path}: the listing gives the hash {sha256!r}, not a SHA-256")
+        sha256 = sha256.lower()
+    return RemoteFile(path, size, sha256, url)
+
+
 class ModelScope:
     """ModelScope's API: revisions, the recursive file list, files by path."""
 
@@ -112,21 +146,25 @@ class ModelScope:
         api = f"{self.endpoint}/api/v1/models/{model_id}"
         what = f"model {model_id!r} (ModelScope)"
         revs, _ = _get_json(f"{api}/revisions", self.headers, what)
-        rev_map = (revs.get("Data") or {}).get("RevisionMap") or {}
-        names = [r.get("Revision") for r in (rev_map.get("Branches") or []) + (rev_map.get("Tags") or [])]
+        rev_map = _field(_field(revs, "Data", dict, what, {}), "RevisionMap", dict, what, {})
+        branches = _field(rev_map, "Branches", list, what, []) + _field(rev_map, "Tags", list, what, [])
+        names = [r.get("Revision") for r in branches if isinstance(r, dict)]
         if names and revision not in names:
             raise DownloadError(f"{what}: revision {revision!r} not found")
         q = urllib.parse.urlencode({"Revision": revision, "Recursive": "True"})
         reply, _ = _get_json(f"{api}/repo/files?{q}", self.headers, what)
-        if reply.get("Code") != 200 or not isinstance(reply.get("Data"), dict):
+        if not isinstance(reply, dict) or reply.get("Code") != 200 or not isinstance(reply.get("Data"), dict):
             raise DownloadError(f"{what}: unexpected listing reply: {str(reply)[:200]}")
         files, commit = [], revision
-        for f in reply["Data"].get("Files") or []:
-            if f.get("Type") != "blob" or f["Path"] in (".gitignore", ".gitattributes"):
+        for f in _field(reply["Data"], "Files", list, what, []):
+            if not isinstance(f, dict):
+                raise DownloadError(f"{what}: a listing entry is not an object: {str(f)[:200]}")
+            if f.get("Type") != "blob" or f.get("Path") in (".gitignore", ".gitattributes"):
                 continue
-            commit = f.get("Revision") or commit
-            q = urllib.parse.urlencode({"Revision": revision, "FilePath": f["Path"]})
-            files.append(RemoteFile(f["Path"], int(f["Size"]), f.get("Sha256") or None, f"{api}/repo?{q}"))
+            revision_of = f.get("Revision")
+            commit = revision_of if isinstance(revision_of, str) and revision_of else commit
+            q = urllib.parse.urlencode({"Revision": revision, "FilePath": str(f.get("Path"))})
+            files.append(_remote_file(what, f.get("Path"), f.get("Size"), f.get("Sha256") or None, f"{api}/repo?{q}"))
         return commit, files
 
 
@@ -142,18 +180,23 @@ class HuggingFace:
         what = f"model {model_id!r} (Hugging Face)"
         rev = urllib.parse.quote(revision, safe="")
         info, _ = _get_json(f"{self.endpoint}/api/models/{model_id}/revision/{rev}", self.headers, what)
-        commit = info["sha"]
+        commit = _field(info, "sha", str, what)
+        if not commit or not all(c in "0123456789abcdefABCDEF" for c in commit):
+            raise DownloadError(f"{what}: the revision reply names no commit: {str(info)[:200]}")
         url = f"{self.endpoint}/api/models/{model_id}/tree/{commit}?recursive=true"
         files = []
         while url:
             page, raw = _get_json(url, self.headers, what)
+            if not isinstance(page, list):
+                raise DownloadError(f"{what}: unexpected tree reply: {str(page)[:200]}")
             for e in page:
+                if not isinstance(e, dict):
+                    raise DownloadError(f"{what}: a tree entry is not an object: {str(e)[:200]}")
                 if e.get("type") != "file":
                     continue
-                lfs = e.get("lfs") or {}
-                q = urllib.parse.quote(e["path"])
-                url_of = f"{self.endpoint}/{model_id}/resolve/{commit}/{q}"
-                files.append(RemoteFile(e["path"], int(e["size"]), lfs.get("oid"), url_of))
+                lfs = e.get("lfs") if isinstance(e.get("lfs"), dict) else {}
+                url_of = f"{self.endpoint}/{model_id}/resolve/{commit}/{urllib.parse.quote(str(e.get('path')))}"
+                files.append(_remote_file(what, e.get("path"), e.get("size"), lfs.get("oid"), url_of))
             link = _header_value(raw, "Link") or ""
             url = None
             for part in link.split(","):
