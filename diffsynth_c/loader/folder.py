@@ -15,6 +15,7 @@ import errno
 import json
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .. import _core
@@ -213,13 +214,30 @@ def save_state_dict(
         if n <= 1
         else [f"{weights_name}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     )
-    written = []
-    for shard_name, keys in zip(names, shards or [[]]):
+    written = [os.path.join(folder, shard_name) for shard_name in names]
+    # Shards are written side by side, one thread each: a file takes its writes one at a time
+    # (Linux holds the inode lock through a buffered write), so threads help across files, not
+    # within one. A single file gets all the threads (they overlap the disk's queue).
+    workers = max(1, min(len(written), threads()))
+
+    def write_shard(target: str, keys: list[str]) -> None:
         header, items, owners = _header({k: state_dict[k] for k in keys}, metadata)
-        target = os.path.join(folder, shard_name)
-        _core.write_file(target, header, items, threads())
+        _core.write_file(target, header, items, max(1, threads() // workers))
         del owners
-        written.append(target)
+
+    if workers == 1:
+        for target, keys in zip(written, shards or [[]]):
+            write_shard(target, keys)
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            jobs = [pool.submit(write_shard, t, k) for t, k in zip(written, shards)]
+            try:
+                for job in jobs:
+                    job.result()
+            except BaseException:
+                for job in jobs:
+                    job.cancel()  # shards not started are not written; running ones finish or clean up
+                raise
     if n > 1:
         index = {
             "metadata": {"total_size": sum(s for _, s in sizes)},
