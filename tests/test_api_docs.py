@@ -209,3 +209,14 @@ def test_package_data_ships_the_stub():
 
 def test_lazy_layers_resolve_from_the_top():
     assert diffsynth_c.AutoWrappedLinear.__module__ == "diffsynth_c.vram.layers"
+
+
+def test_links_between_the_docs_resolve():
+    docs = os.path.join(ROOT, "docs")
+    for page in sorted(os.listdir(docs)) + ["../README.md"]:
+        if not page.endswith(".md"):
+            continue
+        with open(os.path.join(docs, page), encoding="utf-8") as f:
+            text = f.read()
+        for target in re.findall(r"\]\(([^)#:\s]+)(?:#[^)]*)?\)", text):
+            assert os.path.exists(os.path.join(docs, os.path.dirname(page), target)), f"{page}: broken link {target}"
