@@ -4,11 +4,11 @@
 
 from collections.abc import Callable, Sequence
 from os import PathLike
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeAlias
 
 from typing_extensions import Buffer
 
-_Path = str | bytes | PathLike[str] | PathLike[bytes]
+_Path: TypeAlias = str | bytes | PathLike[str] | PathLike[bytes]
 
 __version__: str
 MAX_HEADER: int  # the safetensors header length limit (bytes)

@@ -103,8 +103,8 @@ def test_public_name_has_docstring_and_annotations(module, name, obj):
 
 def _code_spans(text: str) -> str:
     """The code of a markdown text: fenced blocks and inline spans."""
-    fenced = re.findall(r"^```[^\n]*\n(.*?)^```", text, re.S | re.M)
-    text = re.sub(r"^```[^\n]*\n.*?^```", "", text, flags=re.S | re.M)
+    fenced = re.findall(r"^```[^\n]*\n(.*?)^```", text, re.DOTALL | re.MULTILINE)
+    text = re.sub(r"^```[^\n]*\n.*?^```", "", text, flags=re.DOTALL | re.MULTILINE)
     return "\n".join(fenced + re.findall(r"`([^`\n]+)`", text))
 
 
@@ -112,9 +112,9 @@ def _code_spans(text: str) -> str:
 def test_public_name_is_in_api_reference(module, name, obj):
     with open(API_MD, encoding="utf-8") as f:
         spans = _code_spans(f.read())
-    assert re.search(rf"(?<![\w.]){re.escape(name)}(?!\w)", spans) or re.search(
-        rf"\.{re.escape(name)}(?!\w)", spans
-    ), f"docs/api.md does not mention `{name}` ({module}) in code"
+    assert re.search(rf"(?<![\w.]){re.escape(name)}(?!\w)", spans) or re.search(rf"\.{re.escape(name)}(?!\w)", spans), (
+        f"docs/api.md does not mention `{name}` ({module}) in code"
+    )
 
 
 def test_every_name_of_all_is_importable():
@@ -130,7 +130,7 @@ def test_every_name_of_all_is_importable():
 def _method_table() -> set[str]:
     with open(MODULE_C, encoding="utf-8") as f:
         text = f.read()
-    table = re.search(r"static PyMethodDef module_methods\[\] = \{(.*?)\n\};", text, re.S)
+    table = re.search(r"static PyMethodDef module_methods\[\] = \{(.*?)\n\};", text, re.DOTALL)
     assert table, "module_methods not found in csrc/module.c"
     return set(re.findall(r'\{\s*"(\w+)"', table.group(1)))
 
