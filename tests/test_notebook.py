@@ -50,12 +50,13 @@ def test_quickstart_runs_and_matches_diffsynth(tmp_path, monkeypatch):
                 "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
                 "display_name": "diffsynth_c test (this interpreter)",
                 "language": "python",
-                "env": {"PYTHONPATH": ROOT, "MPLBACKEND": "Agg"},
+                "env": {"PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))},
             }
         )
     )
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))
     monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))  # no profile or history written to $HOME
     nb = nbformat.read(NOTEBOOK, as_version=4)
     client = nbclient.NotebookClient(
         nb,
