@@ -226,6 +226,9 @@ def download(model_id: str, pattern: str | None, source: str | None, local_dir: 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs one command of ``diffsynth-c`` (argv: the arguments after the program name, default
+    sys.argv[1:]); returns the exit status: 0 done, 1 the command failed, 130 interrupted. A wrong
+    command line exits with status 2 (argparse)."""
     args = build_parser().parse_args(argv)
     try:
         if args.command == "hash":

@@ -68,6 +68,7 @@ def original(ds_module: str, name: str) -> Any:
 
 
 def is_patched() -> bool:
+    """Whether patch_diffsynth's bindings are in place."""
     return bool(_saved)
 
 

@@ -33,6 +33,7 @@ def test_wheel_builds_without_warnings(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert any(n.startswith("diffsynth_c/_core") and n.endswith(".so") for n in names)
     assert "diffsynth_c/loader/file.py" in names
+    assert "diffsynth_c/_core.pyi" in names and "diffsynth_c/py.typed" in names  # editors see the types
 
 
 def test_c_core_needs_no_torch(tmp_path):

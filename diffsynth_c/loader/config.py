@@ -143,6 +143,7 @@ class ModelScope:
         self.headers = [f"Authorization: Bearer {token}", f"Cookie: m_session_id={token}"] if token else []
 
     def listing(self, model_id: str, revision: str = "master") -> tuple[str, list[RemoteFile]]:
+        """(commit, files) of the model's repository at revision; DownloadError naming the model."""
         api = f"{self.endpoint}/api/v1/models/{model_id}"
         what = f"model {model_id!r} (ModelScope)"
         revs, _ = _get_json(f"{api}/revisions", self.headers, what)
@@ -177,6 +178,7 @@ class HuggingFace:
         self.headers = [f"Authorization: Bearer {token}"] if token else []
 
     def listing(self, model_id: str, revision: str = "main") -> tuple[str, list[RemoteFile]]:
+        """(commit, files) of the model's repository at revision; DownloadError naming the model."""
         what = f"model {model_id!r} (Hugging Face)"
         rev = urllib.parse.quote(revision, safe="")
         info, _ = _get_json(f"{self.endpoint}/api/models/{model_id}/revision/{rev}", self.headers, what)

@@ -202,6 +202,8 @@ class DiskMap:
         return param
 
     def __getitem__(self, name: Any) -> Any:
+        """The tensor under name (renamed by state_dict_converter when given) in torch_dtype on
+        device, read now or taken from a prefetch; KeyError for a name the files do not hold."""
         import torch
 
         if self.rename_dict is not None:
@@ -254,6 +256,7 @@ class DiskMap:
                     self._pending[real] = self._pool.submit(self._read, real)
 
     def fetch_rename_dict(self, state_dict_converter: Callable | None) -> dict | None:
+        """{new name: file key}: the converter applied to {key: key} of every file (None without one)."""
         if state_dict_converter is None:
             return None
         state_dict = {}
@@ -272,6 +275,7 @@ class DiskMap:
         return len(self.rename_dict if self.rename_dict is not None else self.name_map)
 
     def keys(self) -> Iterable[Any]:
+        """The names ``self[...]`` takes: the renamed ones with a converter, else the files' keys."""
         return (self.rename_dict if self.rename_dict is not None else self.name_map).keys()
 
     def __del__(self) -> None:

@@ -174,6 +174,7 @@ class AutoTorchModule(torch.nn.Module, metaclass=_Interop):
         self.vram_limit = vram_limit
 
     def cast_to(self, weight: Any, dtype: Any, device: Any) -> Any:
+        """A new tensor: weight converted to dtype on device (DiffSynth's empty_like + copy_)."""
         r = torch.empty_like(weight, dtype=dtype, device=device)
         r.copy_(weight)
         return r
@@ -197,18 +198,21 @@ class AutoTorchModule(torch.nn.Module, metaclass=_Interop):
             gauge.forget()
 
     def offload(self) -> None:
+        """To the offload state (0): the weights in the offload dtype on the offload device."""
         if self.state != 0:
             self.to(dtype=self.offload_dtype, device=self.offload_device)
             self.state = 0
             self._state_changed()
 
     def onload(self) -> None:
+        """To the onload state (1): the weights in the onload dtype on the onload device."""
         if self.state != 1:
             self.to(dtype=self.onload_dtype, device=self.onload_device)
             self.state = 1
             self._state_changed()
 
     def param_name(self, name: str) -> str:
+        """The key of this layer's tensor ``name`` in the model's state dict (and so in its files)."""
         return name if self.name == "" else self.name + "." + name
 
     # --- the computation copy -----------------------------------------------------------------
@@ -246,11 +250,13 @@ class LoRAHotLoadMixin(metaclass=_Interop):
     """LoRA weights added at run time (``pipe.load_lora(..., hotload=True)``), as DiffSynth adds them."""
 
     def init_lora_hotload(self) -> None:
+        """Empty LoRA lists and no merger: the layer computes without LoRA until weights are added."""
         self.lora_A_weights = []
         self.lora_B_weights = []
         self.lora_merger = None
 
     def lora_forward(self, x: Any, out: Any) -> Any:
+        """out plus every hot-loaded LoRA's x @ A.T @ B.T, or the lora_merger's combination of them."""
         if self.lora_merger is None:
             for lora_A, lora_B in zip(self.lora_A_weights, self.lora_B_weights):
                 out = out + x @ lora_A.T.to(device=x.device, dtype=x.dtype) @ lora_B.T.to(device=x.device, dtype=x.dtype)
@@ -363,6 +369,8 @@ class AutoWrappedModule(_ManagedLayer):
 
     @torch._dynamo.disable
     def load_from_disk(self, torch_dtype: Any, device: Any, copy_module: bool = False) -> torch.nn.Module:
+        """The module with its parameters read from the disk map in torch_dtype on device (a deep copy
+        with copy_module, else the module itself)."""
         module = copy.deepcopy(self.module) if copy_module else self.module
         state_dict = {n: self.disk_map[self.param_name(n)].to(dtype=torch_dtype, device=device) for n in self.required_params}
         module.load_state_dict(state_dict, assign=True)
@@ -386,6 +394,7 @@ class AutoWrappedModule(_ManagedLayer):
         return (t for _, t, _ in _own_tensors(self.module, self._recurse_wrapped))
 
     def cast_to(self, module: Any, dtype: Any, device: Any) -> Any:
+        """A deep copy of module in dtype on device (DiffSynth's computation copy)."""
         return copy.deepcopy(module).to(dtype=dtype, device=device)
 
     def _need(self, on_disk: bool) -> Need:
@@ -419,6 +428,9 @@ class AutoWrappedModule(_ManagedLayer):
         return self.cast_to(self.module, dtype=self.computation_dtype, device=self.computation_device)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped module's forward on its weights in the computation dtype and device (fetched
+        ahead by the model's scheduler where they are stored elsewhere); enters the preparing state
+        first from onload when vram_limit allows, as DiffSynth's does."""
         if self.state == 1 and (self.vram_limit is None or self.check_free_vram()):
             self.preparing()
         need = self.current_need()
@@ -466,6 +478,8 @@ class AutoWrappedNonRecurseModule(AutoWrappedModule):
 
     @torch._dynamo.disable
     def load_from_disk(self, torch_dtype: Any, device: Any, copy_module: bool = False) -> torch.nn.Module:
+        """The module with its own parameters read from the disk map in torch_dtype on device; a copy
+        with copy_module, whose wrapped children stay the originals."""
         if copy_module:
             module, shared_ids = self._copy_with_shared_children(self.module)
         else:
@@ -482,11 +496,13 @@ class AutoWrappedNonRecurseModule(AutoWrappedModule):
         return module
 
     def offload_to_disk(self, model: torch.nn.Module) -> None:
+        """Does nothing, as DiffSynth's version in effect does (see below)."""
         # DiffSynth's version calls .to("meta") on each own parameter and drops the result: the
         # weights stay where they are. Kept so the states match.
         pass
 
     def cast_to(self, module: Any, dtype: Any, device: Any) -> Any:
+        """A copy of module in dtype on device; its wrapped children are shared, not copied or moved."""
         result, shared_ids = self._copy_with_shared_children(module)
         detached = self._detach_shared_children(result, shared_ids)
         try:
@@ -551,6 +567,8 @@ class AutoWrappedLinear(torch.nn.Linear, _ManagedLayer, LoRAHotLoadMixin):
 
     @torch._dynamo.disable
     def load_from_disk(self, torch_dtype: Any, device: Any, assign: bool = True) -> tuple[Any, Any]:
+        """(weight, bias) read from the disk map in torch_dtype on device; with assign they become the
+        layer's parameters."""
         weight = self.disk_map[self.name + ".weight"].to(dtype=torch_dtype, device=device)
         bias = None if self.bias is None else self.disk_map[self.name + ".bias"].to(dtype=torch_dtype, device=device)
         if assign:
@@ -583,11 +601,14 @@ class AutoWrappedLinear(torch.nn.Linear, _ManagedLayer, LoRAHotLoadMixin):
         return tensors["weight"], tensors.get("bias")
 
     def linear_forward(self, x: Any, weight: Any, bias: Any) -> Any:
+        """x @ weight.T + bias: fp8_linear for a float8_e4m3 computation dtype, else torch's linear."""
         if self.enable_fp8:
             return self.fp8_linear(x, weight, bias)
         return torch.nn.functional.linear(x, weight, bias)
 
     def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        """The linear on the computation weights (fetched ahead where they are stored elsewhere),
+        plus the hot-loaded LoRAs; enters the preparing state first when vram_limit allows."""
         if self.state == 1 and (self.vram_limit is None or self.check_free_vram()):
             self.preparing()
         weight, bias = self.computation()
