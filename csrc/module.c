@@ -1089,7 +1089,7 @@ static int poll_signals(void *arg) {
 }
 
 PyDoc_STRVAR(load_doc,
-             "load(paths, dtype=None, threads=1, mode='mmap') -> list\n\n"
+             "load(paths, dtype=None, threads=1, mode='mmap', convert_from=None) -> list\n\n"
              "Loads safetensors files. For each file, a list of (name, Tensor) in name order.\n"
              "mode 'mmap': tensors are views into a private mapping of the file (copy-on-write),\n"
              "its pages read in in parallel; 'read': the data is read with pread into anonymous memory.\n"

@@ -170,6 +170,18 @@ def test_disk_map_reads_only_the_tensor_asked_for(tmp_path, monkeypatch, mode):
     assert same_tensor(dm["w3"], torch.zeros(1 << 20))
 
 
+def test_an_unknown_load_mode_is_refused_by_loads_and_disk_maps(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    p = str(tmp_path / "m.safetensors")
+    save_file({"w": torch.ones(4)}, p)
+    dm = DiskMap(p, "cpu")
+    monkeypatch.setenv("DIFFSYNTH_C_LOAD_MODE", "mapped")
+    for call in (lambda: dm["w"], lambda: diffsynth_c.load_state_dict(p)):
+        with pytest.raises(ValueError, match="DIFFSYNTH_C_LOAD_MODE must be 'mmap' or 'read', not 'mapped'"):
+            call()
+
+
 def test_disk_map_threads_and_prefetch(dm_files):
     paths = list(dm_files)
     ref = DsDiskMap(paths, "cpu")

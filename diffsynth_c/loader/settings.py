@@ -20,4 +20,7 @@ def threads(per_cpu: int = 2) -> int:
 def mode() -> str:
     """'mmap' (default: private mappings, pages read in by the workers) or 'read' (pread into
     anonymous memory: tensors never depend on the file again), from DIFFSYNTH_C_LOAD_MODE."""
-    return os.environ.get("DIFFSYNTH_C_LOAD_MODE", "mmap")
+    value = os.environ.get("DIFFSYNTH_C_LOAD_MODE", "mmap")
+    if value not in ("mmap", "read"):
+        raise ValueError(f"DIFFSYNTH_C_LOAD_MODE must be 'mmap' or 'read', not {value!r}")
+    return value

@@ -1,9 +1,9 @@
 """VRAM-managed layers: DiffSynth's ``AutoWrappedLinear``, ``AutoWrappedModule``,
 ``AutoWrappedNonRecurseModule`` and ``enable_vram_management``, with the weights fetched ahead.
 
-Same constructor arguments, attributes (``state``, ``name``, ``vram_management_enabled``, the
+Same constructor arguments, attributes (``state``, ``name``, the
 LoRA hot-load lists ``lora_A_weights``/``lora_B_weights``/``lora_merger``, ``disk_map``,
-``disk_offload``), the same four states and the same transitions as DiffSynth's
+``disk_offload``; ``vram_management_enabled`` on the model), the same four states and the same transitions as DiffSynth's
 (``diffsynth/core/vram/layers.py``): 0 offload, 1 onload, 2 preparing (entered in ``forward`` when
 ``vram_limit`` is None or memory is left under it), and the temporary computation copy. Outputs
 are bit-identical to DiffSynth's layers for the same weights and inputs.
