@@ -17,7 +17,7 @@ import os
 import re
 from typing import Any
 
-from .. import _core
+from .. import _core, progress
 from ..dlpack import safetensors_name_of
 from .settings import threads
 
@@ -214,12 +214,16 @@ def save_state_dict(
         else [f"{weights_name}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     )
     written = []
-    for shard_name, keys in zip(names, shards or [[]]):
-        header, items, owners = _header({k: state_dict[k] for k in keys}, metadata)
-        target = os.path.join(folder, shard_name)
-        _core.write_file(target, header, items, threads())
-        del owners
-        written.append(target)
+    # the bar moves once a shard (one C call) is written and durable
+    label = f"Saving {os.path.basename(os.path.normpath(folder))}"
+    with progress.Progress(sum(s for _, s in sizes), label, min_total=progress.LOAD_MIN_BYTES) as bar:
+        for shard_name, keys in zip(names, shards or [[]]):
+            header, items, owners = _header({k: state_dict[k] for k in keys}, metadata)
+            target = os.path.join(folder, shard_name)
+            _core.write_file(target, header, items, threads())
+            del owners
+            written.append(target)
+            bar.update(sum(n for _, n in items))
     if n > 1:
         index = {
             "metadata": {"total_size": sum(s for _, s in sizes)},
