@@ -231,8 +231,14 @@ def machine_info() -> dict:
     """The machine as the report labels its plots: CPU model, cores, RAM, kernel, Python, and the
     one-line description the tables print (machine())."""
     cpu, mem = _cpu_and_ram()
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(mem, 1), "kernel": platform.release(),
-            "python": platform.python_version(), "text": machine()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_gib": round(mem, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "text": machine(),
+    }
 
 
 def write_json(path: str | None, benchmark: str, data: dict) -> None:

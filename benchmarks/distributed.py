@@ -96,11 +96,22 @@ def main() -> None:
                          " / ".join(f"{r['rchar'] / (1 << 20):.0f}" for r in reports)])
             runs.append({"ranks": world, "mode": label, "ranks_figures": reports})
     head = ["ranks", "mode", "wall s (slowest)", "read per rank MiB", "read / file size", "rchar per rank MiB"]
-    what = (f"distributed load, gloo, {total / (1 << 30):.2f} GiB in {len(paths)} shards, "
-            f"{'cold' if args.cold else 'warm'} page cache")
+    what = (
+        f"distributed load, gloo, {total / (1 << 30):.2f} GiB in {len(paths)} shards, "
+        f"{'cold' if args.cold else 'warm'} page cache"
+    )
     report(f"# {what}; {machine()}", rows, head, args.markdown)
-    write_json(args.json, "distributed", {"size_bytes": total, "shards": len(paths), "cold": args.cold, "runs": runs,
-                                          "table": table_record(what, head, rows)})
+    write_json(
+        args.json,
+        "distributed",
+        {
+            "size_bytes": total,
+            "shards": len(paths),
+            "cold": args.cold,
+            "runs": runs,
+            "table": table_record(what, head, rows),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -84,11 +84,17 @@ def main() -> None:
         ours = next(s for lab, c, _, s in rows if lab == label and c == "ours")
         print(f"{label:24} {client:20} {dt:8.2f} {speed:8.1f} {ours / speed:10.2f}")
         cells.append([label, client, f"{dt:.2f}", f"{speed:.1f}", f"{ours / speed:.2f}"])
-    write_json(args.json, "download", {
-        "size_mib": args.size_mib, "files": args.files, "cap_mib": args.cap_mib,
-        "runs": [{"link": lab, "client": c, "s": dt, "mib_s": sp} for lab, c, dt, sp in rows],
-        "table": table_record(title, ["link", "client", "seconds", "MiB/s", "ours / it"], cells),
-    })
+    write_json(
+        args.json,
+        "download",
+        {
+            "size_mib": args.size_mib,
+            "files": args.files,
+            "cap_mib": args.cap_mib,
+            "runs": [{"link": lab, "client": c, "s": dt, "mib_s": sp} for lab, c, dt, sp in rows],
+            "table": table_record(title, ["link", "client", "seconds", "MiB/s", "ours / it"], cells),
+        },
+    )
 
 
 if __name__ == "__main__":

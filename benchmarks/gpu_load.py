@@ -159,8 +159,11 @@ def main() -> int:
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--check", action="store_true")
-    ap.add_argument("--json", default=None,
-                    help="also write the figures to this file (benchmarks/report.py); not written when there is no GPU")
+    ap.add_argument(
+        "--json",
+        default=None,
+        help="also write the figures to this file (benchmarks/report.py); not written when there is no GPU",
+    )
     args = ap.parse_args()
     import diffsynth_c
     from diffsynth_c.kernels import cuda_status
@@ -192,17 +195,31 @@ def main() -> int:
     rows, frac = bench_kernels()
     print("\nkernels (GB/s moved, fraction of the device's copy bandwidth)")
     print(table(rows, ["kernel", "GB/s", "of copy", "reference"]))
-    tables.append(table_record("kernels (GB/s moved, fraction of the device's copy bandwidth)",
-                               ["kernel", "GB/s", "of copy", "reference"], rows))
+    tables.append(
+        table_record(
+            "kernels (GB/s moved, fraction of the device's copy bandwidth)",
+            ["kernel", "GB/s", "of copy", "reference"],
+            rows,
+        )
+    )
     misses += [f"{n}: {f:.0%}" for n, f in frac.items() if f < (0.85 if n.startswith("cast") else 0.8)]
     for m in misses:
         print("MISSED:", m)
-    write_json(args.json, "gpu_load", {
-        "gpu": torch.cuda.get_device_name(), "size_bytes": sum(os.path.getsize(p) for p in paths),
-        "repeat": args.repeat, "pinned_h2d_gbps": ceiling, "loads": loads,
-        "kernels": {r[0]: float(r[1]) for r in rows}, "kernel_fraction_of_copy": frac, "missed": misses,
-        "tables": tables,
-    })
+    write_json(
+        args.json,
+        "gpu_load",
+        {
+            "gpu": torch.cuda.get_device_name(),
+            "size_bytes": sum(os.path.getsize(p) for p in paths),
+            "repeat": args.repeat,
+            "pinned_h2d_gbps": ceiling,
+            "loads": loads,
+            "kernels": {r[0]: float(r[1]) for r in rows},
+            "kernel_fraction_of_copy": frac,
+            "missed": misses,
+            "tables": tables,
+        },
+    )
     return 1 if (args.check and misses) else 0
 
 

@@ -53,11 +53,19 @@ def main() -> None:
     print(f"\n### {title}\n")
     print(table(rows, header))
     print(f"\nsame hash: {h_ours == h_ds}; MODEL_CONFIGS entry: {names or 'none'}")
-    write_json(args.json, "hash", {
-        "repeat": args.repeat, "files": len(paths), "same_hash": h_ours == h_ds, "model_configs": names,
-        "ms": {"diffsynth": t_ds * 1e3, "diffsynth_c": t_ours * 1e3}, "hash": h_ours,
-        "table": table_record(title, header, rows),
-    })
+    write_json(
+        args.json,
+        "hash",
+        {
+            "repeat": args.repeat,
+            "files": len(paths),
+            "same_hash": h_ours == h_ds,
+            "model_configs": names,
+            "ms": {"diffsynth": t_ds * 1e3, "diffsynth_c": t_ours * 1e3},
+            "hash": h_ours,
+            "table": table_record(title, header, rows),
+        },
+    )
     if h_ours != h_ds:
         sys.exit("hashes differ")
 

@@ -96,8 +96,15 @@ def summarize(title: str, results: dict[str, list[Result]], ceiling_gbps: float 
                 {True: "yes", False: "NO", None: "-"}[verified],
             ]
         )
-        summary[name] = {"total": total, "call": call, "gbps": gbps, "peak": peak, "identical": verified,
-                         "runs_s": [r.total_s for r in ok_runs], "bytes": ok_runs[0].bytes}
+        summary[name] = {
+            "total": total,
+            "call": call,
+            "gbps": gbps,
+            "peak": peak,
+            "identical": verified,
+            "runs_s": [r.total_s for r in ok_runs],
+            "bytes": ok_runs[0].bytes,
+        }
     text = f"### {title}\n\n" + table(rows, HEADER)
     if ceiling_gbps and OURS in summary:
         text += f"\n\ndiffsynth_c reaches {summary[OURS]['gbps'] / ceiling_gbps * 100:.0f}% of the pre-faulted pread ceiling ({ceiling_gbps:.2f} GB/s)."
@@ -166,9 +173,19 @@ def main() -> None:
             f.write("\n".join(report))
         print(f"\nwrote {args.markdown}")
     ceilings = {"pread_prefaulted": ceil_warm, "pread_fresh": ceil_fresh, "memcpy": ceil_copy, "pread_cold": ceil_cold}
-    write_json(args.json, "load", {"size_gib": args.size_gib, "size_bytes": size, "shards": len(bf16),
-                                   "repeat": args.repeat, "ceilings_gbps": ceilings, "scenarios": figures,
-                                   "unavailable": dict(UNAVAILABLE)})
+    write_json(
+        args.json,
+        "load",
+        {
+            "size_gib": args.size_gib,
+            "size_bytes": size,
+            "shards": len(bf16),
+            "repeat": args.repeat,
+            "ceilings_gbps": ceilings,
+            "scenarios": figures,
+            "unavailable": dict(UNAVAILABLE),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -89,8 +89,12 @@ def disk_map_figures(paths: list[str], repeat: int) -> tuple[list[list[str]], di
         nbytes = sum(dm[k].nbytes for k in dm)
         all_s = time.perf_counter() - t
         rows.append([name, f"{statistics.median(first) * 1e3:.2f}", f"{all_s:.2f}", f"{nbytes / all_s / 1e9:.2f}"])
-        figures[name] = {"first_tensor_ms": statistics.median(first) * 1e3, "all_keys_s": all_s,
-                         "gbps": nbytes / all_s / 1e9, "first_tensor_runs_ms": [x * 1e3 for x in first]}
+        figures[name] = {
+            "first_tensor_ms": statistics.median(first) * 1e3,
+            "all_keys_s": all_s,
+            "gbps": nbytes / all_s / 1e9,
+            "first_tensor_runs_ms": [x * 1e3 for x in first],
+        }
     return rows, figures
 
 
@@ -130,11 +134,20 @@ def main() -> int:
     dm_rows, dm = disk_map_figures(paths, args.repeat)
     print(f"\n{dm_title}")
     print(table(dm_rows, dm_header))
-    write_json(args.json, "model_load", {
-        "size_gib": args.size_gib, "size_bytes": size, "shards": len(paths), "layers": layers, "repeat": args.repeat,
-        "load_model": loads, "disk_map": dm,
-        "tables": [table_record(load_title, load_header, rows), table_record(dm_title, dm_header, dm_rows)],
-    })
+    write_json(
+        args.json,
+        "model_load",
+        {
+            "size_gib": args.size_gib,
+            "size_bytes": size,
+            "shards": len(paths),
+            "layers": layers,
+            "repeat": args.repeat,
+            "load_model": loads,
+            "disk_map": dm,
+            "tables": [table_record(load_title, load_header, rows), table_record(dm_title, dm_header, dm_rows)],
+        },
+    )
     return 0
 
 

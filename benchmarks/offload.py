@@ -211,16 +211,29 @@ def main() -> None:
             f"{carried / t / 1e9:.1f}" if carried else "", f"{rss:.0f}",
         ])
     head = ["mode", "layers", "ms/forward", "vs resident", "DiffSynth/ours", "GB/s carried", "peak RSS +MiB"]
-    what = (f"offload: {n_blocks} blocks, hidden {hidden}, {weights * 2 / (1 << 30):.2f} GiB bf16, {tokens} tokens, "
-            f"{args.device}")
+    what = (
+        f"offload: {n_blocks} blocks, hidden {hidden}, {weights * 2 / (1 << 30):.2f} GiB bf16, {tokens} tokens, "
+        f"{args.device}"
+    )
     report(f"# {what}; {machine()}" + (f"; pinned H2D {h2d:.1f} GB/s" if h2d else ""), rows, head, args.markdown)
-    write_json(args.json, "offload", {
-        "device": args.device, "blocks": n_blocks, "hidden": hidden, "tokens": tokens, "repeat": args.repeat,
-        "weights_bytes": weights * 2, "pinned_h2d_gbps": h2d,
-        "modes": [{"mode": m, "layers": impl, "ms": t * 1e3, "peak_rss_mib": rss}
-                  for (m, impl), (t, rss) in results.items()],
-        "table": table_record(what, head, rows),
-    })
+    write_json(
+        args.json,
+        "offload",
+        {
+            "device": args.device,
+            "blocks": n_blocks,
+            "hidden": hidden,
+            "tokens": tokens,
+            "repeat": args.repeat,
+            "weights_bytes": weights * 2,
+            "pinned_h2d_gbps": h2d,
+            "modes": [
+                {"mode": m, "layers": impl, "ms": t * 1e3, "peak_rss_mib": rss}
+                for (m, impl), (t, rss) in results.items()
+            ],
+            "table": table_record(what, head, rows),
+        },
+    )
 
 
 if __name__ == "__main__":

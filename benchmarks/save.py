@@ -75,12 +75,21 @@ def main() -> int:
     header = ["saver", "s (median)", "GB/s", "time vs diffsynth_c"]
     print(table(rows, header))
     title = f"save_state_dict, {size / 2**30:.2f} GiB in {len(plan)} shards of at most {args.shard_size}"
-    write_json(args.json, "save", {
-        "size_gib": args.size_gib, "size_bytes": size, "shards": len(plan), "repeat": args.repeat,
-        "savers": {k: {"s": statistics.median(v), "gbps": size / statistics.median(v) / 1e9, "runs_s": v}
-                   for k, v in times.items()},
-        "table": table_record(title, header, rows),
-    })
+    write_json(
+        args.json,
+        "save",
+        {
+            "size_gib": args.size_gib,
+            "size_bytes": size,
+            "shards": len(plan),
+            "repeat": args.repeat,
+            "savers": {
+                k: {"s": statistics.median(v), "gbps": size / statistics.median(v) / 1e9, "runs_s": v}
+                for k, v in times.items()
+            },
+            "table": table_record(title, header, rows),
+        },
+    )
     return 0
 
 

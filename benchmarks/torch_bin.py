@@ -75,8 +75,10 @@ def main() -> int:
     h_ours = time_hash(diffsynth_c.hash_model_file, path, max(args.repeat, 5))
     h_ds = time_hash(ds_hash, path, args.repeat)
     assert diffsynth_c.hash_model_file(path) == ds_hash(path)
-    hash_rows = [["diffsynth", f"{h_ds * 1e3:.1f}", "1"],
-                 ["diffsynth_c", f"{h_ours * 1e3:.2f}", f"{h_ds / h_ours:.0f}x faster"]]
+    hash_rows = [
+        ["diffsynth", f"{h_ds * 1e3:.1f}", "1"],
+        ["diffsynth_c", f"{h_ours * 1e3:.2f}", f"{h_ds / h_ours:.0f}x faster"],
+    ]
     hash_header = ["function", "ms", "vs diffsynth"]
     print("\nhash_model_file (warm page cache)")
     print(table(hash_rows, hash_header))
@@ -103,12 +105,22 @@ def main() -> int:
     print(f"\n{load_title}")
     print(table(rows, load_header))
     print(f"diffsynth_c reaches {size / ours / 1e9 / ceiling:.0%} of the pre-faulted pread ceiling.")
-    write_json(args.json, "torch_bin", {
-        "size_gib": args.size_gib, "size_bytes": size, "repeat": args.repeat, "ceiling_gbps": ceiling,
-        "hash_ms": {"diffsynth": h_ds * 1e3, "diffsynth_c": h_ours * 1e3}, "loaders": load_figures,
-        "tables": [table_record("hash_model_file of the .bin (warm page cache)", hash_header, hash_rows),
-                   table_record(load_title, load_header, rows)],
-    })
+    write_json(
+        args.json,
+        "torch_bin",
+        {
+            "size_gib": args.size_gib,
+            "size_bytes": size,
+            "repeat": args.repeat,
+            "ceiling_gbps": ceiling,
+            "hash_ms": {"diffsynth": h_ds * 1e3, "diffsynth_c": h_ours * 1e3},
+            "loaders": load_figures,
+            "tables": [
+                table_record("hash_model_file of the .bin (warm page cache)", hash_header, hash_rows),
+                table_record(load_title, load_header, rows),
+            ],
+        },
+    )
     return 0
 
 

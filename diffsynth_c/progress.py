@@ -127,8 +127,16 @@ class Progress:
         if cls is None:
             self._text = _TextBar(self.total, label, delay, out)
         else:
-            self._bar = cls(total=self.total, desc=label, unit="B", unit_scale=True, unit_divisor=1024, file=out,
-                            delay=delay, leave=True)
+            self._bar = cls(
+                total=self.total,
+                desc=label,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                file=out,
+                delay=delay,
+                leave=True,
+            )
 
     def set(self, done: int) -> None:
         """Places the count at done bytes (it may go back, e.g. when a download restarts a file)."""

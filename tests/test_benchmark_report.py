@@ -11,8 +11,14 @@ import os
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MACHINE = {"cpu": "Test CPU 9000", "cores": 2, "ram_gib": 23.5, "kernel": "6.1.0-test", "python": "3.11.7",
-           "text": "2 x Test CPU 9000, 24 GiB RAM, Linux 6.1.0-test, Python 3.11.7"}
+MACHINE = {
+    "cpu": "Test CPU 9000",
+    "cores": 2,
+    "ram_gib": 23.5,
+    "kernel": "6.1.0-test",
+    "python": "3.11.7",
+    "text": "2 x Test CPU 9000, 24 GiB RAM, Linux 6.1.0-test, Python 3.11.7",
+}
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -25,8 +31,13 @@ def report():
 
 
 def _doc(benchmark: str, **data) -> dict:
-    return {"benchmark": benchmark, "date": "2026-12-01 12:00 UTC", "machine": MACHINE,
-            "command": f"python benchmarks/{benchmark}.py", **data}
+    return {
+        "benchmark": benchmark,
+        "date": "2026-12-01 12:00 UTC",
+        "machine": MACHINE,
+        "command": f"python benchmarks/{benchmark}.py",
+        **data,
+    }
 
 
 def _load(size: int, ours_s: float, scenarios=("warm", "cold")) -> dict:
@@ -34,17 +45,44 @@ def _load(size: int, ours_s: float, scenarios=("warm", "cold")) -> dict:
     for key in scenarios:
         loaders, rows = {}, []
         for name, s in (("diffsynth_c", ours_s), ("diffsynth", ours_s * 1.5), ("safetensors", ours_s * 2)):
-            loaders[name] = {"total": s, "call": s / 2, "gbps": size / s / 1e9, "peak": 100.0, "identical": True,
-                             "runs_s": [s, s * 1.01, s * 0.99], "bytes": size}
+            loaders[name] = {
+                "total": s,
+                "call": s / 2,
+                "gbps": size / s / 1e9,
+                "peak": 100.0,
+                "identical": True,
+                "runs_s": [s, s * 1.01, s * 0.99],
+                "bytes": size,
+            }
             rows.append([name, f"{s:.3f}", f"{s / 2:.3f}", f"{size / s / 1e9:.2f}", "100", f"{s / ours_s:.2f}x", "yes"])
         loaders["fastsafetensors"] = {"error": "ImportError: nope"}
-        figures[key] = {"title": f"scenario {key}", "loaders": loaders,
-                        "table": {"title": key, "header": ["loader", "total s (median)", "call s", "GB/s",
-                                                           "peak RSS MiB", "time vs diffsynth_c", "identical"],
-                                  "rows": rows}}
-    return _doc("load", size_gib=size / 2**30, size_bytes=size, shards=4, repeat=3,
-                ceilings_gbps={"pread_prefaulted": 9.0, "pread_fresh": 6.0, "memcpy": 13.0, "pread_cold": 1.0},
-                scenarios=figures, unavailable={"instanttensor": "CUDA only"})
+        figures[key] = {
+            "title": f"scenario {key}",
+            "loaders": loaders,
+            "table": {
+                "title": key,
+                "header": [
+                    "loader",
+                    "total s (median)",
+                    "call s",
+                    "GB/s",
+                    "peak RSS MiB",
+                    "time vs diffsynth_c",
+                    "identical",
+                ],
+                "rows": rows,
+            },
+        }
+    return _doc(
+        "load",
+        size_gib=size / 2**30,
+        size_bytes=size,
+        shards=4,
+        repeat=3,
+        ceilings_gbps={"pread_prefaulted": 9.0, "pread_fresh": 6.0, "memcpy": 13.0, "pread_cold": 1.0},
+        scenarios=figures,
+        unavailable={"instanttensor": "CUDA only"},
+    )
 
 
 def _write_results(folder, ours_s: float, gpu: bool = False) -> None:
@@ -52,31 +90,63 @@ def _write_results(folder, ours_s: float, gpu: bool = False) -> None:
     docs = {
         "load-1GiB": _load(1 << 30, ours_s, ("warm", "cold", "bf16-to-f32")),
         "load-0.25GiB": _load(1 << 28, ours_s / 4, ("warm",)),
-        "hash": _doc("hash", repeat=20, files=9, same_hash=True, model_configs=["qwen_image_dit"],
-                     ms={"diffsynth": 3.4, "diffsynth_c": 0.7}, hash="abc",
-                     table={"title": "hash", "header": ["function", "ms"], "rows": [["diffsynth", "3.40"]]}),
-        "model_load": _doc("model_load", size_gib=1, size_bytes=1 << 30, shards=4, layers=2, repeat=3,
-                           load_model={"load_model": {"diffsynth_c": {"s": 0.1}, "diffsynth": {"s": 0.2}},
-                                       "load_model (use_disk_map)": {"diffsynth_c": {"s": 0.2},
-                                                                     "diffsynth": {"s": 1.5}}},
-                           disk_map={"diffsynth_c": {"first_tensor_ms": 1.1, "all_keys_s": 0.1, "gbps": 10.0},
-                                     "diffsynth": {"first_tensor_ms": 9.3, "all_keys_s": 1.0, "gbps": 1.0}},
-                           tables=[{"title": "DiskMap", "header": ["library", "ms"],
-                                    "rows": [["diffsynth_c", "1.1"]]}]),
+        "hash": _doc(
+            "hash",
+            repeat=20,
+            files=9,
+            same_hash=True,
+            model_configs=["qwen_image_dit"],
+            ms={"diffsynth": 3.4, "diffsynth_c": 0.7},
+            hash="abc",
+            table={"title": "hash", "header": ["function", "ms"], "rows": [["diffsynth", "3.40"]]},
+        ),
+        "model_load": _doc(
+            "model_load",
+            size_gib=1,
+            size_bytes=1 << 30,
+            shards=4,
+            layers=2,
+            repeat=3,
+            load_model={
+                "load_model": {"diffsynth_c": {"s": 0.1}, "diffsynth": {"s": 0.2}},
+                "load_model (use_disk_map)": {"diffsynth_c": {"s": 0.2}, "diffsynth": {"s": 1.5}},
+            },
+            disk_map={
+                "diffsynth_c": {"first_tensor_ms": 1.1, "all_keys_s": 0.1, "gbps": 10.0},
+                "diffsynth": {"first_tensor_ms": 9.3, "all_keys_s": 1.0, "gbps": 1.0},
+            },
+            tables=[{"title": "DiskMap", "header": ["library", "ms"], "rows": [["diffsynth_c", "1.1"]]}],
+        ),
     }
     if gpu:
-        docs["gpu_load"] = _doc("gpu_load", gpu="Test GPU", pinned_h2d_gbps=50.0,
-                                loads={"bf16 file, as stored": {"diffsynth_c": {"s": 0.1, "gbps": 40.0},
-                                                                "diffsynth": {"s": 0.5, "gbps": 8.0}}},
-                                tables=[{"title": "gpu loads", "header": ["loader", "GB/s"],
-                                         "rows": [["diffsynth_c", "40.00"]]}], missed=[])
+        docs["gpu_load"] = _doc(
+            "gpu_load",
+            gpu="Test GPU",
+            pinned_h2d_gbps=50.0,
+            loads={
+                "bf16 file, as stored": {"diffsynth_c": {"s": 0.1, "gbps": 40.0}, "diffsynth": {"s": 0.5, "gbps": 8.0}}
+            },
+            tables=[{"title": "gpu loads", "header": ["loader", "GB/s"], "rows": [["diffsynth_c", "40.00"]]}],
+            missed=[],
+        )
     for name, doc in docs.items():
         (folder / f"{name}.json").write_text(json.dumps(doc))
 
 
 def _run(report, tmp_path) -> str:
-    assert report.main(["--results", str(tmp_path / "results"), "--doc", str(tmp_path / "docs" / "benchmarks.md"),
-                        "--img", str(tmp_path / "docs" / "img")]) == 0
+    assert (
+        report.main(
+            [
+                "--results",
+                str(tmp_path / "results"),
+                "--doc",
+                str(tmp_path / "docs" / "benchmarks.md"),
+                "--img",
+                str(tmp_path / "docs" / "img"),
+            ]
+        )
+        == 0
+    )
     return (tmp_path / "docs" / "benchmarks.md").read_text()
 
 
@@ -114,8 +184,12 @@ def test_report_writes_the_section_and_plots_and_replaces_them_on_a_rerun(report
 
 def test_no_results_is_an_error_not_an_empty_page(report, tmp_path):
     (tmp_path / "results").mkdir()
-    assert report.main(["--results", str(tmp_path / "results"), "--doc", str(tmp_path / "b.md"),
-                        "--img", str(tmp_path / "img")]) == 1
+    assert (
+        report.main(
+            ["--results", str(tmp_path / "results"), "--doc", str(tmp_path / "b.md"), "--img", str(tmp_path / "img")]
+        )
+        == 1
+    )
     assert not (tmp_path / "b.md").exists()
 
 

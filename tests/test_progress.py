@@ -82,8 +82,13 @@ def test_convert_shows_bars_only_when_forced(tmp_path):
         env = {k: v for k, v in os.environ.items() if k != progress.ENV}
         if flag is not None:
             env[progress.ENV] = flag
-        return subprocess.run([sys.executable, "-m", "diffsynth_c", "convert", src, str(tmp_path / out)],
-                              capture_output=True, text=True, env=env, timeout=300)
+        return subprocess.run(
+            [sys.executable, "-m", "diffsynth_c", "convert", src, str(tmp_path / out)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
 
     shown = convert("shown", "1")
     assert shown.returncode == 0, shown.stderr
