@@ -161,7 +161,9 @@ def headline(load: dict | None, results: dict[str, list[dict]]) -> list[str]:
 
 def faster(theirs: float, ours: float) -> str:
     """'3.2x faster' or '1.5x slower' (ours against theirs, both times)."""
-    return f"{theirs / ours:.1f}x faster" if theirs >= ours else f"{ours / theirs:.1f}x slower"
+    ratio = theirs / ours if theirs >= ours else ours / theirs
+    shown = f"{ratio:.0f}x" if ratio >= 100 else f"{ratio:.1f}x"
+    return shown + (" faster" if theirs >= ours else " slower")
 
 
 def section(title: str, docs: list[dict], plot: str | None = None, caption: str = "") -> list[str]:
@@ -388,6 +390,8 @@ def plot_by_loader(load: dict, path: str) -> None:
 
 
 def plot_by_size(loads: list[dict], path: str) -> None:
+    import matplotlib.ticker
+
     names: list[str] = []
     for d in loads:
         warm = d["scenarios"].get("warm", {}).get("loaders", {})
@@ -402,6 +406,9 @@ def plot_by_size(loads: list[dict], path: str) -> None:
         if pts:
             ax.plot(*zip(*pts), marker="o", label=n, color=_color(n), linewidth=2.5 if n == OURS else 1.2)
     ax.set_xscale("log", base=2)
+    sizes = sorted({d["size_bytes"] / 2**30 for d in loads})
+    ax.set_xticks(sizes, [f"{x:.2f}" for x in sizes])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.set_yscale("log")
     ax.set_xlabel("model size, GiB (bf16 safetensors, 4 shards)")
     ax.set_ylabel("GB/s (log), higher is better")
