@@ -1,5 +1,5 @@
 # The README's two commands are `make demo` and `make test`; the rest are for developers.
-.PHONY: demo test bench fuzz sanitize gpu-test gpu-bench env clean
+.PHONY: demo test bench bench-report fuzz sanitize gpu-test gpu-bench env clean
 
 demo:
 	scripts/demo.sh
@@ -7,8 +7,13 @@ demo:
 test:
 	scripts/test.sh
 
+# every benchmark, then docs/benchmarks.md's generated section and docs/img/ (BENCH_* settings: scripts/bench.sh)
 bench:
 	scripts/bench.sh
+
+# the report alone, from the results files already in benchmarks/results/
+bench-report:
+	"$$(scripts/env.sh)"/bin/python benchmarks/report.py
 
 # each libFuzzer harness of tests/fuzz for FUZZ_SECONDS (the test command runs them for 60 s)
 FUZZ_SECONDS ?= 300
@@ -25,8 +30,9 @@ PYTHON ?= python3
 gpu-test:
 	$(PYTHON) -m pytest -q tests/gpu tests/test_cuda_cpu.py
 
+# records benchmarks/results/gpu_load.json, which `make bench-report` puts into docs/benchmarks.md
 gpu-bench:
-	$(PYTHON) benchmarks/gpu_load.py --check
+	$(PYTHON) benchmarks/gpu_load.py --check --json benchmarks/results/gpu_load.json
 
 env:
 	scripts/env.sh

@@ -209,7 +209,8 @@ def mem_available_gib() -> float:
     return 0.0
 
 
-def machine() -> str:
+def _cpu_and_ram() -> tuple[str, float]:
+    """The CPU's model name (/proc/cpuinfo) and the RAM in GiB (/proc/meminfo)."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -218,7 +219,64 @@ def machine() -> str:
         pass
     with open("/proc/meminfo") as f:
         mem = int(f.readline().split()[1]) / (1 << 20)
+    return cpu, mem
+
+
+def machine() -> str:
+    cpu, mem = _cpu_and_ram()
     return f"{os.cpu_count()} x {cpu}, {mem:.0f} GiB RAM, Linux {platform.release()}, Python {platform.python_version()}"
+
+
+def machine_info() -> dict:
+    """The machine as the report labels its plots: CPU model, cores, RAM, kernel, Python, and the
+    one-line description the tables print (machine())."""
+    cpu, mem = _cpu_and_ram()
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_gib": round(mem, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "text": machine(),
+    }
+
+
+def write_json(path: str | None, benchmark: str, data: dict) -> None:
+    """Writes a benchmark's results for benchmarks/report.py (when path is given): what was run,
+    when, on which machine, and data (each script's figures plus its printed tables). The file is
+    written under a temporary name and renamed, so a report never reads half a file."""
+    if not path:
+        return
+    import datetime
+
+    argv, shown = sys.argv[1:], []
+    skip = False
+    for a in argv:  # the command as a reader would rerun it: without the --json destination
+        if skip:
+            skip = False
+        elif a == "--json":
+            skip = True
+        elif not a.startswith("--json="):
+            shown.append(a)
+    script = os.path.relpath(os.path.abspath(sys.argv[0]), ROOT)
+    doc = {
+        "benchmark": benchmark,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine_info(),
+        "command": " ".join(["python", script, *shown]),
+        **data,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def table_record(title: str, header: list[str], rows: list[list]) -> dict:
+    """A printed table as the results file keeps it (the report renders it again as markdown)."""
+    return {"title": title, "header": list(header), "rows": [[str(c) for c in r] for r in rows]}
 
 
 # ---- the machine's own ceiling ------------------------------------------------------------

@@ -24,7 +24,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import ROOT, drop_cache, generate_model, machine, report, warm_cache  # noqa: E402
+from common import ROOT, drop_cache, generate_model, machine, report, table_record, warm_cache, write_json  # noqa: E402
 
 
 def _rchar() -> int:
@@ -81,10 +81,11 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--cold", action="store_true")
     ap.add_argument("--markdown", default=None)
+    ap.add_argument("--json", default=None, help="also write the figures to this file (for benchmarks/report.py)")
     args = ap.parse_args()
     paths = generate_model("qwen_image", args.size_gib, args.shards)
     total = sum(os.path.getsize(p) for p in paths)
-    rows = []
+    rows, runs = [], []
     for world in args.ranks:
         base = run(world, paths, False, args.cold)
         grouped = run(world, paths, True, args.cold)
@@ -93,10 +94,24 @@ def main() -> None:
                          " / ".join(f"{r['read'] / (1 << 20):.0f}" for r in reports),
                          f"{sum(r['read'] for r in reports) / total:.2f}x",
                          " / ".join(f"{r['rchar'] / (1 << 20):.0f}" for r in reports)])
+            runs.append({"ranks": world, "mode": label, "ranks_figures": reports})
     head = ["ranks", "mode", "wall s (slowest)", "read per rank MiB", "read / file size", "rchar per rank MiB"]
-    report(f"# distributed load, gloo, {total / (1 << 30):.2f} GiB in {len(paths)} shards, "
-           f"{'cold' if args.cold else 'warm'} page cache; {machine()}",
-           rows, head, args.markdown)
+    what = (
+        f"distributed load, gloo, {total / (1 << 30):.2f} GiB in {len(paths)} shards, "
+        f"{'cold' if args.cold else 'warm'} page cache"
+    )
+    report(f"# {what}; {machine()}", rows, head, args.markdown)
+    write_json(
+        args.json,
+        "distributed",
+        {
+            "size_bytes": total,
+            "shards": len(paths),
+            "cold": args.cold,
+            "runs": runs,
+            "table": table_record(what, head, rows),
+        },
+    )
 
 
 if __name__ == "__main__":

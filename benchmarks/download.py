@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import sys
 
-from common import ROOT, bench_dir
+from common import ROOT, bench_dir, table_record, write_json
 
 MODEL = "bench/download"
 
@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=3)
     ap.add_argument("--cap-mib", type=float, default=40.0, help="per-connection cap of the shaped runs")
     ap.add_argument("--clients", default="ours,huggingface_hub,modelscope,curl")
+    ap.add_argument("--json", default=None, help="also write the figures to this file (for benchmarks/report.py)")
     args = ap.parse_args()
     size = args.size_mib << 20
     clients = args.clients.split(",")
@@ -75,11 +76,25 @@ def main() -> None:
         finally:
             hub.stdin.close()
             hub.wait()
-    print(f"{args.files} files, {args.size_mib} MiB in all; hub on 127.0.0.1; each client in a fresh process")
+    title = f"{args.files} files, {args.size_mib} MiB in all; hub on 127.0.0.1; each client in a fresh process"
+    print(title)
     print(f"{'link':24} {'client':20} {'seconds':>8} {'MiB/s':>8} {'ours / it':>10}")
+    cells = []
     for label, client, dt, speed in rows:
         ours = next(s for lab, c, _, s in rows if lab == label and c == "ours")
         print(f"{label:24} {client:20} {dt:8.2f} {speed:8.1f} {ours / speed:10.2f}")
+        cells.append([label, client, f"{dt:.2f}", f"{speed:.1f}", f"{ours / speed:.2f}"])
+    write_json(
+        args.json,
+        "download",
+        {
+            "size_mib": args.size_mib,
+            "files": args.files,
+            "cap_mib": args.cap_mib,
+            "runs": [{"link": lab, "client": c, "s": dt, "mib_s": sp} for lab, c, dt, sp in rows],
+            "table": table_record(title, ["link", "client", "seconds", "MiB/s", "ours / it"], cells),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """GPU loading benchmark: page cache -> GPU memory, diffsynth_c against DiffSynth and the peers.
 
-    python benchmarks/gpu_load.py [--size-gib 4] [--shards 4] [--repeat 3] [--check]
+    python benchmarks/gpu_load.py [--size-gib 4] [--shards 4] [--repeat 3] [--check] [--json FILE]
 
 Same files, same run. For each loader: median seconds until every tensor is in GPU memory
 (torch.cuda.synchronize() included) with the page cache warm, GB/s of file bytes, and whether its
@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from common import generate_model, machine, table, warm_cache  # noqa: E402
+from common import generate_model, machine, table, table_record, warm_cache, write_json  # noqa: E402
 
 OURS = "diffsynth_c"
 
@@ -159,6 +159,11 @@ def main() -> int:
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--check", action="store_true")
+    ap.add_argument(
+        "--json",
+        default=None,
+        help="also write the figures to this file (benchmarks/report.py); not written when there is no GPU",
+    )
     args = ap.parse_args()
     import diffsynth_c
     from diffsynth_c.kernels import cuda_status
@@ -170,11 +175,14 @@ def main() -> int:
     paths = generate_model("qwen-image-dit", args.size_gib, args.shards, "bfloat16")
     ceiling = pinned_h2d_gbps()
     print(f"pinned host-to-device ceiling: {ceiling:.2f} GB/s")
-    misses = []
+    misses, tables, loads = [], [], {}
+    load_header = ["loader", "s", "GB/s", "time / ours", "identical to DiffSynth"]
     for label, dtype in (("bf16 file, as stored", None), ("bf16 file -> float32", torch.float32)):
         rows = bench_loads(paths, dtype, args.repeat)
         print(f"\n{label} (page cache warm -> GPU)")
-        print(table(rows, ["loader", "s", "GB/s", "time / ours", "identical to DiffSynth"]))
+        print(table(rows, load_header))
+        tables.append(table_record(f"{label} (page cache warm -> GPU)", load_header, rows))
+        loads[label] = {r[0]: {"s": float(r[1]), "gbps": float(r[2])} for r in rows if r[1] != "-"}
         ours = next(r for r in rows if r[0] == OURS)
         ds = next((r for r in rows if r[0] == "diffsynth"), None)
         share = float(ours[2]) / ceiling
@@ -187,9 +195,31 @@ def main() -> int:
     rows, frac = bench_kernels()
     print("\nkernels (GB/s moved, fraction of the device's copy bandwidth)")
     print(table(rows, ["kernel", "GB/s", "of copy", "reference"]))
+    tables.append(
+        table_record(
+            "kernels (GB/s moved, fraction of the device's copy bandwidth)",
+            ["kernel", "GB/s", "of copy", "reference"],
+            rows,
+        )
+    )
     misses += [f"{n}: {f:.0%}" for n, f in frac.items() if f < (0.85 if n.startswith("cast") else 0.8)]
     for m in misses:
         print("MISSED:", m)
+    write_json(
+        args.json,
+        "gpu_load",
+        {
+            "gpu": torch.cuda.get_device_name(),
+            "size_bytes": sum(os.path.getsize(p) for p in paths),
+            "repeat": args.repeat,
+            "pinned_h2d_gbps": ceiling,
+            "loads": loads,
+            "kernels": {r[0]: float(r[1]) for r in rows},
+            "kernel_fraction_of_copy": frac,
+            "missed": misses,
+            "tables": tables,
+        },
+    )
     return 1 if (args.check and misses) else 0
 
 

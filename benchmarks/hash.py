@@ -1,6 +1,6 @@
 """Model-hash benchmark: diffsynth_c.hash_model_file against DiffSynth's, same files, same run.
 
-    python benchmarks/hash.py [--repeat 20]
+    python benchmarks/hash.py [--repeat 20] [--json FILE]
 
 The files are Qwen-Image's full DiT (20.4B parameters, 1933 tensors in 9 shards) with real headers
 and sparse data sections: hashing reads the headers only, so no disk is spent on weights. The hash
@@ -17,7 +17,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import machine, sparse_full_size_qwen_image, table  # noqa: E402
+from common import machine, sparse_full_size_qwen_image, table, table_record, write_json  # noqa: E402
 
 
 def timed(fn, repeat: int) -> tuple[float, str]:
@@ -33,6 +33,7 @@ def timed(fn, repeat: int) -> tuple[float, str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--json", default=None, help="also write the figures to this file (for benchmarks/report.py)")
     args = ap.parse_args()
 
     import diffsynth_c
@@ -47,9 +48,24 @@ def main() -> None:
     names = [c["model_name"] for c in MODEL_CONFIGS if c.get("model_hash") == h_ours]
     rows.append(["diffsynth.core.hash_model_file", f"{t_ds * 1e3:.2f}", h_ds, "1.0x"])
     rows.append(["diffsynth_c.hash_model_file", f"{t_ours * 1e3:.3f}", h_ours, f"{t_ds / t_ours:.1f}x faster"])
-    print(f"\n### hash_model_file, Qwen-Image DiT, 9 shards (median of {args.repeat})\n")
-    print(table(rows, ["function", "ms", "hash", "speed"]))
+    title = f"hash_model_file, Qwen-Image DiT, 9 shards (median of {args.repeat})"
+    header = ["function", "ms", "hash", "speed"]
+    print(f"\n### {title}\n")
+    print(table(rows, header))
     print(f"\nsame hash: {h_ours == h_ds}; MODEL_CONFIGS entry: {names or 'none'}")
+    write_json(
+        args.json,
+        "hash",
+        {
+            "repeat": args.repeat,
+            "files": len(paths),
+            "same_hash": h_ours == h_ds,
+            "model_configs": names,
+            "ms": {"diffsynth": t_ds * 1e3, "diffsynth_c": t_ours * 1e3},
+            "hash": h_ours,
+            "table": table_record(title, header, rows),
+        },
+    )
     if h_ours != h_ds:
         sys.exit("hashes differ")
 

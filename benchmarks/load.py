@@ -1,6 +1,6 @@
 """Loading benchmark: diffsynth_c.load_state_dict against DiffSynth and the peers, same files, same run.
 
-    python benchmarks/load.py [--size-gib 4] [--shards 4] [--repeat 3] [--markdown docs/benchmarks.md]
+    python benchmarks/load.py [--size-gib 4] [--shards 4] [--repeat 3] [--markdown FILE] [--json FILE]
 
 Scenarios: warm page cache; cold (each file's pages dropped before the load); warm with a dtype
 conversion (BF16 file to F32, F32 file to BF16). Every load runs in a fresh process and is timed
@@ -31,9 +31,11 @@ from common import (  # noqa: E402
     pread_ceiling,
     run_one,
     table,
+    table_record,
     warm_cache,
+    write_json,
 )
-from peers import files_read_by, prepare  # noqa: E402
+from peers import UNAVAILABLE, files_read_by, prepare  # noqa: E402
 
 OURS = "diffsynth_c"
 REFERENCE = "diffsynth"
@@ -63,7 +65,11 @@ def measure(loaders: list[str], paths: list[str], dtype: str | None, cold: bool,
     return results
 
 
-def summarize(title: str, results: dict[str, list[Result]], ceiling_gbps: float | None) -> tuple[str, dict]:
+HEADER = ["loader", "total s (median)", "call s", "GB/s", "peak RSS MiB", "time vs diffsynth_c", "identical"]
+
+
+def summarize(title: str, results: dict[str, list[Result]], ceiling_gbps: float | None) -> tuple[str, dict, list]:
+    """The scenario's table (markdown text), its figures by loader (for --json), and its rows."""
     rows, summary = [], {}
     ours = [r.total_s for r in results.get(OURS, []) if r.total_s]
     ours_med = statistics.median(ours) if ours else None
@@ -71,6 +77,7 @@ def summarize(title: str, results: dict[str, list[Result]], ceiling_gbps: float 
         ok_runs = [r for r in runs if r.total_s]
         if not ok_runs:
             rows.append([name, "failed", "", "", "", "", runs[0].error[:60] if runs else ""])
+            summary[name] = {"error": runs[0].error if runs else "not run"}
             continue
         total = statistics.median(r.total_s for r in ok_runs)
         call = statistics.median(r.call_s for r in ok_runs)
@@ -89,12 +96,19 @@ def summarize(title: str, results: dict[str, list[Result]], ceiling_gbps: float 
                 {True: "yes", False: "NO", None: "-"}[verified],
             ]
         )
-        summary[name] = {"total": total, "gbps": gbps, "peak": peak}
-    header = ["loader", "total s (median)", "call s", "GB/s", "peak RSS MiB", "time vs diffsynth_c", "identical"]
-    text = f"### {title}\n\n" + table(rows, header)
+        summary[name] = {
+            "total": total,
+            "call": call,
+            "gbps": gbps,
+            "peak": peak,
+            "identical": verified,
+            "runs_s": [r.total_s for r in ok_runs],
+            "bytes": ok_runs[0].bytes,
+        }
+    text = f"### {title}\n\n" + table(rows, HEADER)
     if ceiling_gbps and OURS in summary:
         text += f"\n\ndiffsynth_c reaches {summary[OURS]['gbps'] / ceiling_gbps * 100:.0f}% of the pre-faulted pread ceiling ({ceiling_gbps:.2f} GB/s)."
-    return text, summary
+    return text, summary, rows
 
 
 def main() -> None:
@@ -105,6 +119,7 @@ def main() -> None:
     ap.add_argument("--loaders", nargs="*", default=None)
     ap.add_argument("--scenarios", nargs="*", default=["warm", "cold", "bf16-to-f32", "f32-to-bf16"])
     ap.add_argument("--markdown", default=None, help="write the tables to this file")
+    ap.add_argument("--json", default=None, help="also write the figures to this file (for benchmarks/report.py)")
     args = ap.parse_args()
 
     loaders = args.loaders or available_loaders()
@@ -127,7 +142,7 @@ def main() -> None:
         f"memcpy {ceil_copy:.2f} GB/s, cold pread (8 threads) {ceil_cold:.2f} GB/s; MemAvailable {mem_available_gib():.1f} GiB"
     )
 
-    sections = []
+    sections, figures = [], {}
     scenarios = {
         "warm": ("Warm page cache, file dtype (bf16)", bf16, None, False, ceil_warm),
         "cold": ("Cold page cache (pages dropped before each load)", bf16, None, True, ceil_cold),
@@ -138,8 +153,9 @@ def main() -> None:
         title, paths, dtype, cold, ceiling = scenarios[key]
         print(f"\n== {title}")
         results = measure(loaders, paths, dtype, cold, args.repeat)
-        text, _ = summarize(title, results, ceiling)
+        text, summary, rows = summarize(title, results, ceiling)
         sections.append(text)
+        figures[key] = {"title": title, "loaders": summary, "table": table_record(title, HEADER, rows)}
         print("\n" + text)
 
     report = [
@@ -156,6 +172,20 @@ def main() -> None:
         with open(args.markdown, "w") as f:
             f.write("\n".join(report))
         print(f"\nwrote {args.markdown}")
+    ceilings = {"pread_prefaulted": ceil_warm, "pread_fresh": ceil_fresh, "memcpy": ceil_copy, "pread_cold": ceil_cold}
+    write_json(
+        args.json,
+        "load",
+        {
+            "size_gib": args.size_gib,
+            "size_bytes": size,
+            "shards": len(bf16),
+            "repeat": args.repeat,
+            "ceilings_gbps": ceilings,
+            "scenarios": figures,
+            "unavailable": dict(UNAVAILABLE),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Model loading benchmark: load_model and DiskMap, diffsynth_c against DiffSynth, same run.
 
-    python benchmarks/model_load.py [--size-gib 3] [--shards 4] [--repeat 3]
+    python benchmarks/model_load.py [--size-gib 3] [--shards 4] [--repeat 3] [--json FILE]
 
 The model is DiffSynth's own QwenImageDiT class with as many blocks as fit --size-gib (the files
 come from benchmarks/common.py, bf16). Each load runs in a fresh process and is timed from the
@@ -24,7 +24,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import ROOT, generate_model, machine, table, warm_cache  # noqa: E402
+from common import ROOT, generate_model, machine, table, table_record, warm_cache, write_json  # noqa: E402
 
 CHILD = r"""
 import json, sys, time, torch
@@ -65,13 +65,14 @@ def run_child(which: str, disk: bool, paths: list[str], layers: int) -> dict:
     return json.loads(line)
 
 
-def disk_map_figures(paths: list[str], repeat: int) -> list[list[str]]:
+def disk_map_figures(paths: list[str], repeat: int) -> tuple[list[list[str]], dict]:
+    """The DiskMap table's rows, and its figures by library (for --json)."""
     import torch
     from diffsynth.core import DiskMap as DsDiskMap
 
     from diffsynth_c import DiskMap
 
-    rows = []
+    rows, figures = [], {}
     for name, cls in (("diffsynth_c", DiskMap), ("diffsynth", DsDiskMap)):
         warm_cache(paths)
         keys = list(cls(paths, "cpu"))
@@ -88,7 +89,13 @@ def disk_map_figures(paths: list[str], repeat: int) -> list[list[str]]:
         nbytes = sum(dm[k].nbytes for k in dm)
         all_s = time.perf_counter() - t
         rows.append([name, f"{statistics.median(first) * 1e3:.2f}", f"{all_s:.2f}", f"{nbytes / all_s / 1e9:.2f}"])
-    return rows
+        figures[name] = {
+            "first_tensor_ms": statistics.median(first) * 1e3,
+            "all_keys_s": all_s,
+            "gbps": nbytes / all_s / 1e9,
+            "first_tensor_runs_ms": [x * 1e3 for x in first],
+        }
+    return rows, figures
 
 
 def main() -> int:
@@ -96,13 +103,14 @@ def main() -> int:
     ap.add_argument("--size-gib", type=float, default=3.0)
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--json", default=None, help="also write the figures to this file (for benchmarks/report.py)")
     args = ap.parse_args()
     paths = generate_model("qwen-image-dit", args.size_gib, args.shards, "bfloat16")
     size = sum(os.path.getsize(p) for p in paths)
     layers = layers_in(paths)
     print(machine())
     print(f"QwenImageDiT(num_layers={layers}), {size / 2**30:.2f} GiB in {len(paths)} shards")
-    rows = []
+    rows, loads = [], {}
     for disk in (False, True):
         res: dict[str, list] = {"diffsynth_c": [], "diffsynth": []}
         for r in range(args.repeat):
@@ -114,11 +122,32 @@ def main() -> int:
         for which in ("diffsynth_c", "diffsynth"):
             s = statistics.median(x["s"] for x in res[which])
             peak = statistics.median(x["peak"] for x in res[which])
-            rows.append([f"load_model{' (use_disk_map)' if disk else ''}", which, f"{s:.2f}", f"{peak:.0f}", f"{s / ours:.2f}x"])
-    print("\nload_model, warm page cache, until every weight page was read")
-    print(table(rows, ["call", "library", "s (median)", "peak RSS MiB", "time vs diffsynth_c"]))
-    print("\nDiskMap (bf16), warm page cache")
-    print(table(disk_map_figures(paths, args.repeat), ["library", "first tensor ms (median)", "all keys s", "GB/s"]))
+            call = f"load_model{' (use_disk_map)' if disk else ''}"
+            rows.append([call, which, f"{s:.2f}", f"{peak:.0f}", f"{s / ours:.2f}x"])
+            loads.setdefault(call, {})[which] = {"s": s, "peak_rss_mib": peak, "runs_s": [x["s"] for x in res[which]]}
+    load_title = "load_model, warm page cache, until every weight page was read"
+    load_header = ["call", "library", "s (median)", "peak RSS MiB", "time vs diffsynth_c"]
+    print(f"\n{load_title}")
+    print(table(rows, load_header))
+    dm_title = "DiskMap (bf16), warm page cache"
+    dm_header = ["library", "first tensor ms (median)", "all keys s", "GB/s"]
+    dm_rows, dm = disk_map_figures(paths, args.repeat)
+    print(f"\n{dm_title}")
+    print(table(dm_rows, dm_header))
+    write_json(
+        args.json,
+        "model_load",
+        {
+            "size_gib": args.size_gib,
+            "size_bytes": size,
+            "shards": len(paths),
+            "layers": layers,
+            "repeat": args.repeat,
+            "load_model": loads,
+            "disk_map": dm,
+            "tables": [table_record(load_title, load_header, rows), table_record(dm_title, dm_header, dm_rows)],
+        },
+    )
     return 0
 
 

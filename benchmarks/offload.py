@@ -29,7 +29,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import machine, peak_rss_mib, report, reset_peak_rss, rss_mib  # noqa: E402
+from common import machine, peak_rss_mib, report, reset_peak_rss, rss_mib, table_record, write_json  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -157,6 +157,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--modes", default="cpu_bf16,cpu_fp8,disk")
     ap.add_argument("--markdown", default=None, help="also write the table here")
+    ap.add_argument("--json", default=None, help="also write the figures to this file (for benchmarks/report.py)")
     args = ap.parse_args()
     on_gpu = args.device.startswith("cuda")
     gib = args.gib or (8.0 if on_gpu else 0.5)
@@ -210,9 +211,29 @@ def main() -> None:
             f"{carried / t / 1e9:.1f}" if carried else "", f"{rss:.0f}",
         ])
     head = ["mode", "layers", "ms/forward", "vs resident", "DiffSynth/ours", "GB/s carried", "peak RSS +MiB"]
-    report(f"# offload: {n_blocks} blocks, hidden {hidden}, {weights * 2 / (1 << 30):.2f} GiB bf16, {tokens} tokens, "
-           f"{args.device}; {machine()}" + (f"; pinned H2D {h2d:.1f} GB/s" if h2d else ""),
-           rows, head, args.markdown)
+    what = (
+        f"offload: {n_blocks} blocks, hidden {hidden}, {weights * 2 / (1 << 30):.2f} GiB bf16, {tokens} tokens, "
+        f"{args.device}"
+    )
+    report(f"# {what}; {machine()}" + (f"; pinned H2D {h2d:.1f} GB/s" if h2d else ""), rows, head, args.markdown)
+    write_json(
+        args.json,
+        "offload",
+        {
+            "device": args.device,
+            "blocks": n_blocks,
+            "hidden": hidden,
+            "tokens": tokens,
+            "repeat": args.repeat,
+            "weights_bytes": weights * 2,
+            "pinned_h2d_gbps": h2d,
+            "modes": [
+                {"mode": m, "layers": impl, "ms": t * 1e3, "peak_rss_mib": rss}
+                for (m, impl), (t, rss) in results.items()
+            ],
+            "table": table_record(what, head, rows),
+        },
+    )
 
 
 if __name__ == "__main__":

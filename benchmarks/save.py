@@ -1,6 +1,6 @@
 """Saving benchmark: diffsynth_c.save_state_dict against safetensors.torch.save_file, same run.
 
-    python benchmarks/save.py [--size-gib 4] [--repeat 3]
+    python benchmarks/save.py [--size-gib 4] [--repeat 3] [--json FILE]
 
 The state dict is the bf16 model of benchmarks/common.py, loaded once into memory. Each saver
 writes it into a fresh folder: ours in shards of --shard-size (default 2GB, with the index json),
@@ -21,7 +21,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import bench_dir, generate_model, machine, table  # noqa: E402
+from common import bench_dir, generate_model, machine, table, table_record, write_json  # noqa: E402
 
 
 def fsync_all(paths: list[str]) -> None:
@@ -36,6 +36,7 @@ def main() -> int:
     ap.add_argument("--size-gib", type=float, default=4.0)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--shard-size", default="2GB")
+    ap.add_argument("--json", default=None, help="also write the figures to this file (for benchmarks/report.py)")
     args = ap.parse_args()
     import diffsynth_c
     from diffsynth_c.loader.folder import parse_size, plan_shards
@@ -71,7 +72,24 @@ def main() -> int:
     ours = statistics.median(times["diffsynth_c.save_state_dict (fsync)"])
     rows = [[k, f"{statistics.median(v):.2f}", f"{size / statistics.median(v) / 1e9:.2f}",
              f"{statistics.median(v) / ours:.2f}x"] for k, v in times.items()]
-    print(table(rows, ["saver", "s (median)", "GB/s", "time vs diffsynth_c"]))
+    header = ["saver", "s (median)", "GB/s", "time vs diffsynth_c"]
+    print(table(rows, header))
+    title = f"save_state_dict, {size / 2**30:.2f} GiB in {len(plan)} shards of at most {args.shard_size}"
+    write_json(
+        args.json,
+        "save",
+        {
+            "size_gib": args.size_gib,
+            "size_bytes": size,
+            "shards": len(plan),
+            "repeat": args.repeat,
+            "savers": {
+                k: {"s": statistics.median(v), "gbps": size / statistics.median(v) / 1e9, "runs_s": v}
+                for k, v in times.items()
+            },
+            "table": table_record(title, header, rows),
+        },
+    )
     return 0
 
 

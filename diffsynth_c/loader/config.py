@@ -15,7 +15,6 @@ import glob
 import hashlib
 import json
 import os
-import sys
 import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional, Union
 
 from .. import _core
+from ..progress import Progress
 
 MANIFEST = os.path.join(".cache", "diffsynth_c", "manifest.json")
 PARTIAL = os.path.join(".cache", "diffsynth_c", "partial")  # partial files, out of the glob's sight
@@ -263,33 +263,18 @@ def _present(folder: str, f: dict, rel: str, manifest_files: dict) -> bool:
 
 
 class _Progress:
-    """Bytes, speed and ETA on stderr, when it is a terminal (or DIFFSYNTH_C_PROGRESS=1)."""
+    """The bar of a download (diffsynth_c/progress.py), shaped as _core.fetch calls it: with the
+    bytes fetched so far in this round, to which base adds what was already on disk."""
 
     def __init__(self, total: int, label: str) -> None:
-        flag = os.environ.get("DIFFSYNTH_C_PROGRESS")
-        self.on = flag == "1" or (flag != "0" and sys.stderr.isatty() and total >= 8 << 20)
-        self.total, self.label, self.t0, self.last = total, label, time.monotonic(), 0.0
+        self.bar = Progress(total, label, min_total=8 << 20)
         self.base = 0
 
     def __call__(self, done: int) -> None:
-        now = time.monotonic()
-        if not self.on or now - self.last < 0.5:
-            return
-        self.last = now
-        done += self.base
-        speed = done / max(now - self.t0, 1e-6)
-        eta = (self.total - done) / speed if speed > 0 else float("inf")
-        sys.stderr.write(
-            f"\r{self.label}: {done / 2**20:,.0f}/{self.total / 2**20:,.0f} MiB  "
-            f"{speed / 2**20:,.1f} MiB/s  ETA {eta:,.0f} s   "
-        )
-        sys.stderr.flush()
+        self.bar.set(self.base + done)
 
     def close(self) -> None:
-        if self.on:
-            self.last = 0.0
-            self.__call__(0)
-            sys.stderr.write("\n")
+        self.bar.close()
 
 
 def _seal(fd: int, part: str, size: int, want_hash: bool) -> Optional[str]:

@@ -18,7 +18,7 @@ import json
 import os
 from typing import Any, Iterable
 
-from .. import _core
+from .. import _core, progress
 from ..dlpack import safetensors_name_of, to_torch
 from .conversion import c_sources_for
 from .settings import mode, threads
@@ -123,35 +123,61 @@ def load_state_dict(
         return _load_in_group(file_path, torch_dtype, device, pin_memory, verbose, process_group, node_local, bucket_mib)
     paths = _as_list(file_path, "load_state_dict")
     displays = [os.fsdecode(p) for p in paths]
-    safetensors_idx = [i for i, p in enumerate(paths) if _is_safetensors(p)]
-    if verbose >= 1:
-        for d in displays:
-            print(f"Loading file [started]: {d}")
-    loaded: dict[int, dict[str, Any]] = {}
-    # safetensors files read straight into pinned memory when CUDA is there to pin it
-    pinned = bool(safetensors_idx) and pin_memory and _is_cpu(device) and _gpu_path("cuda")
-    if safetensors_idx:
-        dicts = _load_safetensors_files(
-            [paths[i] for i in safetensors_idx],
-            torch_dtype,
-            device,
-            [displays[i] for i in safetensors_idx],
-            pinned,
-        )
-        loaded.update(zip(safetensors_idx, dicts))
+    single = not isinstance(file_path, (list, tuple)) and len(paths) == 1
+    sizes = [0] * len(paths)
+    bar = None
+    if progress.wanted(0):  # a terminal, a notebook, or forced: worth a bar if the load is large
+        sizes = [_size_of(p) for p in paths]
+        label = f"Loading {os.path.basename(displays[0])}" if len(paths) == 1 else f"Loading {len(paths)} files"
+        bar = progress.Progress(sum(sizes), label, min_total=progress.LOAD_MIN_BYTES)
+    # One C call for every safetensors file reads them all in parallel. A bar or verbose output goes
+    # file by file instead: the bar moves between C calls (nothing is called back per tensor), and
+    # verbose prints DiffSynth's lines in DiffSynth's order (started, done, then the next file).
+    stepwise = verbose >= 1 or (bar is not None and bar.on)
+    batches = [[i] for i in range(len(paths))] if stepwise else [list(range(len(paths)))]
     state_dict: dict[str, Any] = {}
-    for i, path in enumerate(paths):
-        from_c = i in loaded
-        sd = loaded.pop(i) if from_c else load_state_dict_from_bin(path, torch_dtype=torch_dtype, device=device)
-        if pin_memory and not (from_c and pinned):
-            for k in sd:
-                sd[k] = sd[k].pin_memory()
-        if verbose >= 1:
-            print(f"Loading file [done]: {displays[i]}")
-        if not isinstance(file_path, (list, tuple)) and len(paths) == 1:
-            return sd  # one file: its own dict, as DiffSynth returns it (an OrderedDict for torch.save files)
-        state_dict.update(sd)
+    try:
+        for batch in batches:
+            if verbose >= 1:
+                print(f"Loading file [started]: {displays[batch[0]]}")
+            safetensors_idx = [i for i in batch if _is_safetensors(paths[i])]
+            # safetensors files read straight into pinned memory when CUDA is there to pin it
+            pinned = bool(safetensors_idx) and pin_memory and _is_cpu(device) and _gpu_path("cuda")
+            loaded: dict[int, dict[str, Any]] = {}
+            if safetensors_idx:
+                dicts = _load_safetensors_files(
+                    [paths[i] for i in safetensors_idx],
+                    torch_dtype,
+                    device,
+                    [displays[i] for i in safetensors_idx],
+                    pinned,
+                )
+                loaded.update(zip(safetensors_idx, dicts))
+            for i in batch:
+                from_c = i in loaded
+                sd = loaded.pop(i) if from_c else load_state_dict_from_bin(paths[i], torch_dtype, device)
+                if pin_memory and not (from_c and pinned):
+                    for k in sd:
+                        sd[k] = sd[k].pin_memory()
+                if verbose >= 1:
+                    print(f"Loading file [done]: {displays[i]}")
+                if bar is not None:
+                    bar.update(sizes[i])
+                if single:
+                    return sd  # one file: its own dict, as DiffSynth returns it (an OrderedDict for torch.save files)
+                state_dict.update(sd)
+    finally:
+        if bar is not None:
+            bar.close()
     return state_dict
+
+
+def _size_of(path: PathLike) -> int:
+    """Bytes of a file for the bar; 0 when it cannot be seen (the load then says why)."""
+    try:
+        return os.path.getsize(path)
+    except (OSError, TypeError, ValueError):
+        return 0
 
 
 def _load_in_group(file_path: Any, torch_dtype: Any, device: Any, pin_memory: bool, verbose: int, group: Any,

@@ -18,7 +18,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from .. import _core
+from .. import _core, progress
 from ..dlpack import safetensors_name_of
 from .settings import threads
 
@@ -220,24 +220,28 @@ def save_state_dict(
     # within one. A single file gets all the threads (they overlap the disk's queue).
     workers = max(1, min(len(written), threads()))
 
-    def write_shard(target: str, keys: list[str]) -> None:
+    def write_shard(target: str, keys: list[str]) -> int:
         header, items, owners = _header({k: state_dict[k] for k in keys}, metadata)
         _core.write_file(target, header, items, max(1, threads() // workers))
         del owners
+        return sum(n for _, n in items)
 
-    if workers == 1:
-        for target, keys in zip(written, shards or [[]]):
-            write_shard(target, keys)
-    else:
-        with ThreadPoolExecutor(workers) as pool:
-            jobs = [pool.submit(write_shard, t, k) for t, k in zip(written, shards)]
-            try:
-                for job in jobs:
-                    job.result()
-            except BaseException:
-                for job in jobs:
-                    job.cancel()  # shards not started are not written; running ones finish or clean up
-                raise
+    # the bar moves (on this thread) once a shard is written and durable
+    label = f"Saving {os.path.basename(os.path.normpath(folder))}"
+    with progress.Progress(sum(s for _, s in sizes), label, min_total=progress.LOAD_MIN_BYTES) as bar:
+        if workers == 1:
+            for target, keys in zip(written, shards or [[]]):
+                bar.update(write_shard(target, keys))
+        else:
+            with ThreadPoolExecutor(workers) as pool:
+                jobs = [pool.submit(write_shard, t, k) for t, k in zip(written, shards)]
+                try:
+                    for job in jobs:
+                        bar.update(job.result())
+                except BaseException:
+                    for job in jobs:
+                        job.cancel()  # shards not started are not written; running ones finish or clean up
+                    raise
     if n > 1:
         index = {
             "metadata": {"total_size": sum(s for _, s in sizes)},
