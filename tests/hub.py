@@ -93,6 +93,10 @@ class Hub:
 
 
 class _QuietServer(ThreadingHTTPServer):
+    # socketserver listens with a backlog of 5: a client opening more connections at once has its
+    # extra SYNs dropped and retried a second later, which no real hub does to it
+    request_queue_size = 128
+
     def handle_error(self, request, client_address) -> None:
         pass  # clients that hang up mid-body (retries, Ctrl-C tests) are expected here
 
