@@ -87,7 +87,7 @@ def spread(runs: list[float]) -> float:
 
 
 def noise_note(loads: list[dict]) -> str | None:
-    """A sentence when one loader's runs in one scenario were far apart (a shared CPU does that)."""
+    """A sentence when one loader's runs in one scenario were far apart (a shared CPU or a virtual disk does that)."""
     worst = (1.0, "", "", "")
     for doc in loads:
         for key, sc in doc.get("scenarios", {}).items():
@@ -98,8 +98,8 @@ def noise_note(loads: list[dict]) -> str | None:
     if worst[0] <= NOISY:
         return None
     return (
-        f"Run-to-run spread reached {worst[0]:.2f}x ({worst[1]}, {worst[2]}, {worst[3]}): the CPU was shared "
-        "with other jobs during this run, so single figures are noisy; the ratios between loaders measured in "
+        f"Run-to-run spread reached {worst[0]:.2f}x ({worst[1]}, {worst[2]}, {worst[3]}): single figures "
+        "are noisy on this machine (a shared CPU or a virtual disk does that); the ratios between loaders measured in "
         "alternating order in the same run are the figures to read."
     )
 
