@@ -246,3 +246,22 @@ def test_benchmark_runs_from_anywhere(tmp_path):
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "unshaped" in r.stdout and "ours" in r.stdout
+
+
+def test_the_bar_keeps_files_landed_in_earlier_rounds(hub, env, monkeypatch):
+    """A hash mismatch sends one file round again; the bar's floor for that round is what already
+    landed, so the count never falls back below finished files."""
+    bars = []
+
+    class Recorder(_Stop):
+        def __init__(self, total, label):
+            super().__init__(lambda done: None)
+            bars.append(self)
+
+    monkeypatch.setattr(cfg, "_Progress", Recorder)
+    hub.fault("text_encoder/config.json", "wrong")
+    before = len(hub.requests)
+    fetch_one(hub, env, "text_encoder/")
+    assert sum("config.json" in r for r in hub.requests[before:]) == 2  # a second round did happen
+    repo = hub.repos["org/model"]
+    assert bars[0].base == len(repo["text_encoder/model-00001.safetensors"]) + len(repo["text_encoder/config.json"])

@@ -340,6 +340,7 @@ def download_files(
     by_path = {f.path: f for f in files}
     progress = _Progress(sum(f.size for f in files), what)
     step = range_size(sum(f.size for f in files), connections)
+    landed = 0  # bytes of the files already renamed into place: the bar's floor in later rounds
     while todo:
         plan, fds = [], {}
         try:
@@ -422,7 +423,8 @@ def download_files(
             os.replace(part, os.path.join(folder, rel))
             _discard(part)
             todo.pop(rel)
-        progress.base = 0
+            landed += f.size
+        progress.base = landed
         if failures:
             progress.close()
             raise DownloadError(f"{what}: " + "; ".join(failures))
