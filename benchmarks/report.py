@@ -340,6 +340,12 @@ def _figure(title: str, doc: dict, width: float = 8.0, height: float = 4.2):
 
     fig, ax = plt.subplots(figsize=(width, height), dpi=100)
     fig.suptitle(title, fontsize=11)
+    _label(fig, doc)
+    return fig, ax
+
+
+def _label(fig, doc: dict) -> None:
+    """The machine and the date under a figure: every plot says where and when it was measured."""
     fig.text(
         0.5,
         0.005,
@@ -349,7 +355,6 @@ def _figure(title: str, doc: dict, width: float = 8.0, height: float = 4.2):
         fontsize=7.5,
         color="#444444",
     )
-    return fig, ax
 
 
 def _save(fig, path: str) -> None:
@@ -443,15 +448,7 @@ def plot_diskmap(doc: dict, path: str) -> None:
     fig.suptitle(
         f"DiskMap and load_model, QwenImageDiT ({doc['layers']} blocks, {gib(doc['size_bytes'])})", fontsize=11
     )
-    fig.text(
-        0.5,
-        0.005,
-        f"{machine_label(doc)}; measured {doc.get('date', '?')}",
-        ha="center",
-        va="bottom",
-        fontsize=7.5,
-        color="#444444",
-    )
+    _label(fig, doc)
     libs = [n for n in (OURS, REFERENCE) if n in doc["disk_map"]]
     vals = [doc["disk_map"][n]["first_tensor_ms"] for n in libs]
     a1.bar(libs, vals, color=[_color(n) for n in libs])
