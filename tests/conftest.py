@@ -7,6 +7,7 @@ them, and a test suite that silently skipped its comparisons would prove nothing
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import subprocess
@@ -60,6 +61,22 @@ def raw_safetensors(path, header: bytes | str | dict, data: bytes = b"", length:
     n = len(header) if length is None else length
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", n) + header + data)
+    return str(path)
+
+
+def sparse_safetensors(path, shapes: dict[str, tuple[int, ...]], dtype: str = "BF16", itemsize: int = 2) -> str:
+    """A well-formed safetensors file of the given tensor shapes whose data section is a hole
+    (sparse, zero on read, no disk blocks): for tests that only read headers, such as hashing."""
+    header, offset = {}, 0
+    for key in sorted(shapes):  # as safetensors writes them: data in name order
+        nbytes = math.prod(shapes[key]) * itemsize
+        header[key] = {"dtype": dtype, "shape": list(shapes[key]), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.truncate(8 + len(raw) + offset)
     return str(path)
 
 
