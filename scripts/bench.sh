@@ -14,6 +14,8 @@
 #                    download gpu_load (default: all); the others' results files are kept
 #   BENCH_RESULTS    where the results files go (benchmarks/results)
 #   BENCH_REPORT     0 skips the report
+#   DIFFSYNTH_C_BENCH_DIR  where the generated model files go, kept for the next run; unset, they go
+#                    in a fresh folder under /tmp that is removed at the end (they take GBs)
 # A benchmark that fails is reported at the end (exit status 1) and left out of the page as "not
 # measured"; a GPU results file (gpu_load.json, from `make gpu-bench`) is kept unless this run
 # measured a GPU itself.
@@ -29,8 +31,15 @@ size=${BENCH_SIZE_GIB:-1}
 sweep=${BENCH_SWEEP_GIB:-0.25 2}
 repeat=${BENCH_REPEAT:-3}
 results=${BENCH_RESULTS:-$root/benchmarks/results}
-bench_dir=${DIFFSYNTH_C_BENCH_DIR:-/tmp/diffsynth_c_bench}
-mkdir -p "$bench_dir" "$results"
+if [ -n "${DIFFSYNTH_C_BENCH_DIR:-}" ]; then
+  bench_dir=$DIFFSYNTH_C_BENCH_DIR
+  mkdir -p "$bench_dir"
+else
+  bench_dir=$(mktemp -d /tmp/diffsynth_c_bench.XXXXXX)
+  trap 'rm -rf "$bench_dir"' EXIT
+  export DIFFSYNTH_C_BENCH_DIR=$bench_dir
+fi
+mkdir -p "$results"
 new=$(mktemp -d "$bench_dir/results.XXXXXX")
 failed=()
 ran=()
