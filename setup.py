@@ -8,6 +8,11 @@ imports and works on machines without nvcc, without a driver or without a GPU.
 
 DIFFSYNTH_C_CUDA=0 skips the CUDA library; =1 makes a missing nvcc an error. NVCC names the
 compiler (default: nvcc on PATH, then $CUDA_HOME/bin/nvcc, then /usr/local/cuda/bin/nvcc).
+
+Downloads need libcurl (Debian: libcurl4-openssl-dev). Where its headers or library are missing
+(an offline GPU machine, say), the core is built without them and only downloads fail, with a
+message saying so. DIFFSYNTH_C_CURL=1 makes a missing libcurl an error (the project's own
+environment sets it); =0 builds without libcurl even where it is present.
 """
 
 import glob
@@ -64,8 +69,34 @@ def find_nvcc() -> str | None:
     return None
 
 
+def links_with_curl(compiler, build_temp: str) -> bool:
+    """Whether a program using libcurl compiles and links with this compiler."""
+    os.makedirs(build_temp, exist_ok=True)
+    src = os.path.join(build_temp, "curl_probe.c")
+    with open(src, "w", encoding="utf-8") as f:
+        f.write("#include <curl/curl.h>\nint main(void) { return curl_global_init(CURL_GLOBAL_DEFAULT) != 0; }\n")
+    try:
+        objects = compiler.compile([src], output_dir=build_temp)
+        compiler.link_executable(objects, "curl_probe", output_dir=build_temp, libraries=["curl"])
+    except Exception:  # distutils' CompileError and LinkError, whichever distutils this is
+        return False
+    return True
+
+
 class BuildWithCuda(build_ext):
-    """build_ext, then the CUDA library next to the extension when nvcc is there."""
+    """build_ext (with or without libcurl, see above), then the CUDA library next to the extension
+    when nvcc is there."""
+
+    def build_extensions(self) -> None:
+        wanted = os.environ.get("DIFFSYNTH_C_CURL", "auto")
+        if wanted == "0" or not links_with_curl(self.compiler, self.build_temp):
+            if wanted == "1":
+                raise RuntimeError("DIFFSYNTH_C_CURL=1 but libcurl was not found (Debian: libcurl4-openssl-dev)")
+            print("diffsynth_c: libcurl not found, building without downloads", file=sys.stderr)
+            for ext in self.extensions:
+                ext.define_macros.append(("DS_NO_CURL", "1"))
+                ext.libraries = [lib for lib in ext.libraries if lib != "curl"]
+        super().build_extensions()
 
     def run(self) -> None:
         super().run()

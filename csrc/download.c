@@ -5,17 +5,23 @@
  * order by whichever slot is free: Python cuts large files into many ranges,
  * so a fast connection takes more of them and the last ranges of a file do
  * not wait on one slow connection. A job's bytes go straight to its file with
- * pwrite at start + done; nothing is buffered beyond curl's own buffer. */
+ * pwrite at start + done; nothing is buffered beyond curl's own buffer.
+ *
+ * Built with DS_NO_CURL (setup.py, where libcurl's headers are missing, as on
+ * an offline GPU machine), both entry points fail with a message that says how
+ * to get downloads back; everything else of the core is unaffected. */
 #define _GNU_SOURCE
 #include "download.h"
 
+#include <stdlib.h>
+#include <string.h>
+
+#ifndef DS_NO_CURL
 #include <curl/curl.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <pthread.h>
 #include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -379,6 +385,28 @@ done:
     curl_slist_free_all(list);
     return rc;
 }
+
+#else /* DS_NO_CURL */
+
+#define DN_NO_CURL_MSG                                                                                                 \
+    "this build of diffsynth_c has no libcurl, so it cannot download: install libcurl's headers "                      \
+    "(Debian: libcurl4-openssl-dev) and rebuild"
+
+int dn_fetch(dn_job *jobs, size_t n_jobs, const char *const *headers, size_t n_headers, int connections, int retries,
+             double stall_seconds, dn_poll_fn poll, void *poll_arg, ds_error *err) {
+    (void)jobs, (void)n_jobs, (void)headers, (void)n_headers, (void)connections, (void)retries, (void)stall_seconds;
+    (void)poll, (void)poll_arg;
+    return ds_fail(err, DS_ERR_UNSUPPORTED, DN_NO_CURL_MSG);
+}
+
+int dn_get(const char *url, const char *const *headers, size_t n_headers, size_t max_body, dn_reply *reply,
+           ds_error *err) {
+    (void)url, (void)headers, (void)n_headers, (void)max_body;
+    memset(reply, 0, sizeof *reply);
+    return ds_fail(err, DS_ERR_UNSUPPORTED, DN_NO_CURL_MSG);
+}
+
+#endif /* DS_NO_CURL */
 
 void dn_reply_free(dn_reply *reply) {
     free(reply->headers);

@@ -2308,7 +2308,11 @@ static PyObject *http_get(PyObject *module, PyObject *args) {
         ds_error err;
         int rc;
         Py_BEGIN_ALLOW_THREADS rc = dn_get(url, hs, (size_t)nh, (size_t)max_body, &reply, &err);
-        Py_END_ALLOW_THREADS if (rc) PyErr_Format(PyExc_ConnectionError, "%s: %s", url, err.msg);
+        Py_END_ALLOW_THREADS if (rc) {
+            /* a build without libcurl is not a network failure to retry */
+            PyErr_Format(err.status == DS_ERR_UNSUPPORTED ? PyExc_RuntimeError : PyExc_ConnectionError, "%s: %s", url,
+                         err.msg);
+        }
         else {
             result = Py_BuildValue("(lsy#y#)", reply.status, reply.final_url, reply.headers,
                                    (Py_ssize_t)reply.headers_len, reply.body, (Py_ssize_t)reply.body_len);
@@ -2405,7 +2409,7 @@ static PyObject *fetch(PyObject *module, PyObject *args) {
                 Py_DECREF(e);
             }
         } else {
-            PyErr_SetString(PyExc_MemoryError, err.msg);
+            PyErr_SetString(err.status == DS_ERR_UNSUPPORTED ? PyExc_RuntimeError : PyExc_MemoryError, err.msg);
         }
         goto done;
     }
@@ -2421,8 +2425,13 @@ done:
 static PyObject *build_info(PyObject *module, PyObject *unused) {
     (void)module;
     (void)unused;
-    return Py_BuildValue("{s:s,s:s,s:i,s:N}", "version", DS_VERSION, "f16_conversion", cv_f16_impl(), "cpu_count",
-                         io_cpu_count(), "cuda", PyBool_FromLong(cu_get() != NULL));
+#ifdef DS_NO_CURL
+    const int curl = 0;
+#else
+    const int curl = 1;
+#endif
+    return Py_BuildValue("{s:s,s:s,s:i,s:N,s:N}", "version", DS_VERSION, "f16_conversion", cv_f16_impl(), "cpu_count",
+                         io_cpu_count(), "cuda", PyBool_FromLong(cu_get() != NULL), "curl", PyBool_FromLong(curl));
 }
 
 /* ---- module ----------------------------------------------------------------- */

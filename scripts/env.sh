@@ -35,6 +35,7 @@ if [ ! -f "$venv/.complete" ]; then
   "$venv/bin/python" -m pip install -q -r "$root/requirements/dev.txt" >&2
   touch "$venv/.complete"
 fi
-# Build the extension in place (incremental: only changed sources recompile), warnings as errors.
-(cd "$root" && DIFFSYNTH_C_WERROR=1 "$venv/bin/python" setup.py -q build_ext --inplace >&2)
+# Build the extension in place (incremental: only changed sources recompile), warnings as errors,
+# libcurl required (the build would otherwise quietly leave downloads out).
+(cd "$root" && DIFFSYNTH_C_WERROR=1 DIFFSYNTH_C_CURL=1 "$venv/bin/python" setup.py -q build_ext --inplace >&2)
 echo "$venv"
