@@ -160,6 +160,9 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the figures to this file (for benchmarks/report.py)")
     args = ap.parse_args()
     on_gpu = args.device.startswith("cuda")
+    if on_gpu and not cuda:
+        print(f"offload: nothing to measure on {args.device}: torch sees no CUDA device", file=sys.stderr)
+        sys.exit(1)
     gib = args.gib or (8.0 if on_gpu else 0.5)
     hidden = args.hidden or (3072 if on_gpu else 1024)
     tokens = args.tokens or (4096 if on_gpu else 256)
