@@ -3,7 +3,8 @@
 ``patch_diffsynth()`` rebinds DiffSynth's loading functions and classes to diffsynth_c's, in
 DiffSynth's own modules and in every ``diffsynth.*`` module that imported them by name (such as
 ``diffsynth.models.model_loader``, which holds ``load_model`` and ``hash_model_file``), so an
-unchanged pipeline script gets the faster loads. ``unpatch_diffsynth()`` puts every binding back.
+unchanged pipeline script gets the faster loads. ``unpatch_diffsynth()`` puts every binding back,
+also in the ``diffsynth`` modules first imported while patched.
 ``import diffsynth_c.auto`` patches on import; so does importing diffsynth_c with
 ``DIFFSYNTH_C_PATCH=1`` in the environment.
 """
@@ -94,7 +95,11 @@ def patch_diffsynth() -> int:
 
 
 def unpatch_diffsynth() -> int:
-    """Puts back every binding patch_diffsynth changed. Returns how many."""
+    """Puts back every binding patch_diffsynth changed, and DiffSynth's objects in the ``diffsynth``
+    modules imported while patched (they took ours from the patched modules by name). Returns how
+    many bindings changed."""
+    if not _saved:
+        return 0
     n = len(_saved)
     from .vram import layers
 
@@ -102,6 +107,15 @@ def unpatch_diffsynth() -> int:
     while _saved:
         module, attr, value = _saved.pop()
         setattr(module, attr, value)
+    back = {id(ours): (ours, theirs) for theirs, ours in _pairs()}
+    for name, module in list(sys.modules.items()):
+        if module is None or not (name == "diffsynth" or name.startswith("diffsynth.")):
+            continue
+        for attr, value in list(vars(module).items()):
+            hit = back.get(id(value))
+            if hit is not None and hit[0] is value:
+                setattr(module, attr, hit[1])
+                n += 1
     return n
 
 

@@ -286,6 +286,26 @@ def test_patched_model_pool_loads_identical_models(tmp_path):
     assert list(a) == list(b) and all(same_tensor(a[k], b[k]) for k in a)
 
 
+def test_unpatch_restores_modules_imported_while_patched():
+    """A DiffSynth module first imported while patched takes our objects by name from the patched
+    modules; unpatching puts DiffSynth's back there too."""
+    r = run_python(
+        "import sys, diffsynth.core, diffsynth_c\n"
+        "assert 'diffsynth.models.model_loader' not in sys.modules\n"
+        "from diffsynth.core.loader import model as ds_model\n"
+        "theirs = ds_model.load_model\n"
+        "diffsynth_c.patch_diffsynth()\n"
+        "import diffsynth.models.model_loader as ml\n"
+        "assert ml.load_model is diffsynth_c.load_model and ml.hash_model_file is diffsynth_c.hash_model_file\n"
+        "diffsynth_c.unpatch_diffsynth()\n"
+        "assert ml.load_model is theirs, ml.load_model\n"
+        "assert ml.hash_model_file.__module__.startswith('diffsynth.core'), ml.hash_model_file.__module__\n"
+        "assert diffsynth_c.unpatch_diffsynth() == 0\n"
+        "print('ok')\n"
+    )
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
 def test_auto_import_and_environment_patch():
     code = (
         "import diffsynth.core.loader.file as f, diffsynth_c\n"
