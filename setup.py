@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -78,7 +79,7 @@ def links_with_curl(compiler, build_temp: str) -> bool:
     try:
         objects = compiler.compile([src], output_dir=build_temp)
         compiler.link_executable(objects, "curl_probe", output_dir=build_temp, libraries=["curl"])
-    except Exception:  # distutils' CompileError and LinkError, whichever distutils this is
+    except Exception:  # noqa: BLE001  CompileError/LinkError, of whichever copy of distutils compiled it
         return False
     return True
 
@@ -143,4 +144,26 @@ class BuildWithCuda(build_ext):
         os.replace(partial, target)
 
 
-setup(ext_modules=[core_extension()], cmdclass={"build_ext": BuildWithCuda})
+# Installed at the top of site-packages: with DIFFSYNTH_C_PATCH=1, every interpreter patches DiffSynth
+# as soon as the script imports it (diffsynth_c/_startup.py); without the variable it does nothing.
+PATCH_PTH = (
+    "diffsynth_c-patch.pth",
+    'import os; os.environ.get("DIFFSYNTH_C_PATCH") == "1" and __import__("diffsynth_c._startup")\n',
+)
+
+
+class BuildPyWithPth(build_py):
+    """build_py, plus the .pth file above at the root of the built tree (so, of the wheel)."""
+
+    def run(self) -> None:
+        super().run()
+        name, line = PATCH_PTH
+        os.makedirs(self.build_lib, exist_ok=True)
+        with open(os.path.join(self.build_lib, name), "w", encoding="utf-8") as f:
+            f.write(line)
+
+    def get_outputs(self, include_bytecode: bool = True) -> list[str]:
+        return [*super().get_outputs(include_bytecode), os.path.join(self.build_lib, PATCH_PTH[0])]
+
+
+setup(ext_modules=[core_extension()], cmdclass={"build_ext": BuildWithCuda, "build_py": BuildPyWithPth})

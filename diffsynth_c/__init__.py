@@ -55,4 +55,4 @@ from .loader import guard as _guard
 _guard.install()
 
 if __import__("os").environ.get("DIFFSYNTH_C_PATCH") == "1":
-    patch_diffsynth()
+    from . import _startup  # noqa: F401  patches now if DiffSynth is imported, else as soon as it is

@@ -5,8 +5,9 @@ DiffSynth's own modules and in every ``diffsynth.*`` module that imported them b
 ``diffsynth.models.model_loader``, which holds ``load_model`` and ``hash_model_file``), so an
 unchanged pipeline script gets the faster loads. ``unpatch_diffsynth()`` puts every binding back,
 also in the ``diffsynth`` modules first imported while patched.
-``import diffsynth_c.auto`` patches on import; so does importing diffsynth_c with
-``DIFFSYNTH_C_PATCH=1`` in the environment.
+``import diffsynth_c.auto`` patches on import. ``DIFFSYNTH_C_PATCH=1`` in the environment patches
+an unchanged script as soon as it imports DiffSynth (``_startup.py``, started by the installed
+``diffsynth_c-patch.pth`` or by ``import diffsynth_c``).
 """
 
 from __future__ import annotations

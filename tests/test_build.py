@@ -34,6 +34,24 @@ def test_wheel_builds_without_warnings(tmp_path):
     assert any(n.startswith("diffsynth_c/_core") and n.endswith(".so") for n in names)
     assert "diffsynth_c/loader/file.py" in names
     assert "diffsynth_c/_core.pyi" in names and "diffsynth_c/py.typed" in names  # editors see the types
+    assert "diffsynth_c-patch.pth" in names  # DIFFSYNTH_C_PATCH=1 with no line of code
+
+    # Installed, the .pth patches a script that never names diffsynth_c, only with the variable set.
+    site_dir = tmp_path / "site"
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site_dir), str(wheel)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    script = (
+        f"import site, sys; site.addsitedir({str(site_dir)!r})\n"  # processes the .pth as at start-up
+        "print('diffsynth_c' in sys.modules, 'diffsynth' in sys.modules)\n"
+        "from diffsynth.core import load_state_dict\n"
+        "print(load_state_dict.__module__)\n"
+        "import diffsynth_c; print(diffsynth_c.__file__.startswith(" + repr(str(site_dir)) + "))\n"
+    )
+    for value, expected in (("1", "True False\ndiffsynth_c.loader.file\nTrue"), ("0", "False False\ndiffsynth.core.loader.file\nTrue")):
+        r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=str(tmp_path),
+                           env=dict(os.environ, DIFFSYNTH_C_PATCH=value, PYTHONPATH=""))
+        assert r.returncode == 0 and r.stdout.strip() == expected, (value, r.stdout, r.stderr[-3000:])
 
 
 def test_c_core_needs_no_torch(tmp_path):
@@ -89,3 +107,23 @@ except RuntimeError as e:
                        env=dict(os.environ, HF_ENDPOINT="http://127.0.0.1:9"))
     assert r.returncode == 0, r.stderr
     assert "this build of diffsynth_c has no libcurl, so it cannot download" in r.stdout, r.stdout
+
+
+def test_curl_probe_answers_no_when_compiling_fails(tmp_path):
+    """setup.py's libcurl probe: yes with this machine's compiler, no (not a crash of the build)
+    with one that fails."""
+    code = f"""
+import sys, setuptools
+setuptools.setup = lambda **kw: None  # import setup.py for its functions, build nothing
+sys.path.insert(0, {ROOT!r})
+import setup
+from distutils.ccompiler import new_compiler
+from distutils.sysconfig import customize_compiler
+c = new_compiler()
+customize_compiler(c)
+print(setup.links_with_curl(c, {str(tmp_path / "a")!r}))
+c.set_executables(compiler_so="false", compiler="false", linker_exe="false")
+print(setup.links_with_curl(c, {str(tmp_path / "b")!r}))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
+    assert r.returncode == 0 and r.stdout.split() == ["True", "False"], r.stdout + r.stderr[-3000:]
