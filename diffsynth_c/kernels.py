@@ -94,6 +94,7 @@ def _capsule(t: Any, handle: int, is_current: bool) -> Any:
     so those are exported as bytes (same shape, same element size)."""
     import torch
 
+    t = t.detach()  # torch exports no tensor that requires grad (a norm's weight is a Parameter)
     if t.element_size() == 1 and t.dtype not in (torch.uint8, torch.int8):
         t = t.view(torch.uint8)
     if is_current:
@@ -108,8 +109,11 @@ def _same_device(tensors: list, what: str) -> None:
 
 
 def _launch_cast(src: Any, dst: Any, s: str, d: str, rules: tuple[int, int], stream: Any) -> None:
-    handle, current = _stream_handle(src.device, stream)
-    _core.cuda_cast(_capsule(src, handle, current), _capsule(dst, handle, current), s, d, handle, *rules)
+    import torch
+
+    with torch.cuda.device(src.device):  # torch exports only tensors of the current device
+        handle, current = _stream_handle(src.device, stream)
+        _core.cuda_cast(_capsule(src, handle, current), _capsule(dst, handle, current), s, d, handle, *rules)
 
 
 def _probe_values(name: str, device: Any) -> Any:
@@ -183,9 +187,10 @@ def _norm(layer: bool, x: Any, weight: Any, bias: Any, eps: float, out: Any, str
             raise ValueError(f"{what}: out must have x's shape {tuple(x.shape)} and dtype {x.dtype}")
     _same_device([x, weight, bias, out], what)
     _require()
-    handle, current = _stream_handle(x.device, stream)
-    caps = [None if p is None else _capsule(p, handle, current) for p in (x, out, weight, bias)]
-    _core.cuda_norm(layer, caps[0], caps[1], caps[2], caps[3], t, wt, float(eps), handle)
+    with torch.cuda.device(x.device):  # torch exports only tensors of the current device
+        handle, current = _stream_handle(x.device, stream)
+        caps = [None if p is None else _capsule(p, handle, current) for p in (x, out, weight, bias)]
+        _core.cuda_norm(layer, caps[0], caps[1], caps[2], caps[3], t, wt, float(eps), handle)
     return out
 
 

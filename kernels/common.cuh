@@ -117,6 +117,9 @@ __attribute__((format(printf, 3, 4))) static inline int dsk_fail(char *err, size
 static inline int dsk_check(cudaError_t rc, const char *what, char *err, size_t errlen) {
     if (rc == cudaSuccess)
         return 0;
+    /* reported here, so cleared: a later launch's cudaGetLastError must not report it again (a
+     * sticky error, one that breaks the context, stays whatever we do) */
+    (void)cudaGetLastError();
     return dsk_fail(err, errlen, "%s: %s: %s", what, cudaGetErrorName(rc), cudaGetErrorString(rc));
 }
 

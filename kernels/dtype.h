@@ -142,7 +142,15 @@ DS_HD uint8_t ds_f32_to_e4m3(uint32_t x, int saturate) {
 
 /* ---- F8 E5M2 (the top byte of an F16) ---- */
 
-DS_HD uint32_t ds_e5m2_to_f32(uint8_t v, ds_nan nan) { return ds_f16_to_f32((uint16_t)((uint16_t)v << 8), nan); }
+/* c10 widens E5M2 through its software F16 -> F32 (fp16_ieee_to_fp32_value), not through the
+ * hardware's: on CUDA the float multiply in it turns a NaN into the canonical 0x7FFFFFFF, and the
+ * sign is ORed back afterwards, so a negative NaN becomes 0xFFFFFFFF. */
+DS_HD uint32_t ds_e5m2_to_f32(uint8_t v, ds_nan nan) {
+    uint32_t r = ds_f16_to_f32((uint16_t)((uint16_t)v << 8), nan);
+    if (nan == DS_NAN_CUDA && (r & 0x7FFFFFFFu) > 0x7F800000u)
+        r = ((uint32_t)(v & 0x80u) << 24) | 0x7FFFFFFFu;
+    return r;
+}
 
 DS_HD uint8_t ds_f32_to_e5m2(uint32_t x) {
     uint32_t sign = x & 0x80000000u;

@@ -22,6 +22,8 @@ from diffsynth_c.patch import original
 from diffsynth_c.vram import layers as L
 from diffsynth_c.vram.prefetch import Scheduler
 
+from .conftest import run_python
+
 import diffsynth.core.vram.layers as DL
 from diffsynth.configs.vram_management_module_maps import VRAM_MANAGEMENT_MODULE_MAPS
 from diffsynth.models.wan_video_dit import WanModel, sinusoidal_embedding_1d
@@ -348,3 +350,45 @@ def test_patch_puts_our_layers_in_diffsynth_and_its_checks_still_see_its_own():
         diffsynth_c.unpatch_diffsynth()
     assert base_pipeline.AutoTorchModule is DL.AutoTorchModule
     assert not isinstance(theirs, L.AutoTorchModule)
+
+
+def test_a_layer_moved_while_its_prefetch_runs_neither_deadlocks_nor_crashes():
+    """A layer's weights rewritten by the main thread (module.to() sets .data when the layer enters
+    preparing) while a worker still casts them: the workers read aliases made on the calling
+    thread, with autograd off. Before, the worker's view took the weight's autograd lock and waited
+    for the GIL held by the main thread, which waited for that lock: the suite hung in CI."""
+    r = run_python(
+        """
+import time, torch
+from diffsynth_c.vram.prefetch import Need, ThreadTransport
+p = torch.nn.Parameter(torch.randn(64, 1024))
+transport = ThreadTransport()
+pending, n, end = [], 0, time.time() + 3
+with torch.no_grad():  # as pipelines run: the workers' own grad mode is what matters
+    while time.time() < end:
+        pending.append(transport.start(Need(["weight"], [p], [None], [torch.bfloat16], "cpu")))
+        p.data = torch.randn(64, 1024)  # what module.to() does to a layer's weights
+        if len(pending) > 4:
+            pending.pop(0).result()
+        n += 1
+for f in pending:
+    f.result()
+print("ok", n > 100)
+""",
+        timeout=90,
+    )
+    assert r.returncode == 0 and r.stdout.split() == ["ok", "True"], (r.returncode, r.stdout, r.stderr[-2000:])
+
+
+def test_weights_that_need_grad_are_cast_on_the_callers_thread():
+    """With autograd recording through the weights, the cast is part of the caller's graph (as in
+    DiffSynth): no prefetch on a worker for them."""
+    from diffsynth_c.vram.prefetch import Need, _needs_grad
+
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    need = Need(["weight"], [p], [None], [torch.bfloat16], "cpu")
+    assert _needs_grad(need)
+    with torch.no_grad():
+        assert not _needs_grad(need)
+    p.requires_grad_(False)
+    assert not _needs_grad(need)

@@ -646,6 +646,8 @@ def _norm_by_kernel(module: torch.nn.Module, tensors: dict | None, args: tuple, 
         return None
     get = (lambda n: tensors[n] if tensors is not None and n in tensors else getattr(module, n, None))
     weight, bias = get("weight"), get("bias") if kind == "torch_layer" else None
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return None  # the kernels have no backward: autograd needs the module's own forward
     for t in (x, weight, bias):
         if t is not None and (safetensors_name_of(t.dtype) not in NORM_DTYPES or t.device != x.device or not t.is_contiguous()):
             return None
@@ -658,8 +660,8 @@ def _norm_by_kernel(module: torch.nn.Module, tensors: dict | None, args: tuple, 
         if len(shape) != 1 or shape[0] != x.shape[-1]:
             return None
         eps = module.eps
-        if eps is None:
-            eps = torch.finfo(x.dtype).eps
+        if eps is None:  # as torch.nn.RMSNorm: the epsilon of the F32 it computes in, for F16/BF16 too
+            eps = torch.finfo(torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype).eps
         if weight is not None and weight.dtype != x.dtype:
             return None
     if not cuda_available():

@@ -33,10 +33,26 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 _ALIGN = 256  # slab offsets: aligned for vector loads of every dtype
+_HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable
+
+
+def _clear_torch_cuda_error() -> None:
+    """Clears the last error of the CUDA runtime torch uses (a failed cudaHostRegister leaves one,
+    which torch's next kernel launch check would report as its own). Best effort: torch has no
+    binding for cudaGetLastError, so it goes through ctypes to the libcudart already loaded."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as f:
+            paths = {line.split()[-1] for line in f if "libcudart.so" in line}
+        for path in paths:
+            ctypes.CDLL(path).cudaGetLastError()
+    except (OSError, AttributeError):
+        pass
 
 
 def prefetch_enabled() -> bool:
@@ -165,6 +181,35 @@ class _Ticket:
         self.layer, self.need, self.handle, self.nbytes = layer, need, handle, nbytes
 
 
+def _without_grad(fn: Callable, *args: Any) -> Any:
+    """fn(*args) with autograd off, for the worker threads (grad mode is per thread, and on in a new
+    one). With it on, a view of a weight that requires grad (a reshape in a cast) takes the
+    weight's autograd lock and then waits for the GIL, while the main thread, holding the GIL,
+    waits for that lock in ``module.to()``: a deadlock. Tensors that need autograd are fetched on
+    the calling thread instead (Scheduler.fetch)."""
+    import torch
+
+    with torch.no_grad():
+        return fn(*args)
+
+
+def _detached(need: Need) -> Need:
+    """need with its resident sources replaced by aliases made here, on the calling thread, for a
+    worker to read. The layer's own tensors may be rewritten meanwhile (``module.to()`` sets their
+    ``.data`` when the layer changes state), which torch does not allow while another thread reads
+    the same tensor (a crash, or a deadlock over its autograd lock); an alias keeps the storage
+    it was made from alive and is touched by no one else."""
+    return replace(need, sources=[None if s is None else s.detach() for s in need.sources])
+
+
+def _needs_grad(need: Need) -> bool:
+    """Whether the caller records autograd through these weights: then they are cast on its own
+    thread, in its graph, as DiffSynth does."""
+    import torch
+
+    return torch.is_grad_enabled() and any(s is not None and s.requires_grad for s in need.sources)
+
+
 class ThreadTransport:
     """Fetches on worker threads (CPU computation; disk reads for any computation device)."""
 
@@ -172,7 +217,7 @@ class ThreadTransport:
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="diffsynth_c-vram")
 
     def start(self, need: Need) -> Future:
-        return self.pool.submit(materialize, need)
+        return self.pool.submit(_without_grad, materialize, _detached(need))
 
     def finish(self, handle: Future, need: Need) -> dict:
         return handle.result()
@@ -254,7 +299,7 @@ class Scheduler:
             if id(layer) in self.inflight:
                 continue
             need = layer.current_need()
-            if need is None or need.is_local():  # nothing to fetch
+            if need is None or need.is_local() or _needs_grad(need):  # nothing to fetch, or not ahead
                 continue
             nbytes = need.nbytes()
             if self.inflight and nbytes > budget:
@@ -266,7 +311,7 @@ class Scheduler:
     def fetch(self, layer: Any, need: Need) -> dict:
         if need.is_local():
             return materialize(need)
-        if not prefetch_enabled():
+        if not prefetch_enabled() or _needs_grad(need):
             self.stats["misses"] += 1
             return materialize(need)
         with self.lock:
@@ -309,8 +354,12 @@ class _PinnedSlab:
         self.tensor = torch.empty(max(nbytes, 1), dtype=torch.uint8)
         self.staging = False  # a reusable staging buffer (disk reads), not a layer's own weights
         self.registered = False
-        err = torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), self.tensor.numel(), 0)
+        # portable: pinned for every device's context, whichever device this thread has current
+        # (disk staging slabs are registered on reader threads)
+        err = torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), self.tensor.numel(), _HOST_REGISTER_PORTABLE)
         self.registered = int(err) == 0  # unregistered memory still works, only without async copies
+        if not self.registered:
+            _clear_torch_cuda_error()
 
     def __del__(self) -> None:
         if getattr(self, "registered", False):
@@ -413,7 +462,7 @@ class CudaTransport:
     def start(self, need: Need) -> Any:
         self._recycle()
         if any(s is None or s.device.type != "cpu" for s in need.sources):
-            return self.readers.submit(self._stage_from_disk, need)
+            return self.readers.submit(_without_grad, self._stage_from_disk, _detached(need))
         slab, size, layout = _resident_slab(need)
         done: Future = Future()
         done.set_result(self._upload(slab, size, layout))
@@ -444,7 +493,14 @@ class CudaTransport:
         return out
 
     def close(self) -> None:
-        self.readers.shutdown(wait=False, cancel_futures=True)
+        # a reader in the middle of a layer finishes its upload; then no copy may still read a slab
+        # when the slabs are dropped (and unregistered, and freed)
+        self.readers.shutdown(wait=True, cancel_futures=True)
+        with self.lock:
+            retired, self.retired = self.retired, []
+            self.staging.clear()
+        for event, _slab in retired:
+            event.synchronize()
 
 
 def _resident_slab(need: Need) -> tuple["_PinnedSlab", int, list]:
