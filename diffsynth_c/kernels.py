@@ -153,7 +153,15 @@ def cast(src: Any, dst: Any, stream: Any = None) -> Any:
     _require()
     rules = cast_rules(s, d, src.device.index if src.device.index is not None else 0) if s != d else (1, 0)
     if rules is None:  # torch's build resolves a special value differently from every rule we know
-        dst.copy_(src.view(dst.shape) if src.shape != dst.shape else src)
+        import contextlib
+
+        import torch
+
+        on = contextlib.nullcontext()
+        if stream is not None:  # torch's copy goes on the stream asked for, as our launch would
+            on = torch.cuda.stream(stream if hasattr(stream, "cuda_stream") else torch.cuda.ExternalStream(int(stream)))
+        with on:
+            dst.copy_(src.view(dst.shape) if src.shape != dst.shape else src)
         return dst
     _launch_cast(src, dst, s, d, rules, stream)
     return dst
