@@ -79,19 +79,11 @@ def patch_diffsynth() -> int:
     many bindings changed (0 when already patched)."""
     if _saved:
         return 0
-    by_id = {id(theirs): (theirs, ours) for theirs, ours in _pairs()}
     from .vram import layers
 
     for base in _BASES:
         layers._FOREIGN[getattr(layers, base)] = original("diffsynth.core.vram.layers", base)
-    for name, module in list(sys.modules.items()):
-        if module is None or not (name == "diffsynth" or name.startswith("diffsynth.")):
-            continue
-        for attr, value in list(vars(module).items()):
-            hit = by_id.get(id(value))
-            if hit is not None and hit[0] is value:
-                _saved.append((module, attr, value))
-                setattr(module, attr, hit[1])
+    _saved.extend(_rebind({id(theirs): (theirs, ours) for theirs, ours in _pairs()}))
     return len(_saved)
 
 
@@ -108,16 +100,23 @@ def unpatch_diffsynth() -> int:
     while _saved:
         module, attr, value = _saved.pop()
         setattr(module, attr, value)
-    back = {id(ours): (ours, theirs) for theirs, ours in _pairs()}
+    return n + len(_rebind({id(ours): (ours, theirs) for theirs, ours in _pairs()}))
+
+
+def _rebind(by_id: dict[int, tuple[Any, Any]]) -> list[tuple[Any, str, Any]]:
+    """In every loaded ``diffsynth`` module, replaces each attribute that is one of the objects
+    (by identity: by_id maps id(old) -> (old, new)) with its new object. Returns (module,
+    attribute, old) of each replacement."""
+    changed = []
     for name, module in list(sys.modules.items()):
         if module is None or not (name == "diffsynth" or name.startswith("diffsynth.")):
             continue
         for attr, value in list(vars(module).items()):
-            hit = back.get(id(value))
+            hit = by_id.get(id(value))
             if hit is not None and hit[0] is value:
+                changed.append((module, attr, value))
                 setattr(module, attr, hit[1])
-                n += 1
-    return n
+    return changed
 
 
 @contextmanager
