@@ -23,7 +23,7 @@ tests=${*:-$default_tests}
 # run from the sanitized tree (python -m puts the working directory first on sys.path) and let
 # pytest append the checkout (--import-mode=append), so the sanitized package is the one imported
 cd "$out/pkg"
-PYTHONPATH="$out/pkg" LD_PRELOAD="$asan $ubsan" \
+timeout --kill-after=30 "${DIFFSYNTH_C_TEST_TIMEOUT:-1200}" env PYTHONPATH="$out/pkg" LD_PRELOAD="$asan $ubsan" \
   ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:allow_user_segv_handler=1 \
   UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 DIFFSYNTH_C_EXPECT_SANITIZED=1 \
   "$venv/bin/python" -m pytest -q -p no:cacheprovider --import-mode=append --rootdir "$root" -c "$root/pyproject.toml" $tests

@@ -10,7 +10,8 @@ cd "$root"
 if [ $# -gt 0 ]; then
   exec "$venv/bin/python" -m pytest -q "$@"
 fi
-"$venv/bin/python" -m pytest -q
+# a hang fails the run instead of using up CI's time (pytest prints the hung test's stacks first)
+timeout --kill-after=30 "${DIFFSYNTH_C_TEST_TIMEOUT:-1200}" "$venv/bin/python" -m pytest -q
 echo "== sanitizers (scripts/sanitize.sh)"
 "$root/scripts/sanitize.sh"
 echo "== fuzzing (scripts/fuzz.sh)"
