@@ -2327,17 +2327,47 @@ static PyObject *http_get(PyObject *module, PyObject *args) {
 typedef struct {
     PyThreadState *ts;
     PyObject *progress; /* borrowed; None for none */
+    const dn_job *jobs; /* the transfer's jobs: the poll runs on its thread, between its steps */
+    size_t n_jobs;
+    unsigned char *told; /* per job: already reported as finished */
 } fetch_poll;
 
-/* Takes the GIL for a moment: Ctrl-C, then the progress callback. */
+/* The indices of the jobs finished since the last call, as a tuple (NULL on no memory). */
+static PyObject *newly_finished(fetch_poll *fp) {
+    size_t k = 0;
+    for (size_t j = 0; j < fp->n_jobs; j++)
+        k += fp->jobs[j].state == DN_DONE && !fp->told[j];
+    PyObject *t = PyTuple_New((Py_ssize_t)k);
+    if (!t)
+        return NULL;
+    k = 0;
+    for (size_t j = 0; j < fp->n_jobs; j++) {
+        if (fp->jobs[j].state != DN_DONE || fp->told[j])
+            continue;
+        PyObject *i = PyLong_FromSize_t(j);
+        if (!i) {
+            Py_DECREF(t);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(t, (Py_ssize_t)k++, i);
+        fp->told[j] = 1;
+    }
+    return t;
+}
+
+/* Takes the GIL for a moment: Ctrl-C, then the progress callback with the bytes so far and the
+ * jobs finished since the last call (so that the caller can seal a complete file while the
+ * others still transfer). */
 static int fetch_poll_fn(void *arg, int64_t bytes) {
     fetch_poll *fp = arg;
     PyEval_RestoreThread(fp->ts);
     int stop = PyErr_CheckSignals() != 0;
     if (!stop && fp->progress != Py_None) {
-        PyObject *r = PyObject_CallFunction(fp->progress, "L", (long long)bytes);
+        PyObject *finished = newly_finished(fp);
+        PyObject *r = finished ? PyObject_CallFunction(fp->progress, "LO", (long long)bytes, finished) : NULL;
         stop = r == NULL;
         Py_XDECREF(r);
+        Py_XDECREF(finished);
     }
     fp->ts = PyEval_SaveThread();
     return stop;
@@ -2347,7 +2377,8 @@ PyDoc_STRVAR(fetch_doc,
              "fetch(jobs, headers, connections, retries, stall_seconds, progress, out) -> None\n\n"
              "jobs: (url, fd, start, end, done) byte ranges [start, end) of open files (end -1: to the end of\n"
              "the body), done bytes of each already present. Runs them over `connections` connections with\n"
-             "the GIL released; progress(bytes) is called about every 100 ms. Appends to the list out one\n"
+             "the GIL released; progress(bytes, finished) is called about every 100 ms, finished a tuple of\n"
+             "the indices of the jobs done since its last call. Appends to the list out one\n"
              "(done, ok, status, ignored_range, attempts, message) per job, also when it raises: OSError when\n"
              "a write fails; the exception\n"
              "of progress or KeyboardInterrupt stops every transfer (partial bytes stay in the files).");
@@ -2383,10 +2414,15 @@ static PyObject *fetch(PyObject *module, PyObject *args) {
         jobs[i].done = have;
     }
     ds_error err;
-    fetch_poll fp = {NULL, progress};
+    fetch_poll fp = {NULL, progress, jobs, (size_t)n, PyMem_Calloc((size_t)n + 1, 1)};
+    if (!fp.told) {
+        PyErr_NoMemory();
+        goto done;
+    }
     fp.ts = PyEval_SaveThread();
     int rc = dn_fetch(jobs, (size_t)n, hs, (size_t)nh, connections, retries, stall, fetch_poll_fn, &fp, &err);
     PyEval_RestoreThread(fp.ts);
+    PyMem_Free(fp.told);
     /* The results go to `out` even when the transfers were stopped, so that the
      * caller can record how far each partial file got. */
     for (Py_ssize_t i = 0; i < n; i++) {

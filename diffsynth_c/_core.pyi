@@ -138,7 +138,7 @@ def fetch(
     connections: int,
     retries: int,
     stall_seconds: float,
-    progress: Callable[[int], object],
+    progress: Callable[[int, tuple[int, ...]], object] | None,
     out: list[tuple[int, bool, int, int, int, str]],
     /,
 ) -> None: ...

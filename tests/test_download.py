@@ -165,9 +165,9 @@ def test_interrupt_keeps_partial_and_resumes(hub, env, monkeypatch):
 
 class _Stop:
     def __init__(self, fn):
-        self.fn, self.base = fn, 0
+        self.fn, self.base, self.on_finished = fn, 0, None
 
-    def __call__(self, done):
+    def __call__(self, done, finished=()):
         self.fn(done)
 
     def close(self):
@@ -265,3 +265,31 @@ def test_the_bar_keeps_files_landed_in_earlier_rounds(hub, env, monkeypatch):
     assert sum("config.json" in r for r in hub.requests[before:]) == 2  # a second round did happen
     repo = hub.repos["org/model"]
     assert bars[0].base == len(repo["text_encoder/model-00001.safetensors"]) + len(repo["text_encoder/config.json"])
+
+
+def test_files_complete_early_are_sealed_while_others_transfer(hub, env, monkeypatch):
+    """A file whose ranges have all arrived is made durable and hashed during the transfer of the
+    others, not after all of them; every file still lands verified."""
+    hub.rate = 8 << 20  # the big file's ranges take about two seconds; the small files, none
+    in_fetch, sealed_during = [False], []
+    real_fetch, real_seal = _core.fetch, cfg._seal
+
+    def fetch(*args):
+        in_fetch[0] = True
+        try:
+            return real_fetch(*args)
+        finally:
+            in_fetch[0] = False
+
+    def seal(fd, part, size, want_hash):
+        sealed_during.append((os.path.basename(part), in_fetch[0]))
+        return real_seal(fd, part, size, want_hash)
+
+    monkeypatch.setattr(cfg._core, "fetch", fetch)
+    monkeypatch.setattr(cfg, "_seal", seal)
+    fetch_one(hub, env, "")
+    for rel, data in hub.repos["org/model"].items():
+        assert (env / "org/model" / rel).read_bytes() == data
+    during = {name for name, busy in sealed_during if busy}
+    assert "model-00001.safetensors.incomplete" in during, sealed_during  # done long before the big one
+    assert sorted(name for name, _ in sealed_during) == sorted(f"{os.path.basename(r)}.incomplete" for r in hub.repos["org/model"])

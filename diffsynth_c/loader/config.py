@@ -17,6 +17,8 @@ import json
 import os
 import time
 import urllib.parse
+from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Union
@@ -264,14 +266,18 @@ def _present(folder: str, f: dict, rel: str, manifest_files: dict) -> bool:
 
 class _Progress:
     """The bar of a download (diffsynth_c/progress.py), shaped as _core.fetch calls it: with the
-    bytes fetched so far in this round, to which base adds what was already on disk."""
+    bytes fetched so far in this round, to which base adds what was already on disk, and the jobs
+    finished since the last call, which go to on_finished."""
 
     def __init__(self, total: int, label: str) -> None:
         self.bar = Progress(total, label, min_total=8 << 20)
         self.base = 0
+        self.on_finished: Optional[Callable[[tuple], None]] = None
 
-    def __call__(self, done: int) -> None:
+    def __call__(self, done: int, finished: tuple = ()) -> None:
         self.bar.set(self.base + done)
+        if finished and self.on_finished is not None:
+            self.on_finished(finished)
 
     def close(self) -> None:
         self.bar.close()
@@ -343,6 +349,8 @@ def download_files(
     landed = 0  # bytes of the files already renamed into place: the bar's floor in later rounds
     while todo:
         plan, fds = [], {}
+        early: dict = {}  # rel -> the Future of its _seal, started while other files transferred
+        sealer = ThreadPoolExecutor(max_workers=2)
         try:
             for rel in todo:
                 f = by_path[rel]
@@ -358,12 +366,29 @@ def download_files(
                 progress.base += sum(r[2] for r in ranges)
                 plan.append((rel, part, ranges))
             jobs = [(by_path[rel].url, fds[rel], a, b, d) for rel, _, ranges in plan for a, b, d in ranges]
+            owner = [(rel, part) for rel, part, ranges in plan for _ in ranges]  # job index -> its file
+            left = Counter(rel for rel, _ in owner)
             results: list = []
+
+            def seal_early(finished: tuple) -> None:
+                """A file whose ranges have all arrived is sealed (fsync, SHA-256) on the sealer's
+                threads while the other files still transfer."""
+                for j in finished:
+                    rel, part = owner[j]
+                    left[rel] -= 1
+                    if left[rel] == 0 and rel in fds:
+                        f = by_path[rel]
+                        early[rel] = sealer.submit(_seal, fds.pop(rel), part, f.size, bool(f.sha256))
+
+            progress.on_finished = seal_early
             try:
                 if jobs:
                     _core.fetch(jobs, headers, connections, retries, stall, progress, results)
             except BaseException as e:
-                # Ctrl-C or a failed write: keep what arrived, resumable by the next call.
+                # Ctrl-C or a failed write: keep what arrived, resumable by the next call (a file
+                # being sealed is complete: it is sealed again, and renamed, by the next call).
+                for fut in early.values():
+                    fut.exception()  # waits; its fd is closed either way
                 k = 0
                 for rel, part, ranges in plan:
                     for r in ranges:
@@ -378,7 +403,10 @@ def download_files(
         except BaseException:
             for fd in fds.values():
                 os.close(fd)
+            sealer.shutdown(wait=True)
             raise
+        finally:
+            progress.on_finished = None
         # Settle each file: all ranges done -> verify and rename; else report.
         i = 0
         failures: list[str] = []
@@ -389,6 +417,9 @@ def download_files(
             i += len(ranges)
             for r, (done, *_rest) in zip(ranges, res):
                 r[2] = done
+            if rel in early:  # every range arrived, and it is being sealed already
+                complete.append((rel, part, None, f))
+                continue
             fd = fds.pop(rel)
             bad = [x for x in res if not x[1]]
             if any(x[3] for x in bad):  # the server ignores Range: one whole-file request
@@ -407,9 +438,16 @@ def download_files(
                 todo.pop(rel)
                 continue
             complete.append((rel, part, fd, f))
-        # Seal and hash the complete files in parallel (fsync and hashlib release the GIL).
+        # Seal and hash the other complete files in parallel (fsync and hashlib release the GIL).
         with ThreadPoolExecutor(max_workers=max(1, min(4, len(complete)))) as pool:
-            sealed = list(pool.map(lambda c: _seal(c[2], c[1], c[3].size, bool(c[3].sha256)), complete))
+            futures = [
+                early[rel] if rel in early else pool.submit(_seal, fd, part, f.size, bool(f.sha256))
+                for rel, part, fd, f in complete
+            ]
+            try:
+                sealed = [fut.result() for fut in futures]
+            finally:
+                sealer.shutdown(wait=True)
         for (rel, part, _, f), got in zip(complete, sealed):
             if os.path.getsize(part) != f.size or (f.sha256 and got != f.sha256):
                 _discard(part)
