@@ -350,7 +350,7 @@ def download_files(
     while todo:
         plan, fds = [], {}
         early: dict = {}  # rel -> the Future of its _seal, started while other files transferred
-        sealer = ThreadPoolExecutor(max_workers=2)
+        sealer = ThreadPoolExecutor(max_workers=4)  # fsync and hashlib release the GIL
         try:
             for rel in todo:
                 f = by_path[rel]
@@ -372,7 +372,7 @@ def download_files(
 
             def seal_early(finished: tuple) -> None:
                 """A file whose ranges have all arrived is sealed (fsync, SHA-256) on the sealer's
-                threads while the other files still transfer."""
+                threads while the other files still transfer; the others when the transfer ends."""
                 for j in finished:
                     rel, part = owner[j]
                     left[rel] -= 1
@@ -438,16 +438,15 @@ def download_files(
                 todo.pop(rel)
                 continue
             complete.append((rel, part, fd, f))
-        # Seal and hash the other complete files in parallel (fsync and hashlib release the GIL).
-        with ThreadPoolExecutor(max_workers=max(1, min(4, len(complete)))) as pool:
+        # Seal the other complete files on the same threads.
+        try:
             futures = [
-                early[rel] if rel in early else pool.submit(_seal, fd, part, f.size, bool(f.sha256))
+                early[rel] if rel in early else sealer.submit(_seal, fd, part, f.size, bool(f.sha256))
                 for rel, part, fd, f in complete
             ]
-            try:
-                sealed = [fut.result() for fut in futures]
-            finally:
-                sealer.shutdown(wait=True)
+            sealed = [fut.result() for fut in futures]
+        finally:
+            sealer.shutdown(wait=True)
         for (rel, part, _, f), got in zip(complete, sealed):
             if os.path.getsize(part) != f.size or (f.sha256 and got != f.sha256):
                 _discard(part)

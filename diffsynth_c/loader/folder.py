@@ -229,19 +229,15 @@ def save_state_dict(
     # the bar moves (on this thread) once a shard is written and durable
     label = f"Saving {os.path.basename(os.path.normpath(folder))}"
     with progress.Progress(sum(s for _, s in sizes), label, min_total=progress.LOAD_MIN_BYTES) as bar:
-        if workers == 1:
-            for target, keys in zip(written, shards or [[]]):
-                bar.update(write_shard(target, keys))
-        else:
-            with ThreadPoolExecutor(workers) as pool:
-                jobs = [pool.submit(write_shard, t, k) for t, k in zip(written, shards)]
-                try:
-                    for job in jobs:
-                        bar.update(job.result())
-                except BaseException:
-                    for job in jobs:
-                        job.cancel()  # shards not started are not written; running ones finish or clean up
-                    raise
+        with ThreadPoolExecutor(workers) as pool:
+            jobs = [pool.submit(write_shard, t, k) for t, k in zip(written, shards or [[]])]
+            try:
+                for job in jobs:
+                    bar.update(job.result())
+            except BaseException:
+                for job in jobs:
+                    job.cancel()  # shards not started are not written; running ones finish or clean up
+                raise
     if n > 1:
         index = {
             "metadata": {"total_size": sum(s for _, s in sizes)},
