@@ -55,7 +55,13 @@ static int check_tensor(const pk_tensor *t, uint64_t storage_bytes, size_t which
     return 0;
 }
 
-static int check_tree(const pk_obj *o, const tf_checkpoint *c, size_t *count, int depth, ds_error *err) {
+/* Checks every tensor reachable from o once (seen: one mark per object id); containers nested
+ * deeper than 1000 are refused. */
+static int check_tree(const pk_obj *o, const tf_checkpoint *c, uint8_t *seen, size_t *count, int depth,
+                      ds_error *err) {
+    if (seen[o->id])
+        return 0;
+    seen[o->id] = 1;
     if (depth > 1000)
         return ds_fail(err, DS_ERR_FORMAT, "data.pkl nests containers more than 1000 deep");
     switch (o->kind) {
@@ -63,23 +69,27 @@ static int check_tree(const pk_obj *o, const tf_checkpoint *c, size_t *count, in
         const pk_tensor *t = o->u.tensor;
         if (t->storage->u.storage.dtype != PK_UNTYPED && t->storage->u.storage.dtype != t->dtype)
             return ds_fail(err, DS_ERR_FORMAT, "tensor %zu is not of its storage's dtype", *count);
-        return check_tensor(t, c->storage_nbytes[t->storage->u.storage.index], (*count)++, err);
+        if (check_tensor(t, c->storage_nbytes[t->storage->u.storage.index], (*count)++, err))
+            return -1;
+        if (t->metadata && check_tree(t->metadata, c, seen, count, depth + 1, err))
+            return -1;
+        return t->state ? check_tree(t->state, c, seen, count, depth + 1, err) : 0;
     }
     case PK_TUPLE:
     case PK_LIST:
     case PK_DICT:
     case PK_ODICT:
         for (size_t i = 0; i < o->u.seq.n; i++)
-            if (check_tree(o->u.seq.v[i], c, count, depth + 1, err))
+            if (check_tree(o->u.seq.v[i], c, seen, count, depth + 1, err))
                 return -1;
-        return 0;
+        return o->state ? check_tree(o->state, c, seen, count, depth + 1, err) : 0;
     case PK_STORAGE: return ds_fail(err, DS_ERR_UNSUPPORTED, "data.pkl holds a bare storage");
     case PK_GLOBAL: return ds_fail(err, DS_ERR_UNSUPPORTED, "data.pkl holds a class or dtype as a value");
     default: return 0;
     }
 }
 
-int tf_open(const char *path, tf_checkpoint *c, ds_error *err) {
+int tf_open(const char *path, const pk_options *opt, tf_checkpoint *c, ds_error *err) {
     memset(c, 0, sizeof *c);
     if (io_open(path, &c->f, err))
         return -1;
@@ -115,7 +125,7 @@ int tf_open(const char *path, tf_checkpoint *c, ds_error *err) {
     }
     int rc = io_pread(c->f.fd, buf, (size_t)pkl->size, pkl->offset, err);
     if (!rc)
-        rc = pk_run(buf, (size_t)pkl->size, &c->pk, err);
+        rc = pk_run(buf, (size_t)pkl->size, opt, &c->pk, err);
     free(buf);
     if (rc)
         goto fail;
@@ -150,7 +160,14 @@ int tf_open(const char *path, tf_checkpoint *c, ds_error *err) {
         c->storage_nbytes[i] = s->numel * es;
     }
     size_t count = 0;
-    if (check_tree(c->pk.root, c, &count, 0, err))
+    uint8_t *seen = calloc(c->pk.n_objs ? c->pk.n_objs : 1, 1);
+    if (!seen) {
+        ds_fail(err, DS_ERR_NOMEM, "out of memory");
+        goto fail;
+    }
+    rc = check_tree(c->pk.root, c, seen, &count, 0, err);
+    free(seen);
+    if (rc)
         goto fail;
     return 0;
 fail:

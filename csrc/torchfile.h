@@ -3,7 +3,9 @@
  * tf_open reads the zip directory, checks byteorder and the format version records, runs data.pkl
  * through the restricted pickle machine and ties every storage to its data/<key> entry. Before it
  * returns, every tensor is checked to lie inside its storage and every storage inside its entry,
- * so that a load can take the bytes as they are. Only the directory and data.pkl are read. */
+ * so that a load can take the bytes as they are. Only the directory and data.pkl are read. The
+ * checks visit each pickle object once (objects may be shared, or form cycles), so they cost time
+ * linear in data.pkl. */
 #ifndef DS_TORCHFILE_H
 #define DS_TORCHFILE_H
 
@@ -26,10 +28,11 @@ typedef struct {
     uint64_t *storage_nbytes; /* bytes the storage holds */
 } tf_checkpoint;
 
-/* Returns 0, or -1 with err: DS_ERR_UNSUPPORTED when the file is not a zip checkpoint (legacy
+/* opt (may be NULL) goes to the pickle machine. Returns 0, or -1 with err: DS_ERR_UNSUPPORTED when the file is not a zip checkpoint (legacy
  * format) or uses what the reader does not represent; DS_ERR_FORMAT when it is malformed or names
- * a refused global. The file stays open in c->f on success. */
-int tf_open(const char *path, tf_checkpoint *c, ds_error *err);
+ * a refused global; DS_ERR_INTERRUPTED when opt's poll asked to stop. The file stays open in c->f
+ * on success. */
+int tf_open(const char *path, const pk_options *opt, tf_checkpoint *c, ds_error *err);
 void tf_close(tf_checkpoint *c);
 
 #endif

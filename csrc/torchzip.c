@@ -24,6 +24,7 @@ void tz_free(tz_archive *a) {
         free(a->entries[i].name);
     free(a->entries);
     free(a->prefix);
+    free(a->index);
     memset(a, 0, sizeof *a);
 }
 
@@ -84,6 +85,82 @@ static int zip64_extra(const uint8_t *extra, size_t len, uint64_t *usize, uint64
     }
     if (*usize == 0xFFFFFFFFu || *csize == 0xFFFFFFFFu || *local == 0xFFFFFFFFu)
         return ds_fail(err, DS_ERR_FORMAT, "zip entry '%.200s': ZIP64 sizes announced but no ZIP64 extra field", name);
+    return 0;
+}
+
+/* FNV-1a over two pieces (prefix and rest of a name), so a lookup needs no joined copy. */
+static uint64_t name_hash(const char *a, size_t al, const char *b, size_t bl) {
+    uint64_t h = 1469598103934665603ull;
+    for (size_t i = 0; i < al; i++)
+        h = (h ^ (uint8_t)a[i]) * 1099511628211ull;
+    for (size_t i = 0; i < bl; i++)
+        h = (h ^ (uint8_t)b[i]) * 1099511628211ull;
+    return h;
+}
+
+/* Fills a->index with every entry; fails naming an entry that appears twice. */
+static int build_index(tz_archive *a, ds_error *err) {
+    size_t cap = 16;
+    while (cap < 2 * a->n)
+        cap *= 2;
+    a->index = calloc(cap, sizeof *a->index);
+    if (!a->index)
+        return ds_fail(err, DS_ERR_NOMEM, "out of memory for a zip directory of %zu entries", a->n);
+    a->index_cap = cap;
+    for (size_t i = 0; i < a->n; i++) {
+        const tz_entry *e = &a->entries[i];
+        size_t slot = (size_t)name_hash(e->name, e->name_len, "", 0) & (cap - 1);
+        while (a->index[slot]) {
+            const tz_entry *o = &a->entries[a->index[slot] - 1];
+            if (o->name_len == e->name_len && memcmp(o->name, e->name, e->name_len) == 0)
+                return ds_fail(err, DS_ERR_FORMAT,
+                               "zip entry '%.200s' appears twice in the directory (torch.save never writes that, and "
+                               "which copy a reader takes depends on its zip library): refused",
+                               e->name);
+            slot = (slot + 1) & (cap - 1);
+        }
+        a->index[slot] = i + 1;
+    }
+    return 0;
+}
+
+typedef struct {
+    uint64_t begin, end;
+    size_t entry;
+} span;
+
+static int span_cmp(const void *x, const void *y) {
+    const span *a = x, *b = y;
+    return a->begin < b->begin ? -1 : a->begin > b->begin;
+}
+
+/* Refuses entries whose bytes (local header to last byte) overlap: each byte of a checkpoint
+ * belongs to one entry, so no directory can make one region count as many storages. */
+static int check_overlaps(const tz_archive *a, ds_error *err) {
+    if (a->n < 2)
+        return 0;
+    span *s = malloc(a->n * sizeof *s);
+    if (!s)
+        return ds_fail(err, DS_ERR_NOMEM, "out of memory for a zip directory of %zu entries", a->n);
+    for (size_t i = 0; i < a->n; i++) {
+        s[i].begin = a->entries[i].local;
+        s[i].end = a->entries[i].end;
+        s[i].entry = i;
+    }
+    qsort(s, a->n, sizeof *s, span_cmp);
+    for (size_t i = 1; i < a->n; i++) {
+        if (s[i].begin < s[i - 1].end) {
+            const tz_entry *x = &a->entries[s[i - 1].entry], *y = &a->entries[s[i].entry];
+            ds_fail(err, DS_ERR_FORMAT,
+                    "zip entries '%.200s' (bytes [%llu, %llu)) and '%.200s' (from byte %llu) overlap: the directory "
+                    "lies about their sizes or places",
+                    x->name, (unsigned long long)x->local, (unsigned long long)x->end, y->name,
+                    (unsigned long long)y->local);
+            free(s);
+            return -1;
+        }
+    }
+    free(s);
     return 0;
 }
 
@@ -190,10 +267,15 @@ int tz_open(int fd, uint64_t size, tz_archive *a, ds_error *err) {
                     t->name, (unsigned long long)csize, (unsigned long long)data, (unsigned long long)size);
             goto fail;
         }
+        t->local = local;
         t->offset = data;
+        t->end = data + csize;
         pos += 46 + (size_t)name_len + extra_len + comment_len;
     }
     free(cd);
+    cd = NULL;
+    if (build_index(a, err) || check_overlaps(a, err))
+        goto fail;
     /* the top folder: everything up to the first '/' of the first entry */
     const char *slash = a->n ? strchr(a->entries[0].name, '/') : NULL;
     size_t plen = slash ? (size_t)(slash - a->entries[0].name) + 1 : 0;
@@ -214,12 +296,16 @@ fail:
 }
 
 const tz_entry *tz_find(const tz_archive *a, const char *rel) {
+    if (!a->index_cap)
+        return NULL;
     size_t rl = strlen(rel);
-    for (size_t i = 0; i < a->n; i++) {
-        const tz_entry *e = &a->entries[i];
+    size_t slot = (size_t)name_hash(a->prefix, a->prefix_len, rel, rl) & (a->index_cap - 1);
+    while (a->index[slot]) {
+        const tz_entry *e = &a->entries[a->index[slot] - 1];
         if (e->name_len == a->prefix_len + rl && memcmp(e->name, a->prefix, a->prefix_len) == 0 &&
             memcmp(e->name + a->prefix_len, rel, rl) == 0)
             return e;
+        slot = (slot + 1) & (a->index_cap - 1);
     }
     return NULL;
 }

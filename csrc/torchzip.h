@@ -4,7 +4,10 @@
  * for it), the central directory, and for each entry the position of its bytes, found through the
  * entry's *local* header (whose extra field pads payloads to 64 bytes). Entries must be stored
  * (method 0): torch never compresses, and a compressed entry is refused rather than inflated. All
- * offsets and sizes are checked against the file before they are used; no entry byte is read here. */
+ * offsets and sizes are checked against the file before they are used; no entry byte is read here.
+ * A name that appears twice and entries whose bytes overlap are refused (torch.save writes neither;
+ * which copy another reader takes depends on its zip library). Names are found through a hash
+ * index, so opening and looking up every entry costs time linear in the directory. */
 #ifndef DS_TORCHZIP_H
 #define DS_TORCHZIP_H
 
@@ -16,8 +19,10 @@
 typedef struct {
     char *name; /* NUL-terminated, full path inside the archive */
     size_t name_len;
+    uint64_t local;  /* of the entry's local header in the file */
     uint64_t offset; /* of the entry's first byte in the file */
     uint64_t size;
+    uint64_t end; /* one past the entry's last stored byte in the file */
     int method; /* 0: stored */
 } tz_entry;
 
@@ -26,6 +31,8 @@ typedef struct {
     size_t n;
     char *prefix; /* the archive's top folder with its '/', e.g. "model/" ("" when there is none) */
     size_t prefix_len;
+    size_t *index; /* open addressing over entries by name: entry number + 1, 0 when empty */
+    size_t index_cap; /* a power of two */
 } tz_archive;
 
 /* Reads the directory of the zip file open as fd (file_size bytes). Returns 0, or -1 with err

@@ -1,9 +1,11 @@
 /* unpickle.c: the restricted pickle machine (contract in unpickle.h). */
+#define _POSIX_C_SOURCE 200809L /* nanosleep */
 #include "unpickle.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #define PK_MAX_STACK (1u << 22)
 #define PK_MAX_MEMO (1u << 24)
@@ -27,6 +29,7 @@ void pk_free(pk_result *r) {
 
 enum {
     G_ORDERED_DICT,
+    G_REBUILD_V1,
     G_REBUILD_V2,
     G_REBUILD_V3,
     G_REBUILD_PARAMETER,
@@ -50,34 +53,68 @@ static const struct {
     const char *name;
     int dtype;
 } dtype_names[] = {
-    {"float32", ST_F32},  {"float", ST_F32},         {"float64", ST_F64},         {"double", ST_F64},
-    {"float16", ST_F16},  {"half", ST_F16},          {"bfloat16", ST_BF16},       {"int64", ST_I64},
-    {"long", ST_I64},     {"int32", ST_I32},         {"int", ST_I32},             {"int16", ST_I16},
-    {"short", ST_I16},    {"int8", ST_I8},           {"uint8", ST_U8},            {"bool", ST_BOOL},
-    {"uint16", ST_U16},   {"uint32", ST_U32},        {"uint64", ST_U64},          {"complex64", ST_C64},
-    {"cfloat", ST_C64},   {"float8_e4m3fn", ST_F8_E4M3}, {"float8_e5m2", ST_F8_E5M2}, {"float8_e8m0fnu", ST_F8_E8M0},
-    {"float8_e4m3fnuz", ST_F8_E4M3FNUZ}, {"float8_e5m2fnuz", ST_F8_E5M2FNUZ},
+    /* str(dtype) only, as torch's weights-only unpickler (it refuses aliases such as torch.half) */
+    {"float32", ST_F32},         {"float64", ST_F64},         {"float16", ST_F16},     {"bfloat16", ST_BF16},
+    {"int64", ST_I64},           {"int32", ST_I32},           {"int16", ST_I16},       {"int8", ST_I8},
+    {"uint8", ST_U8},            {"bool", ST_BOOL},           {"uint16", ST_U16},      {"uint32", ST_U32},
+    {"uint64", ST_U64},          {"complex64", ST_C64},       {"float8_e4m3fn", ST_F8_E4M3},
+    {"float8_e5m2", ST_F8_E5M2}, {"float8_e8m0fnu", ST_F8_E8M0}, {"float8_e4m3fnuz", ST_F8_E4M3FNUZ},
+    {"float8_e5m2fnuz", ST_F8_E5M2FNUZ},
 };
 
-/* Globals torch's weights-only unpickler accepts that this machine does not represent. */
+/* Globals torch's weights-only unpickler accepts (its _get_allowed_globals, torch 2.14) that this
+ * machine does not represent: they send the file to torch.load. Sorted, for bsearch. */
 static const char *const torch_only[] = {
-    "torch Size", "torch device", "torch Tensor", "torch.nn.parameter Parameter", "builtins set",
-    "builtins frozenset", "builtins bytearray", "builtins complex", "builtins slice", "builtins range",
-    "collections Counter", "torch._tensor _rebuild_from_type_v2", "torch._utils _rebuild_sparse_tensor",
-    "torch._utils _rebuild_qtensor", "torch._utils _rebuild_nested_tensor", "torch._utils _rebuild_wrapper_subclass",
-    "torch._utils _rebuild_device_tensor_from_cpu_tensor", "torch._utils _rebuild_meta_tensor_no_storage",
-    "torch ComplexDoubleStorage", "torch complex128", "torch cdouble", "torch QInt8Storage", "torch QUInt8Storage",
-    "torch QInt32Storage", "torch.serialization _get_layout", "torch sparse_coo", "torch strided",
-    "torch per_tensor_affine", "torch float4_e2m1fn_x2",
+    "builtins.bytearray", "builtins.complex", "builtins.set", "collections.Counter", "torch.BFloat16Tensor",
+    "torch.BoolTensor", "torch.ByteTensor", "torch.CharTensor", "torch.ComplexDoubleStorage", "torch.DoubleTensor",
+    "torch.FloatTensor", "torch.HalfTensor", "torch.IntTensor", "torch.LongTensor", "torch.QInt32Storage",
+    "torch.QInt8Storage", "torch.QUInt2x4Storage", "torch.QUInt4x2Storage", "torch.QUInt8Storage", "torch.ShortTensor",
+    "torch.Size", "torch.Tensor", "torch._tensor._rebuild_from_type_v2",
+    "torch._utils._rebuild_device_tensor_from_cpu_tensor", "torch._utils._rebuild_device_tensor_from_numpy",
+    "torch._utils._rebuild_meta_tensor_no_storage", "torch._utils._rebuild_nested_tensor",
+    "torch._utils._rebuild_qtensor", "torch._utils._rebuild_sparse_tensor", "torch._utils._rebuild_wrapper_subclass",
+    "torch.bcomplex32", "torch.bits16", "torch.bits1x8", "torch.bits2x4", "torch.bits4x2", "torch.bits8",
+    "torch.complex128", "torch.complex32", "torch.cuda.BFloat16Storage", "torch.cuda.BFloat16Tensor",
+    "torch.cuda.BoolStorage", "torch.cuda.BoolTensor", "torch.cuda.ByteStorage", "torch.cuda.ByteTensor",
+    "torch.cuda.CharStorage", "torch.cuda.CharTensor", "torch.cuda.ComplexDoubleStorage",
+    "torch.cuda.ComplexFloatStorage", "torch.cuda.DoubleStorage", "torch.cuda.DoubleTensor", "torch.cuda.FloatStorage",
+    "torch.cuda.FloatTensor", "torch.cuda.HalfStorage", "torch.cuda.HalfTensor", "torch.cuda.IntStorage",
+    "torch.cuda.IntTensor", "torch.cuda.LongStorage", "torch.cuda.LongTensor", "torch.cuda.ShortStorage",
+    "torch.cuda.ShortTensor", "torch.cuda.sparse.BFloat16Tensor", "torch.cuda.sparse.ByteTensor",
+    "torch.cuda.sparse.CharTensor", "torch.cuda.sparse.DoubleTensor", "torch.cuda.sparse.FloatTensor",
+    "torch.cuda.sparse.HalfTensor", "torch.cuda.sparse.IntTensor", "torch.cuda.sparse.LongTensor",
+    "torch.cuda.sparse.ShortTensor", "torch.device", "torch.float4_e2m1fn_x2", "torch.int1", "torch.int2",
+    "torch.int3", "torch.int4", "torch.int5", "torch.int6", "torch.int7", "torch.nn.parameter.Parameter",
+    "torch.per_channel_affine", "torch.per_channel_affine_float_qparams", "torch.per_channel_symmetric",
+    "torch.per_tensor_affine", "torch.per_tensor_symmetric", "torch.qint32", "torch.qint8", "torch.quint2x4",
+    "torch.quint4x2", "torch.quint8", "torch.serialization._get_layout", "torch.sparse.BFloat16Tensor",
+    "torch.sparse.ByteTensor", "torch.sparse.CharTensor", "torch.sparse.DoubleTensor", "torch.sparse.FloatTensor",
+    "torch.sparse.HalfTensor", "torch.sparse.IntTensor", "torch.sparse.LongTensor", "torch.sparse.ShortTensor",
+    "torch.storage.TypedStorage", "torch.uint1", "torch.uint2", "torch.uint3", "torch.uint4", "torch.uint5",
+    "torch.uint6", "torch.uint7",
 };
+
+/* pickle's compatibility mapping (Lib/_compat_pickle.py) for the Python 2 names a protocol-2 GLOBAL
+ * may carry, as torch's weights-only unpickler applies it: these names first, then any other
+ * __builtin__ name moves to builtins (and copy_reg to copyreg). */
+static const char *const compat_names[][3] = {
+    {"xrange", "builtins", "range"}, {"reduce", "functools", "reduce"}, {"intern", "sys", "intern"},
+    {"unichr", "builtins", "chr"},   {"unicode", "builtins", "str"},    {"long", "builtins", "int"},
+    {"basestring", "builtins", "str"},
+};
+
+static int cmp_str(const void *a, const void *b) { return strcmp(*(const char *const *)a, *(const char *const *)b); }
 
 static int eq(const char *a, size_t al, const char *b) { return strlen(b) == al && memcmp(a, b, al) == 0; }
 
 /* Looks "module name" up: the global's id, or -1 with err. */
-static int lookup_global(const char *mod, size_t ml, const char *name, size_t nl, ds_error *err) {
+static int lookup_global(const char *mod, size_t ml, const char *name, size_t nl, const pk_options *opt,
+                         ds_error *err) {
     if (eq(mod, ml, "collections") && eq(name, nl, "OrderedDict"))
         return G_ORDERED_DICT;
     if (eq(mod, ml, "torch._utils")) {
+        if (eq(name, nl, "_rebuild_tensor"))
+            return G_REBUILD_V1;
         if (eq(name, nl, "_rebuild_tensor_v2"))
             return G_REBUILD_V2;
         if (eq(name, nl, "_rebuild_tensor_v3"))
@@ -92,8 +129,6 @@ static int lookup_global(const char *mod, size_t ml, const char *name, size_t nl
     if (eq(mod, ml, "torch.storage") && eq(name, nl, "UntypedStorage"))
         return G_STORAGE + ST_NDTYPES;
     if (eq(mod, ml, "torch")) {
-        if (eq(name, nl, "UntypedStorage"))
-            return G_STORAGE + ST_NDTYPES;
         for (size_t i = 0; i < sizeof storage_names / sizeof *storage_names; i++)
             if (eq(name, nl, storage_names[i].name))
                 return G_STORAGE + storage_names[i].dtype;
@@ -102,11 +137,16 @@ static int lookup_global(const char *mod, size_t ml, const char *name, size_t nl
                 return G_DTYPE + dtype_names[i].dtype;
     }
     char full[300];
-    snprintf(full, sizeof full, "%.*s %.*s", (int)(ml < 140 ? ml : 140), mod, (int)(nl < 140 ? nl : 140), name);
-    for (size_t i = 0; i < sizeof torch_only / sizeof *torch_only; i++)
-        if (strcmp(full, torch_only[i]) == 0)
-            return ds_fail(err, DS_ERR_UNSUPPORTED, "the pickle uses %.*s.%.*s, which this reader does not represent",
-                           (int)(ml < 140 ? ml : 140), mod, (int)(nl < 140 ? nl : 140), name);
+    snprintf(full, sizeof full, "%.*s.%.*s", (int)(ml < 140 ? ml : 140), mod, (int)(nl < 140 ? nl : 140), name);
+    const char *key = full;
+    if (bsearch(&key, torch_only, sizeof torch_only / sizeof *torch_only, sizeof *torch_only, cmp_str))
+        return ds_fail(err, DS_ERR_UNSUPPORTED, "the pickle uses %s, which this reader does not represent", full);
+    for (size_t i = 0; opt && i < opt->n_allowed; i++)
+        if (strcmp(full, opt->allowed[i]) == 0)
+            return ds_fail(err, DS_ERR_UNSUPPORTED,
+                           "the pickle uses %s, which the user allowed (torch.serialization.add_safe_globals) and "
+                           "this reader does not represent",
+                           full);
     return ds_fail(err, DS_ERR_FORMAT,
                    "the pickle names the global %.*s.%.*s, which a weights-only checkpoint may not use: refused "
                    "(nothing was imported or run)",
@@ -124,8 +164,14 @@ typedef struct {
     size_t sp, stack_cap;
     size_t *marks;
     size_t n_marks, marks_cap;
-    pk_obj **memo;
-    size_t memo_cap;
+    struct memo_slot {
+        uint64_t idx; /* memo index + 1; 0: empty */
+        pk_obj *obj;
+    } *memo; /* open addressing: pickle memo indexes are 32-bit and may be sparse */
+    size_t memo_cap, memo_n;
+    pk_obj **storage_index; /* open addressing over r->storages by key */
+    size_t storage_index_cap, storages_cap;
+    const pk_options *opt;
     pk_result *r;
     ds_error *err;
     size_t pos0; /* start, for offsets in messages */
@@ -151,6 +197,7 @@ static pk_obj *new_obj(vm *m, pk_kind kind) {
         return NULL;
     }
     o->kind = kind;
+    o->id = m->r->n_objs++;
     return o;
 }
 
@@ -240,38 +287,58 @@ static pk_obj *make_str(vm *m, pk_kind kind, const uint8_t *s, size_t len) {
     return o;
 }
 
+static size_t mix(uint64_t x) {
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdull;
+    x ^= x >> 33;
+    return (size_t)x;
+}
+
+/* The memo slot of idx: the one holding it, or the empty one where it goes. */
+static struct memo_slot *memo_slot(vm *m, size_t idx) {
+    size_t i = mix(idx) & (m->memo_cap - 1);
+    while (m->memo[i].idx && m->memo[i].idx != (uint64_t)idx + 1)
+        i = (i + 1) & (m->memo_cap - 1);
+    return &m->memo[i];
+}
+
 static int memo_put(vm *m, size_t idx, pk_obj *o) {
-    if (idx >= PK_MAX_MEMO)
+    if (idx > UINT32_MAX)
         return bad(m, "memo index too large");
-    if (idx >= m->memo_cap) {
-        size_t cap = m->memo_cap ? m->memo_cap : 64;
-        while (cap <= idx)
-            cap *= 2;
-        pk_obj **p = realloc(m->memo, cap * sizeof *p);
-        if (!p)
+    if (2 * (m->memo_n + 1) > m->memo_cap) { /* grow: at most half full */
+        size_t cap = m->memo_cap ? 2 * m->memo_cap : 64;
+        if (m->memo_n >= PK_MAX_MEMO)
+            return bad(m, "the pickle memoises more objects than its limit");
+        struct memo_slot *old = m->memo;
+        size_t old_cap = m->memo_cap;
+        m->memo = calloc(cap, sizeof *m->memo);
+        if (!m->memo) {
+            m->memo = old;
             return ds_fail(m->err, DS_ERR_NOMEM, "out of memory while reading data.pkl");
-        memset(p + m->memo_cap, 0, (cap - m->memo_cap) * sizeof *p);
-        m->memo = p;
+        }
         m->memo_cap = cap;
+        for (size_t i = 0; i < old_cap; i++)
+            if (old[i].idx)
+                *memo_slot(m, (size_t)old[i].idx - 1) = old[i];
+        free(old);
     }
-    m->memo[idx] = o;
+    struct memo_slot *slot = memo_slot(m, idx);
+    if (!slot->idx) {
+        slot->idx = (uint64_t)idx + 1;
+        m->memo_n++;
+    }
+    slot->obj = o;
     return 0;
 }
 
 static int memo_get(vm *m, size_t idx) {
-    if (idx >= m->memo_cap || !m->memo[idx]) {
+    struct memo_slot *slot = m->memo_cap ? memo_slot(m, idx) : NULL;
+    if (!slot || !slot->idx) {
         char msg[80];
         snprintf(msg, sizeof msg, "memo index %zu was never set", idx);
         return bad(m, msg);
     }
-    return push(m, m->memo[idx]);
-}
-
-static size_t memo_size(vm *m) {
-    size_t n = m->memo_cap;
-    while (n && !m->memo[n - 1])
-        n--;
-    return n;
+    return push(m, slot->obj);
 }
 
 static int as_int(pk_obj *o, int64_t *v) {
@@ -297,10 +364,17 @@ static int as_dims(vm *m, pk_obj *o, uint64_t *out, int *n, const char *what) {
     return 0;
 }
 
-/* torch._utils._rebuild_tensor_v2/_v3: (storage, offset, size, stride, requires_grad, hooks[, dtype][, metadata]) */
-static pk_obj *rebuild_tensor(vm *m, pk_obj *args, int v3) {
-    if (args->u.seq.n < (size_t)(v3 ? 7 : 6)) {
+/* torch._utils._rebuild_tensor (version 1): (storage, offset, size, stride);
+ * _rebuild_tensor_v2/_v3: (storage, offset, size, stride, requires_grad, hooks[, dtype][, metadata]). */
+static pk_obj *rebuild_tensor(vm *m, pk_obj *args, int version) {
+    int v3 = version == 3;
+    size_t least = version == 1 ? 4 : v3 ? 7 : 6, most = version == 1 ? 4 : least + 1;
+    if (args->u.seq.n < least) {
         bad(m, "a tensor is rebuilt with too few arguments");
+        return NULL;
+    }
+    if (args->u.seq.n > most) {
+        bad(m, "a tensor is rebuilt with too many arguments");
         return NULL;
     }
     pk_obj **a = args->u.seq.v;
@@ -331,7 +405,22 @@ static pk_obj *rebuild_tensor(vm *m, pk_obj *args, int v3) {
         return NULL;
     }
     t->ndim = ns;
+    if (version == 1) {
+        /* torch builds it with the storage's dtype (bytes for an untyped storage) */
+        t->dtype = a[0]->u.storage.dtype == PK_UNTYPED ? ST_U8 : a[0]->u.storage.dtype;
+        return o;
+    }
     t->requires_grad = !as_int(a[4], &rg) && rg;
+    if (args->u.seq.n == most) { /* metadata: torch applies it when truthy (a non-empty dict) */
+        pk_obj *md = a[most - 1];
+        if (md->kind == PK_DICT || md->kind == PK_ODICT) {
+            if (md->u.seq.n)
+                t->metadata = md;
+        } else if (md->kind != PK_NONE) {
+            ds_fail(m->err, DS_ERR_UNSUPPORTED, "data.pkl: a tensor's metadata is not a dict");
+            return NULL;
+        }
+    }
     if (v3) {
         if (a[6]->kind != PK_GLOBAL || a[6]->u.global < G_DTYPE || a[6]->u.global >= G_END) {
             bad(m, "_rebuild_tensor_v3 is not given a dtype");
@@ -361,19 +450,41 @@ static pk_obj *call(vm *m, pk_obj *fn, pk_obj *args) {
             return NULL;
         }
         return new_obj(m, PK_ODICT);
-    case G_REBUILD_V2: return rebuild_tensor(m, args, 0);
-    case G_REBUILD_V3: return rebuild_tensor(m, args, 1);
+    case G_REBUILD_V1: return rebuild_tensor(m, args, 1);
+    case G_REBUILD_V2: return rebuild_tensor(m, args, 2);
+    case G_REBUILD_V3: return rebuild_tensor(m, args, 3);
     case G_REBUILD_PARAMETER:
     case G_REBUILD_PARAMETER_STATE: {
+        /* (data, requires_grad, hooks[, state]): a new object, as nn.Parameter(data) is; data, which
+         * the pickle may have memoised and used elsewhere, stays a plain tensor */
         int64_t rg;
-        if (n < 2 || args->u.seq.v[0]->kind != PK_TENSOR) {
-            bad(m, "_rebuild_parameter is not given a tensor");
+        size_t want = fn->u.global == G_REBUILD_PARAMETER ? 3 : 4;
+        if (n != want || args->u.seq.v[0]->kind != PK_TENSOR) {
+            bad(m, fn->u.global == G_REBUILD_PARAMETER ? "_rebuild_parameter is not given (tensor, requires_grad, hooks)"
+                                                       : "_rebuild_parameter_with_state is not given (tensor, "
+                                                         "requires_grad, hooks, state)");
             return NULL;
         }
-        pk_obj *t = args->u.seq.v[0];
-        t->u.tensor->parameter = 1;
-        t->u.tensor->requires_grad = !as_int(args->u.seq.v[1], &rg) && rg;
-        return t;
+        pk_tensor *t = arena_alloc(m->arena, sizeof *t);
+        pk_obj *o = t ? new_obj(m, PK_TENSOR) : NULL;
+        if (!o) {
+            ds_fail(m->err, DS_ERR_NOMEM, "out of memory while reading data.pkl");
+            return NULL;
+        }
+        *t = *args->u.seq.v[0]->u.tensor;
+        o->u.tensor = t;
+        t->parameter = 1;
+        t->requires_grad = !as_int(args->u.seq.v[1], &rg) && rg;
+        if (want == 4) {
+            pk_obj *state = args->u.seq.v[3];
+            if (state->kind == PK_DICT || state->kind == PK_ODICT)
+                t->state = state->u.seq.n ? state : NULL;
+            else if (state->kind != PK_NONE) { /* (dict, slots) and the like: torch.load knows them */
+                ds_fail(m->err, DS_ERR_UNSUPPORTED, "data.pkl: a parameter's state is not a dict");
+                return NULL;
+            }
+        }
+        return o;
     }
     case G_CODECS_ENCODE: {
         /* how protocol 2 writes bytes: _codecs.encode(str, 'latin1') */
@@ -408,6 +519,38 @@ static pk_obj *call(vm *m, pk_obj *fn, pk_obj *args) {
     }
 }
 
+/* The storage index slot for key: the storage with that key, or the empty slot where it goes
+ * (NULL with err when the index cannot grow). The index stays at most half full. */
+static pk_obj **storage_slot(vm *m, const char *key, size_t len) {
+    if (2 * (m->r->n_storages + 1) > m->storage_index_cap) {
+        size_t cap = m->storage_index_cap ? 2 * m->storage_index_cap : 64;
+        pk_obj **idx = calloc(cap, sizeof *idx);
+        if (!idx) {
+            ds_fail(m->err, DS_ERR_NOMEM, "out of memory while reading data.pkl");
+            return NULL;
+        }
+        free(m->storage_index);
+        m->storage_index = idx;
+        m->storage_index_cap = cap;
+        for (size_t i = 0; i < m->r->n_storages; i++) {
+            const pk_storage *s = &m->r->storages[i]->u.storage;
+            pk_obj **slot = storage_slot(m, s->key, s->key_len);
+            *slot = m->r->storages[i];
+        }
+    }
+    uint64_t h = 1469598103934665603ull;
+    for (size_t i = 0; i < len; i++)
+        h = (h ^ (uint8_t)key[i]) * 1099511628211ull;
+    size_t i = (size_t)h & (m->storage_index_cap - 1);
+    while (m->storage_index[i]) {
+        const pk_storage *s = &m->storage_index[i]->u.storage;
+        if (s->key_len == len && memcmp(s->key, key, len) == 0)
+            break;
+        i = (i + 1) & (m->storage_index_cap - 1);
+    }
+    return &m->storage_index[i];
+}
+
 /* ('storage', storage class, key, location, numel) */
 static pk_obj *persistent(vm *m, pk_obj *pid) {
     if (pid->kind != PK_TUPLE || pid->u.seq.n < 5 || pid->u.seq.v[0]->kind != PK_STR ||
@@ -422,11 +565,11 @@ static pk_obj *persistent(vm *m, pk_obj *pid) {
         bad(m, "a malformed storage persistent id");
         return NULL;
     }
-    for (size_t i = 0; i < m->r->n_storages; i++) { /* the same key is the same storage (shared) */
-        pk_obj *s = m->r->storages[i];
-        if (s->u.storage.key_len == a[2]->u.str.len && memcmp(s->u.storage.key, a[2]->u.str.s, s->u.storage.key_len) == 0)
-            return s;
-    }
+    pk_obj **slot = storage_slot(m, a[2]->u.str.s, a[2]->u.str.len);
+    if (!slot)
+        return NULL;
+    if (*slot) /* the same key is the same storage (shared) */
+        return *slot;
     pk_obj *s = new_obj(m, PK_STORAGE);
     if (!s)
         return NULL;
@@ -443,13 +586,18 @@ static pk_obj *persistent(vm *m, pk_obj *pid) {
     s->u.storage.dtype = g == ST_NDTYPES ? PK_UNTYPED : g;
     s->u.storage.numel = (uint64_t)numel;
     s->u.storage.index = m->r->n_storages;
-    pk_obj **v = realloc(m->r->storages, (m->r->n_storages + 1) * sizeof *v);
-    if (!v) {
-        ds_fail(m->err, DS_ERR_NOMEM, "out of memory while reading data.pkl");
-        return NULL;
+    if (m->r->n_storages == m->storages_cap) {
+        size_t cap = m->storages_cap ? 2 * m->storages_cap : 16;
+        pk_obj **v = realloc(m->r->storages, cap * sizeof *v);
+        if (!v) {
+            ds_fail(m->err, DS_ERR_NOMEM, "out of memory while reading data.pkl");
+            return NULL;
+        }
+        m->r->storages = v;
+        m->storages_cap = cap;
     }
-    v[m->r->n_storages++] = s;
-    m->r->storages = v;
+    m->r->storages[m->r->n_storages++] = s;
+    *slot = s;
     return s;
 }
 
@@ -462,7 +610,7 @@ static uint64_t rd_le(const uint8_t *p, int n) {
 
 /* Pushes the allow-list entry for "module name", or fails naming it. */
 static int push_global(vm *m, const char *mod, size_t ml, const char *name, size_t nl) {
-    int g = lookup_global(mod, ml, name, nl, m->err);
+    int g = lookup_global(mod, ml, name, nl, m->opt, m->err);
     if (g < 0)
         return -1;
     pk_obj *o = new_obj(m, PK_GLOBAL);
@@ -483,7 +631,17 @@ static int memo_index(vm *m, int one_byte, size_t *idx) {
 }
 
 static int run(vm *m) {
+    size_t until_poll = PK_POLL_EVERY;
     while (m->p < m->end) {
+        if (m->opt && m->opt->delay_us) {
+            struct timespec ts = {(time_t)(m->opt->delay_us / 1000000), (long)(m->opt->delay_us % 1000000) * 1000};
+            nanosleep(&ts, NULL);
+        }
+        if (--until_poll == 0) {
+            until_poll = PK_POLL_EVERY;
+            if (m->opt && m->opt->poll && m->opt->poll(m->opt->poll_ctx))
+                return ds_fail(m->err, DS_ERR_INTERRUPTED, "interrupted");
+        }
         uint8_t op = *m->p++;
         switch (op) {
         case 0x80: /* PROTO */
@@ -702,9 +860,27 @@ static int run(vm *m) {
             const uint8_t *nl2 = nl1 ? memchr(nl1 + 1, '\n', (size_t)(m->end - nl1 - 1)) : NULL;
             if (!nl2)
                 return bad(m, "GLOBAL without its two lines");
-            const char *mod = (const char *)m->p;
+            const char *mod = (const char *)m->p, *name = (const char *)nl1 + 1;
+            size_t ml = (size_t)(nl1 - (const uint8_t *)mod), nl = (size_t)(nl2 - nl1 - 1);
             m->p = nl2 + 1;
-            if (push_global(m, mod, (size_t)(nl1 - (const uint8_t *)mod), (const char *)nl1 + 1, (size_t)(nl2 - nl1 - 1)))
+            if (eq(mod, ml, "__builtin__")) { /* a Python 2 name (protocol 2): pickle's compatibility mapping */
+                const char *to_mod = "builtins", *to_name = NULL;
+                for (size_t i = 0; i < sizeof compat_names / sizeof *compat_names; i++)
+                    if (eq(name, nl, compat_names[i][0])) {
+                        to_mod = compat_names[i][1];
+                        to_name = compat_names[i][2];
+                    }
+                mod = to_mod;
+                ml = strlen(to_mod);
+                if (to_name) {
+                    name = to_name;
+                    nl = strlen(to_name);
+                }
+            } else if (eq(mod, ml, "copy_reg")) {
+                mod = "copyreg";
+                ml = strlen(mod);
+            }
+            if (push_global(m, mod, ml, name, nl))
                 return -1;
             break;
         }
@@ -728,13 +904,17 @@ static int run(vm *m) {
                 return -1;
             break;
         }
-        case 'b': { /* BUILD: the state of an OrderedDict (_metadata) or a parameter is dropped */
+        case 'b': { /* BUILD: an OrderedDict keeps its state (a state dict's _metadata) */
             pk_obj *state = pop(m), *obj = state ? top(m) : NULL;
             if (!obj)
                 return -1;
-            if (obj->kind != PK_DICT && obj->kind != PK_ODICT && obj->kind != PK_TENSOR)
-                return ds_fail(m->err, DS_ERR_UNSUPPORTED, "data.pkl: BUILD on an object this reader does not represent");
-            break;
+            if (obj->kind == PK_ODICT && !obj->state && (state->kind == PK_DICT || state->kind == PK_ODICT)) {
+                obj->state = state;
+                break;
+            }
+            if (obj->kind == PK_ODICT || obj->kind == PK_TENSOR) /* twice, a tensor's legacy set_(): torch.load */
+                return ds_fail(m->err, DS_ERR_UNSUPPORTED, "data.pkl: a BUILD this reader does not represent");
+            return bad(m, "BUILD on something that is not a tensor or an OrderedDict");
         }
         case 'Q': { /* BINPERSID */
             pk_obj *pid = pop(m);
@@ -756,7 +936,7 @@ static int run(vm *m) {
         }
         case 0x94: { /* MEMOIZE */
             pk_obj *o = top(m);
-            if (!o || memo_put(m, memo_size(m), o))
+            if (!o || memo_put(m, m->memo_n, o)) /* pickle's MEMOIZE: index len(memo) */
                 return -1;
             break;
         }
@@ -775,7 +955,7 @@ static int run(vm *m) {
     return bad(m, "the pickle ends without STOP");
 }
 
-int pk_run(const uint8_t *data, size_t len, pk_result *r, ds_error *err) {
+int pk_run(const uint8_t *data, size_t len, const pk_options *opt, pk_result *r, ds_error *err) {
     memset(r, 0, sizeof *r);
     vm m;
     memset(&m, 0, sizeof m);
@@ -784,10 +964,12 @@ int pk_run(const uint8_t *data, size_t len, pk_result *r, ds_error *err) {
     m.arena = &r->arena;
     m.r = r;
     m.err = err;
+    m.opt = opt;
     int rc = run(&m);
     free(m.stack);
     free(m.marks);
     free(m.memo);
+    free(m.storage_index);
     if (rc)
         pk_free(r);
     return rc;

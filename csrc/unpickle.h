@@ -7,7 +7,12 @@
  * Anything else fails: with DS_ERR_FORMAT for globals no weights-only loader would allow (the
  * message names the global) and for malformed streams; with DS_ERR_UNSUPPORTED for constructs torch's
  * own weights-only unpickler accepts but this machine does not represent (the caller may hand the
- * file to torch.load(weights_only=True)). Everything lives in one arena freed by pk_free. */
+ * file to torch.load(weights_only=True)). Everything lives in one arena freed by pk_free.
+ *
+ * Cost: work and memory are linear in the pickle. The memo holds pointers, so a memoised object
+ * met again (BINGET) is the same pk_obj, never a copy: the result is a graph (shared objects, even
+ * cycles through lists and dicts), and each object carries a number (id) so that a walk can visit
+ * it once. The memo itself is a hash table, so a huge memo index costs nothing. */
 #ifndef DS_UNPICKLE_H
 #define DS_UNPICKLE_H
 
@@ -55,11 +60,15 @@ typedef struct {
     uint64_t size[PK_MAX_DIMS];
     uint64_t stride[PK_MAX_DIMS];
     int requires_grad;
-    int parameter; /* came through _rebuild_parameter */
+    int parameter;     /* came through _rebuild_parameter(_with_state) */
+    pk_obj *metadata;  /* _rebuild_tensor_v2/v3's metadata ({'conj': True}, {'neg': True}), or NULL */
+    pk_obj *state;     /* _rebuild_parameter_with_state's state (Python attributes), or NULL */
 } pk_tensor;
 
 struct pk_obj {
     pk_kind kind;
+    size_t id;      /* 0, 1, 2, ... in order of creation: index for a walk's visited marks */
+    pk_obj *state;  /* ODICT: the dict BUILD gave it (e.g. {'_metadata': ...}), or NULL */
     union {
         int64_t i; /* INT, BOOL */
         double f;
@@ -82,11 +91,26 @@ typedef struct {
     pk_obj *root;
     pk_obj **storages; /* distinct storages in order of first appearance */
     size_t n_storages;
+    size_t n_objs; /* ids run from 0 to n_objs - 1 */
     ds_arena_block *arena;
 } pk_result;
 
-/* Runs the pickle in data[0, len). Returns 0 with r filled, or -1 with err (r freed). */
-int pk_run(const uint8_t *data, size_t len, pk_result *r, ds_error *err);
+typedef struct {
+    /* "module.name" of globals the user allowed (torch.serialization.add_safe_globals): one of
+     * them outside the table fails with DS_ERR_UNSUPPORTED, so the caller hands the file to
+     * torch.load, which honours the user's list. */
+    const char *const *allowed;
+    size_t n_allowed;
+    /* Called every PK_POLL_EVERY opcodes; nonzero stops the run with DS_ERR_INTERRUPTED (Ctrl-C). */
+    int (*poll)(void *ctx);
+    void *poll_ctx;
+    unsigned delay_us; /* tests only: sleep this long per opcode, to make a run long enough to interrupt */
+} pk_options;
+
+#define PK_POLL_EVERY 4096
+
+/* Runs the pickle in data[0, len) (opt may be NULL). Returns 0 with r filled, or -1 with err (r freed). */
+int pk_run(const uint8_t *data, size_t len, const pk_options *opt, pk_result *r, ds_error *err);
 void pk_free(pk_result *r);
 
 /* Bytes per element of a storage or tensor dtype. */

@@ -73,8 +73,13 @@ def describe(path: str) -> dict:
     tree = read_tree(path)
     rows = []
     if tree is not None:
+        seen: set[int] = set()  # a dict the checkpoint shares is listed once (and a cycle ends)
+
         def walk(prefix: str, obj: Any) -> None:
             if isinstance(obj, dict):
+                if id(obj) in seen:
+                    return
+                seen.add(id(obj))
                 for k, v in obj.items():
                     walk(f"{prefix}{k}." if isinstance(v, dict) else f"{prefix}{k}", v)
             elif isinstance(obj, _core.TensorRef):

@@ -61,6 +61,8 @@ class TensorRef(NamedTuple):
     stride: tuple[int, ...]
     requires_grad: bool
     parameter: bool
+    metadata: dict[str, Any] | None
+    state: dict[str, Any] | None
 
 # ---- safetensors headers and hashes
 def read_header(
@@ -88,7 +90,8 @@ def map_ranges(
     path: _Path, ranges: Sequence[tuple[int, int]], threads: int = 1, mode: str = "mmap"
 ) -> list[Tensor]: ...
 def write_file(path: _Path, header: Buffer, items: Sequence[tuple[int, int]], threads: int = 1) -> None: ...
-def torch_read(path: _Path, /) -> tuple[Any, list[tuple[str, str | None, int, int]]]: ...
+def torch_read(path: _Path, allowed: Sequence[str] = ()) -> tuple[Any, list[tuple[str, str | None, int, int]]]: ...
+def _debug_pickle_delay(us: int, /) -> None: ...
 
 # ---- dtype conversion on the CPU
 def convert(

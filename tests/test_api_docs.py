@@ -169,7 +169,7 @@ def test_stub_lists_every_function_of_the_method_table():
 
 
 def test_stub_and_module_name_the_same_things():
-    stub = set(_stub()) - {"_Path"}
+    stub = {n for n in _stub() if not n.startswith("_") or n.startswith("__")}  # _Path, test hooks
     assert stub == _core_public(), (
         f"in _core only: {sorted(_core_public() - stub)}; in _core.pyi only: {sorted(stub - _core_public())}"
     )

@@ -290,9 +290,30 @@ def merge_metadata_value(old_value: str, new_value: str) -> str:
 # ---- model hashes ------------------------------------------------------------------------
 
 
-def _entries(items: Iterable[tuple[Any, Any]], with_shape: bool, is_leaf, shape_of) -> list:
+class _Budget:
+    """A limit on the bytes of the nested key strings of one hash: a dict shared n times under
+    itself makes DiffSynth's string exponentially long (each copy is spelled out), which no input
+    of a few bytes may cost. nested: canonical string of each dict met (by id), built once."""
+
+    def __init__(self, limit: int, display: str):
+        self.left, self.limit, self.display = limit, limit, display
+        self.nested: dict[int, bytes] = {}
+
+    def spend(self, n: int) -> None:
+        self.left -= n
+        if self.left < 0:
+            raise _core.FormatError(
+                f"{self.display}: the canonical key string of this checkpoint exceeds {self.limit} bytes (64 times "
+                "the file): its nested dicts are shared and repeated; refused rather than hashed"
+            )
+
+
+def _entries(
+    items: Iterable[tuple[Any, Any]], with_shape: bool, is_leaf, shape_of, budget: _Budget | None = None
+) -> list:
     """The (name, shape | nested bytes) entries of _core.keys_string; non-str keys are skipped and
-    values that are neither leaves nor dicts ignored, as DiffSynth does."""
+    values that are neither leaves nor dicts ignored, as DiffSynth does. With a budget, a dict met
+    again is not walked again, and the bytes its string adds count against the budget."""
     entries = []
     for key, value in items:
         if not isinstance(key, str):
@@ -300,7 +321,14 @@ def _entries(items: Iterable[tuple[Any, Any]], with_shape: bool, is_leaf, shape_
         if is_leaf(value):
             entries.append((key, shape_of(value)))
         elif isinstance(value, dict):
-            entries.append((key, _core.keys_string(_entries(value.items(), with_shape, is_leaf, shape_of), with_shape)))
+            nested = budget.nested.get(id(value)) if budget is not None else None
+            if nested is None:
+                nested = _core.keys_string(_entries(value.items(), with_shape, is_leaf, shape_of, budget), with_shape)
+                if budget is not None:
+                    budget.nested[id(value)] = nested
+            if budget is not None:
+                budget.spend(2 * (len(key) + len(nested)))
+            entries.append((key, nested))
     return entries
 
 
@@ -361,14 +389,25 @@ def load_keys_dict_from_bin(file_path: PathLike) -> dict:
     tree = read_tree(file_path)
     if tree is None:
         return convert_state_dict_to_keys_dict(load_state_dict_from_bin(file_path))
-    return _refs_to_keys_dict(_unwrap(tree[0]))
+    try:
+        return _refs_to_keys_dict(_unwrap(tree[0]), {})
+    except _core.FormatError as e:
+        raise _core.FormatError(f"{os.fsdecode(file_path)}: {e}") from None
 
 
-def _refs_to_keys_dict(state_dict: Any) -> dict:
-    """convert_state_dict_to_keys_dict over TensorRef leaves (same recursion, same errors)."""
+def _refs_to_keys_dict(state_dict: Any, seen: dict[int, dict]) -> dict:
+    """convert_state_dict_to_keys_dict over TensorRef leaves (same recursion, same errors). A dict
+    the checkpoint shares gives one keys dict, shared the same way (seen: by id), so the work is
+    linear in the pickle; a dict that holds itself is refused (DiffSynth would recurse forever)."""
+    if id(state_dict) in seen:
+        if seen[id(state_dict)] is None:
+            raise _core.FormatError("the checkpoint holds a dict that contains itself, which has no key string")
+        return seen[id(state_dict)]
+    seen[id(state_dict)] = None
     keys_dict = {}
     for k, v in state_dict.items():
-        keys_dict[k] = list(v.shape) if isinstance(v, _core.TensorRef) else _refs_to_keys_dict(v)
+        keys_dict[k] = list(v.shape) if isinstance(v, _core.TensorRef) else _refs_to_keys_dict(v, seen)
+    seen[id(state_dict)] = keys_dict
     return keys_dict
 
 
@@ -379,5 +418,6 @@ def hash_model_file(path: PathLike | list[PathLike], with_shape: bool = True) ->
     if all(_is_safetensors(p) for p in paths):
         return _core.hash_files(paths, with_shape)
     keys_dict = load_keys_dict(paths)
-    entries = _entries(keys_dict.items(), with_shape, lambda v: not isinstance(v, dict), lambda v: tuple(v))
+    budget = _Budget(64 * sum(os.path.getsize(p) for p in paths) + (1 << 20), ", ".join(map(os.fsdecode, paths)))
+    entries = _entries(keys_dict.items(), with_shape, lambda v: not isinstance(v, dict), lambda v: tuple(v), budget)
     return _core.md5_hex(_core.keys_string(entries, with_shape))

@@ -24,7 +24,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
     ds_error err;
     tf_checkpoint c;
-    if (done == size && tf_open(path, &c, &err) == 0)
+    if (done == size && tf_open(path, NULL, &c, &err) == 0)
         tf_close(&c);
     close(fd);
     return 0;

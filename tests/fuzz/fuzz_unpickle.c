@@ -7,7 +7,7 @@
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     ds_error err;
     pk_result r;
-    if (pk_run(data, size, &r, &err) == 0)
+    if (pk_run(data, size, NULL, &r, &err) == 0)
         pk_free(&r);
     return 0;
 }
