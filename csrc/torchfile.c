@@ -108,6 +108,26 @@ int tf_open(const char *path, const pk_options *opt, tf_checkpoint *c, ds_error 
         ds_fail(err, DS_ERR_UNSUPPORTED, "a zip archive without data.pkl (not a torch.save checkpoint)");
         goto fail;
     }
+    /* the format version, as torch's reader checks it: "version" (or ".data/version") holds a
+     * decimal number from 1 to 10, leading blanks and trailing text ignored */
+    const char *vrel = tz_find(&c->zip, "version") ? "version" : ".data/version";
+    if (!tz_find(&c->zip, vrel)) {
+        ds_fail(err, DS_ERR_FORMAT, "the archive has no version record (torch.load refuses it too)");
+        goto fail;
+    }
+    if (small_record(c, vrel, rec, sizeof rec, err))
+        goto fail;
+    char *vend = NULL;
+    long long version = strtoll(rec, &vend, 10);
+    if (vend == rec) {
+        ds_fail(err, DS_ERR_FORMAT, "the archive's version record '%.20s' is not a number", rec);
+        goto fail;
+    }
+    if (version < TF_MIN_VERSION || version > TF_MAX_VERSION) {
+        ds_fail(err, DS_ERR_FORMAT, "the archive's format version %lld is outside what torch.load reads (%d to %d)",
+                version, TF_MIN_VERSION, TF_MAX_VERSION);
+        goto fail;
+    }
     if (pkl->method != 0) {
         ds_fail(err, DS_ERR_FORMAT, "zip entry '%.200s' is compressed (method %d): torch never compresses",
                 pkl->name, pkl->method);

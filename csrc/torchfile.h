@@ -18,6 +18,9 @@
 #include "unpickle.h"
 
 #define TF_MAX_PICKLE ((uint64_t)1 << 30)
+/* the archive format versions torch's reader accepts (caffe2/serialize/inline_container.h) */
+#define TF_MIN_VERSION 1
+#define TF_MAX_VERSION 10
 
 typedef struct {
     io_file f;

@@ -173,6 +173,7 @@ def craft(path, pkl: bytes, storages: dict[str, bytes] | None = None, compress: 
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
         z.writestr("archive/data.pkl", pkl, zipfile.ZIP_DEFLATED if "data.pkl" in compress else zipfile.ZIP_STORED)
         z.writestr("archive/byteorder", "little")
+        z.writestr("archive/version", "3\n")
         for k, v in (storages or {}).items():
             z.writestr(f"archive/data/{k}", v, zipfile.ZIP_DEFLATED if k in compress else zipfile.ZIP_STORED)
         for name, data in extra:

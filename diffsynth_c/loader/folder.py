@@ -179,7 +179,12 @@ def _header(tensors: dict[str, Any], metadata: dict | None) -> tuple[bytes, list
         if not t.is_contiguous():
             t = t.contiguous()
         nbytes = t.numel() * t.element_size()
-        entries[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        shape = list(t.shape)
+        if dtype == "F4":  # torch packs two float4 values per element; safetensors counts values
+            if not shape:
+                raise ValueError(f"tensor '{name}': a 0-d float4_e2m1fn_x2 tensor has no safetensors shape")
+            shape[-1] *= 2
+        entries[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
         items.append((t.data_ptr(), nbytes))
         owners.append(t)
         offset += nbytes
