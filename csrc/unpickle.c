@@ -630,6 +630,49 @@ static int memo_index(vm *m, int one_byte, size_t *idx) {
     return 0;
 }
 
+/* The name of a pickle opcode torch's weights-only unpickler does not run (it reads exactly the
+ * opcodes of the switch in run(), plus EMPTY_SET, which sends the file to torch.load), or NULL. */
+static const char *refused_opcode(uint8_t op) {
+    static const struct {
+        uint8_t op;
+        const char *name;
+    } names[] = {
+        {0x95, "FRAME"},     {'0', "POP"},          {'1', "POP_MARK"},         {'2', "DUP"},
+        {0x93, "STACK_GLOBAL"}, {0x94, "MEMOIZE"},  {0x8d, "BINUNICODE8"},     {0x8c, "SHORT_BINUNICODE"},
+        {'T', "BINSTRING"},  {'B', "BINBYTES"},     {'C', "SHORT_BINBYTES"},   {0x8e, "BINBYTES8"},
+        {'i', "INST"},       {'o', "OBJ"},          {0x92, "NEWOBJ_EX"},       {'I', "INT"},
+        {'L', "LONG"},       {'F', "FLOAT"},        {'S', "STRING"},           {'V', "UNICODE"},
+        {'p', "PUT"},        {'g', "GET"},          {'P', "PERSID"},           {0x82, "EXT1"},
+        {0x83, "EXT2"},      {0x84, "EXT4"},        {0x8b, "LONG4"},           {0x90, "ADDITEMS"},
+        {0x91, "FROZENSET"}, {0x96, "BYTEARRAY8"},  {0x97, "NEXT_BUFFER"},     {0x98, "READONLY_BUFFER"},
+        {'l', "LIST"},       {'d', "DICT"},
+    };
+    for (size_t i = 0; i < sizeof names / sizeof *names; i++)
+        if (names[i].op == op)
+            return names[i].name;
+    return NULL;
+}
+
+/* Whether s[0, len) is UTF-8 as Python's strict decoder takes it (no surrogates, no overlongs). */
+static int utf8_strict(const uint8_t *s, size_t len) {
+    size_t i = 0;
+    while (i < len) {
+        uint8_t c = s[i];
+        size_t n = c < 0x80 ? 0 : (c & 0xE0) == 0xC0 ? 1 : (c & 0xF0) == 0xE0 ? 2 : (c & 0xF8) == 0xF0 ? 3 : 9;
+        if (n == 9 || (n && len - i - 1 < n) || (n == 1 && c < 0xC2) || (n == 3 && c > 0xF4))
+            return 0;
+        for (size_t k = 1; k <= n; k++)
+            if ((s[i + k] & 0xC0) != 0x80)
+                return 0;
+        if (n == 2 && ((c == 0xE0 && s[i + 1] < 0xA0) || (c == 0xED && s[i + 1] >= 0xA0)))
+            return 0; /* overlong, surrogate */
+        if (n == 3 && ((c == 0xF0 && s[i + 1] < 0x90) || (c == 0xF4 && s[i + 1] >= 0x90)))
+            return 0; /* overlong, past U+10FFFF */
+        i += n + 1;
+    }
+    return 1;
+}
+
 static int run(vm *m) {
     size_t until_poll = PK_POLL_EVERY;
     while (m->p < m->end) {
@@ -651,11 +694,6 @@ static int run(vm *m) {
                 return ds_fail(m->err, DS_ERR_UNSUPPORTED, "data.pkl: pickle protocol %d", *m->p);
             m->p++;
             break;
-        case 0x95: /* FRAME */
-            if (need(m, 8))
-                return -1;
-            m->p += 8;
-            break;
         case '.': { /* STOP */
             pk_obj *o = pop(m);
             if (!o)
@@ -676,23 +714,6 @@ static int run(vm *m) {
             }
             m->marks[m->n_marks++] = m->sp;
             break;
-        case '0': /* POP */
-            if (!pop(m))
-                return -1;
-            break;
-        case '1': { /* POP_MARK */
-            size_t first = 0;
-            if (pop_mark(m, &first))
-                return -1;
-            m->sp = first;
-            break;
-        }
-        case '2': { /* DUP */
-            pk_obj *o = top(m);
-            if (!o || push(m, o))
-                return -1;
-            break;
-        }
         case 'N':
         case ')':
         case ']':
@@ -762,22 +783,18 @@ static int run(vm *m) {
             break;
         }
         case 'X':
-        case 0x8c:
-        case 0x8d:
-        case 'U':
-        case 'T':
-        case 'B':
-        case 'C':
-        case 0x8e: { /* BINUNICODE(8), SHORT_BINUNICODE, SHORT_BINSTRING, BINSTRING, BINBYTES(8), SHORT_BINBYTES */
-            int lb = (op == 0x8c || op == 'U' || op == 'C') ? 1 : (op == 0x8d || op == 0x8e) ? 8 : 4;
+        case 'U': { /* BINUNICODE (UTF-8, surrogates passed), SHORT_BINSTRING (decoded as strict UTF-8, as
+                     * torch.load's encoding='utf-8' does) */
+            int lb = op == 'U' ? 1 : 4;
             if (need(m, (size_t)lb))
                 return -1;
             uint64_t len = rd_le(m->p, lb);
             m->p += lb;
             if (len > (uint64_t)(m->end - m->p))
                 return bad(m, "a string runs past the end of the pickle");
-            pk_kind kind = (op == 'B' || op == 'C' || op == 0x8e) ? PK_BYTES : PK_STR;
-            if (push(m, make_str(m, kind, m->p, (size_t)len)))
+            if (op == 'U' && !utf8_strict(m->p, (size_t)len))
+                return bad(m, "a SHORT_BINSTRING that is not UTF-8");
+            if (push(m, make_str(m, PK_STR, m->p, (size_t)len)))
                 return -1;
             m->p += len;
             break;
@@ -884,22 +901,15 @@ static int run(vm *m) {
                 return -1;
             break;
         }
-        case 0x93: { /* STACK_GLOBAL */
-            pk_obj *name = pop(m), *mod = name ? pop(m) : NULL;
-            if (!mod)
-                return -1;
-            if (name->kind != PK_STR || mod->kind != PK_STR)
-                return bad(m, "STACK_GLOBAL of something other than two strings");
-            if (push_global(m, mod->u.str.s, mod->u.str.len, name->u.str.s, name->u.str.len))
-                return -1;
-            break;
-        }
         case 'R':
-        case 0x81: { /* REDUCE, NEWOBJ: callable(*args) for the allow-list only */
+        case 0x81: { /* REDUCE: callable(*args) for the allow-list only; NEWOBJ: cls.__new__(cls, *args), which
+                      * of our globals only an OrderedDict answers (torch.load decides the others) */
             pk_obj *args = pop(m), *fn = args ? pop(m) : NULL;
             if (!fn)
                 return -1;
-            pk_obj *o = call(m, fn, args);
+            if (op == 0x81 && (fn->kind != PK_GLOBAL || fn->u.global != G_ORDERED_DICT))
+                return ds_fail(m->err, DS_ERR_UNSUPPORTED, "data.pkl: NEWOBJ of a class this reader does not represent");
+            pk_obj *o = op == 0x81 ? new_obj(m, PK_ODICT) : call(m, fn, args);
             if (!o || push(m, o))
                 return -1;
             break;
@@ -934,12 +944,6 @@ static int run(vm *m) {
                 return -1;
             break;
         }
-        case 0x94: { /* MEMOIZE */
-            pk_obj *o = top(m);
-            if (!o || memo_put(m, m->memo_n, o)) /* pickle's MEMOIZE: index len(memo) */
-                return -1;
-            break;
-        }
         case 'h':
         case 'j': { /* BINGET, LONG_BINGET */
             size_t idx;
@@ -947,9 +951,16 @@ static int run(vm *m) {
                 return -1;
             break;
         }
-        default:
+        default: {
+            const char *name = refused_opcode(op);
+            if (name) /* valid pickle, but outside what torch's weights-only unpickler runs */
+                return ds_fail(m->err, DS_ERR_FORMAT,
+                               "data.pkl: pickle opcode %s at byte %zu, which torch's weights-only unpickler refuses "
+                               "too (torch.save never writes it)",
+                               name, at(m) - 1);
             return ds_fail(m->err, DS_ERR_UNSUPPORTED, "data.pkl: pickle opcode 0x%02x at byte %zu is not supported", op,
                            at(m) - 1);
+        }
         }
     }
     return bad(m, "the pickle ends without STOP");

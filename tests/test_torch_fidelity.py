@@ -358,3 +358,41 @@ def test_version_record_accepted_and_refused_as_torch(tmp_path, record):
     ours = assert_same_as_torch(p)
     if isinstance(ours, Exception):
         assert isinstance(ours, diffsynth_c.FormatError) and "version" in str(ours)
+
+
+# ---- the opcodes torch's weights-only unpickler runs, and no others ------------------------------
+
+
+def _pickle_file(tmp_path, pkl: bytes, name: str = "op.pt") -> str:
+    p = str(tmp_path / name)
+    with zipfile.ZipFile(p, "w") as z:
+        z.writestr("archive/data.pkl", pkl)
+        z.writestr("archive/version", "3\n")
+    return p
+
+
+@pytest.mark.parametrize(
+    "pkl",
+    [
+        b"\x80\x02U\x03abc.",  # SHORT_BINSTRING: a str (torch.load decodes it as UTF-8)
+        b"\x80\x02U\x02\xc3\xa9.",
+        b"\x80\x02U\x02\xff\xfe.",  # not UTF-8: both refuse
+        b"\x80\x02K\x01K\x020.",  # POP
+        b"\x80\x02K\x012.",  # DUP
+        b"\x80\x04\x95\x05\x00\x00\x00\x00\x00\x00\x00K\x01\x94.",  # FRAME, MEMOIZE
+        b"\x80\x02C\x02ab.",  # SHORT_BINBYTES
+        b"\x80\x02]K\x01a.",
+        b"\x80\x02ccollections\nOrderedDict\n)\x81.",  # NEWOBJ of an OrderedDict
+    ],
+)
+def test_opcodes_as_torch_runs_them(tmp_path, pkl):
+    ours = assert_same_as_torch(_pickle_file(tmp_path, pkl))
+    if isinstance(ours, Exception):
+        assert isinstance(ours, diffsynth_c.FormatError), ours
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_pickle_protocols_as_torch(tmp_path, protocol):
+    p = str(tmp_path / f"p{protocol}.pt")
+    torch.save({"w": torch.arange(3.0), "n": [1, "a", 2.5]}, p, pickle_protocol=protocol)
+    assert_same_as_torch(p)
