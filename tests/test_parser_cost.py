@@ -57,7 +57,12 @@ def cost(path: str, timeout: float = 30) -> dict:
     """Runs our read, load and hash of path in a child; their times, outcomes and the child's
     peak memory growth over the three (MiB)."""
     out = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(path)], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+        [sys.executable, "-c", _CHILD, str(path)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -188,7 +193,9 @@ def _zip(entries: list[tuple[str, bytes]], aliases: list[tuple[str, str]] = (), 
     listed = [(name, records[name]) for name, _ in entries] + [(new, records[old]) for new, old in aliases]
     for name, (off, size, _) in listed:
         n = name.encode()
-        cd += struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, 0, 0, 0, 0, size, size, len(n), 0, 0, 0, 0, 0, off)
+        cd += struct.pack(
+            "<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, 0, 0, 0, 0, size, size, len(n), 0, 0, 0, 0, 0, off
+        )
         cd += n
     count = len(listed) if cd_count is None else cd_count
     eocd = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, count & 0xFFFF, count & 0xFFFF, len(cd), len(out), 0)
@@ -235,7 +242,11 @@ def test_directory_records_aliasing_one_entry(tmp_path):
 
 @pytest.mark.parametrize("lie", ["size", "count"])
 def test_directory_lying_about_sizes_or_counts(tmp_path, lie):
-    entries = [("archive/data.pkl", _tensor_dict_pickle(1, 4)), ("archive/version", b"3\n"), ("archive/data/0", bytes(16))]
+    entries = [
+        ("archive/data.pkl", _tensor_dict_pickle(1, 4)),
+        ("archive/version", b"3\n"),
+        ("archive/data/0", bytes(16)),
+    ]
     raw = bytearray(_zip(entries, cd_count=60_000 if lie == "count" else None))
     if lie == "size":  # data/0's directory record claims 1 GiB
         rec = raw.rfind(b"PK\x01\x02")
@@ -288,7 +299,8 @@ def test_many_tensors_scale_linearly(tmp_path):
         ("hash", diffsynth_c.hash_model_file, 10),
         ("load", diffsynth_c.load_state_dict, 9),
     ]:
-        small, large = _best(lambda: fn(paths[2500])), _best(lambda: fn(paths[10_000]))
+        small = _best(lambda fn=fn: fn(paths[2500]))
+        large = _best(lambda fn=fn: fn(paths[10_000]))
         assert large / small < limit, f"{name}: {small:.4f} s for 2500 tensors, {large:.4f} s for 10000"
 
 
