@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 import diffsynth_c
-from diffsynth_c.loader import file as ours_file
+from diffsynth_c.loader.settings import mode, threads
+from diffsynth_c.loader.torchfile import load_tree
 
 
 def torch_load(path: Any) -> Any:
@@ -26,11 +27,13 @@ def torch_load(path: Any) -> Any:
 
 
 def ours_load(path: Any) -> Any:
-    """Our whole checkpoint (no unwrapping), with the fallback warning silenced, or the exception."""
+    """Our whole checkpoint as load_state_dict_from_bin reads it before DiffSynth's unwrapping (the
+    C reader, or its fallback to torch.load), the fallback warning silenced; or the exception."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return ours_file.load_state_dict_from_bin(path)
+            tree = load_tree(path, threads(), mode())
+            return torch.load(path, map_location="cpu", weights_only=True) if tree is None else tree
     except Exception as e:  # noqa: BLE001
         return e
 
@@ -55,7 +58,13 @@ def same(a: Any, b: Any, pairs: dict[int, int] | None = None, keep: list | None 
         keep.append((a, b))  # ids stay unique while we compare
     if type(a) is not type(b):
         return False
+    if isinstance(a, (torch.storage.TypedStorage, torch.UntypedStorage)):
+        return a.device == b.device and a.tolist() == b.tolist()
     if isinstance(a, torch.Tensor):
+        if a.layout != b.layout or a.device != b.device:
+            return False
+        if a.layout != torch.strided or a.device.type == "meta":
+            return a.shape == b.shape and (a.device.type == "meta" or torch.equal(a.to_dense(), b.to_dense()))
         if (a.dtype, a.shape, a.requires_grad, a.is_conj(), a.is_neg()) != (
             b.dtype,
             b.shape,
