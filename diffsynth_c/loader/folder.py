@@ -170,6 +170,8 @@ def _header(tensors: dict[str, Any], metadata: dict | None) -> tuple[bytes, list
     items, offset = [], 0
     for name in order:
         t = tensors[name]
+        if t.layout != torch.strided:  # safetensors refuses these too (ValueError)
+            raise ValueError(f"tensor '{name}': a {t.layout} tensor cannot be saved in safetensors (make it dense)")
         dtype = safetensors_name_of(t.dtype)
         if dtype is None:
             raise ValueError(f"tensor '{name}': dtype {t.dtype} has no safetensors name")
