@@ -4,7 +4,7 @@ metadata, save) with safetensors' on the same file or tensors. Our own code; ups
 given so a reader can find the case.
 
 Ported, per upstream file:
-- bindings/python/tests/test_pt_comparison.py (12): test_serialization, test_odd_dtype,
+- bindings/python/tests/test_pt_comparison.py (13): test_serialization, test_odd_dtype,
   test_odd_dtype_fp8, test_zero_sized, test_multiple_zero_sized, test_disjoint_tensors_shared_storage,
   test_meta_tensor, test_in_memory, test_sparse, LoadTestCase.test_deserialization_safe,
   test_cannot_serialize_a_non_contiguous_tensor and test_cannot_serialize_shared (where we differ on

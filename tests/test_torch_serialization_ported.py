@@ -14,7 +14,8 @@ test_serialization_byteorder_mark, test_serialization_load_bom_data (little/big,
 the record), test_serialization_mmap_loading, test_serialization_dtype, test_save_different_dtype_unallocated,
 test_serialization_storage_slice, test_load_nonexistent_device, the non-ASCII text of
 _test_serialization, test_tensor_subclass_wrapper_serialization, test_tensor_subclass_getstate_overwrite,
-test_empty_class_serialization: 23.
+test_empty_class_serialization, test_lr_scheduler_serialization (with the LSTM state dict
+round trip): 24.
 """
 
 from __future__ import annotations
@@ -318,8 +319,16 @@ class _EmptySubclass(torch.Tensor):
     pass
 
 
-@pytest.mark.parametrize("make", [lambda: _WrapperSubclass(torch.rand(2)), lambda: _EmptySubclass([1.0])],
-                         ids=["wrapper", "empty"])  # fmt: skip
+class _GetStateSubclass(_WrapperSubclass):
+    def __getstate__(self):
+        return ("foo", getattr(self, "elem", None), self.__dict__)
+
+    def __setstate__(self, state):
+        _marker, self.elem, self.__dict__ = state
+
+
+@pytest.mark.parametrize("make", [lambda: _WrapperSubclass(torch.rand(2)), lambda: _GetStateSubclass(torch.rand(2)),
+                          lambda: _EmptySubclass([1.0])], ids=["wrapper", "getstate", "empty"])  # fmt: skip
 def test_tensor_subclasses_are_refused_as_torch_refuses(tmp_path, make):
     t = make()
     t.foo = "bar"
