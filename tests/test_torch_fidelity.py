@@ -4,6 +4,7 @@ with torch's and DiffSynth's answers on the same file."""
 
 from __future__ import annotations
 
+import collections
 import io
 import os
 import pickle
@@ -396,3 +397,24 @@ def test_pickle_protocols_as_torch(tmp_path, protocol):
     p = str(tmp_path / f"p{protocol}.pt")
     torch.save({"w": torch.arange(3.0), "n": [1, "a", 2.5]}, p, pickle_protocol=protocol)
     assert_same_as_torch(p)
+
+
+def _assorted():
+    inner = collections.OrderedDict(a=torch.ones(1))
+    inner._metadata = {"x": 1}
+    t = torch.arange(4.0)
+    return {
+        "param_conj": {"p": torch.nn.Parameter(torch.tensor([1 + 2j]).conj(), requires_grad=False)},
+        "nested_metadata": {"m": inner, "n": [inner]},
+        "tuple_key": {(1, "a"): t, "t": (t, t[1:])},
+        "bytes_and_text": {"b": b"\x00\xff", "s": "é"},
+        "numbers": {"big": 2**62, "neg": -5, "nan": float("nan"), "inf": float("-inf")},
+        "empty": {},
+        "scalar_top": torch.tensor(3.5),
+        "list_top": [torch.ones(2), 1, None, True],
+    }
+
+
+@pytest.mark.parametrize("name", list(_assorted()))
+def test_assorted_values_equal_torch(tmp_path, name):
+    assert_same_as_torch(saved(tmp_path, _assorted()[name]))
