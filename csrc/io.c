@@ -25,7 +25,9 @@ int io_open(const char *path, io_file *f, ds_error *err) {
     struct stat st;
     f->fd = -1;
     f->size = 0;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    /* O_NONBLOCK: a FIFO (or a device) must not block the open before fstat can refuse it; the flag
+     * changes nothing for the regular files we go on to read */
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0)
         return ds_fail_os(err, errno, "cannot open: %s", strerror(errno));
     if (fstat(fd, &st) != 0) {

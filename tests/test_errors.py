@@ -109,3 +109,22 @@ def test_errors_do_not_leak_mappings(tmp_path):
         with pytest.raises(FormatError):
             diffsynth_c.load_state_dict([good, bad])
     assert mappings() == 0
+
+
+@pytest.mark.parametrize("api", ["load_state_dict", "hash_model_file", "load_keys_dict"])
+def test_fifo_is_refused_without_blocking(tmp_path, api):
+    """A FIFO is not a model file: refused at once (open must not wait for a writer that never comes)."""
+    import subprocess
+    import sys
+
+    fifo = str(tmp_path / "pipe.safetensors")
+    os.mkfifo(fifo)
+    code = (f"import diffsynth_c\ntry:\n    diffsynth_c.{api}({fifo!r})\nexcept diffsynth_c.FormatError as e:\n"
+            "    print('FormatError:', e)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=10, cwd=root,
+                           env=dict(os.environ, PYTHONPATH=root))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{api} of a FIFO blocked")
+    assert r.stdout.strip() == f"FormatError: {fifo}: is not a regular file", r.stderr
