@@ -64,11 +64,16 @@ int io_pread(int fd, void *dst, size_t len, uint64_t off, ds_error *err) {
             return ds_fail_os(err, errno, "read of %zu bytes at offset %llu failed: %s", len,
                               (unsigned long long)off, strerror(errno));
         }
-        if (r == 0)
+        if (r == 0) {
+            /* the end is not off itself: the file may have shrunk to well before this task's range */
+            struct stat st;
+            if (fstat(fd, &st) != 0)
+                st.st_size = 0;
             return ds_fail(err, DS_ERR_FORMAT,
-                           "the file ends at byte %llu, before the %zu bytes the header promised there: it was "
-                           "truncated while being read",
-                           (unsigned long long)off, len);
+                           "the file now holds %llu bytes, fewer than the %zu bytes the header promised at offset "
+                           "%llu: it was truncated while being read",
+                           (unsigned long long)st.st_size, len, (unsigned long long)off);
+        }
         p += r;
         len -= (size_t)r;
         off += (uint64_t)r;

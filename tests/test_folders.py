@@ -205,3 +205,34 @@ def test_keep_in_fp32_modules(tmp_path):
         assert m.norm.weight.dtype == torch.float32 and torch.equal(m.norm.weight, sd["norm.weight"])
         assert m.proj.weight.dtype == torch.float16 and torch.equal(m.proj.weight, sd["proj.weight"].half())
         assert m.block[0].weight.dtype == torch.float16 and not m.training
+
+
+@pytest.mark.parametrize(
+    "case,text,pattern",
+    [
+        ("nested 100k deep", "[" * 100_000 + "]" * 100_000, "the JSON nests too deeply to be an index"),
+        ("total_size 1e400", None, r"metadata.total_size must be a whole number of bytes, not inf"),
+    ],
+)
+def test_index_that_breaks_pythons_json_names_the_file(tmp_path, case, text, pattern):
+    folder = tmp_path / "m"
+    save_state_dict(state_dict(), folder, max_shard_size="20KB")
+    index_path = folder / "diffusion_pytorch_model.safetensors.index.json"
+    if text is None:
+        good = json.loads(index_path.read_text())
+        text = json.dumps(good).replace(f'"total_size": {good["metadata"]["total_size"]}', '"total_size": 1e400')
+    index_path.write_text(text)
+    for api in (diffsynth_c.load_state_dict, diffsynth_c.hash_model_file):
+        with pytest.raises(ValueError, match="^" + str(index_path).replace(".", r"\.") + ": " + pattern):
+            api(str(folder))
+
+
+def test_save_refuses_what_is_not_a_state_dict_and_names_that_leave_the_folder(tmp_path):
+    with pytest.raises(TypeError, match=f"^{tmp_path / 'a'}: save_state_dict needs a dict of tensors, not NoneType"):
+        save_state_dict(None, tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    for name in ("../x", "/tmp/x", "sub/x", "..", ""):
+        with pytest.raises(ValueError, match="weights_name must be a file name inside the folder"):
+            save_state_dict({"w": torch.ones(2)}, tmp_path / "b", weights_name=name)
+    assert sorted(os.listdir(tmp_path)) == ["b"]
+    assert os.listdir(tmp_path / "b") == []

@@ -58,6 +58,8 @@ def _read_index(index_path: str) -> tuple[dict[str, str], Any]:
             data = json.load(f, object_pairs_hook=no_repeats)
         except json.JSONDecodeError as e:
             raise ValueError(f"{index_path}: not valid JSON: {e}") from None
+        except RecursionError:  # Python's decoder recurses once per nesting level
+            raise ValueError(f"{index_path}: the JSON nests too deeply to be an index") from None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
         raise ValueError(f"{index_path}: no weight_map of tensor names to shard files")
@@ -89,7 +91,11 @@ def _check_index(index_path: str, folder: str, weight_map: dict[str, str], decla
                     + (f"; not in the shard: {missing[:5]}" if missing else "")
                     + (f"; not in the index: {extra[:5]}" if extra else "")
                 )
-        if declared is not None and int(declared) != total:
+        if isinstance(declared, float) and declared.is_integer():
+            declared = int(declared)  # some writers store 1.5e9; 1e400 parses as infinity and is refused below
+        if declared is not None and (isinstance(declared, bool) or not isinstance(declared, int)):
+            raise ValueError(f"{index_path}: metadata.total_size must be a whole number of bytes, not {declared!r}")
+        if declared is not None and declared != total:
             raise ValueError(f"{index_path}: metadata.total_size is {declared} but the shards hold {total} bytes of tensors")
     return paths
 
@@ -198,13 +204,18 @@ def save_state_dict(
     """Writes state_dict into the folder path as diffusers' save_pretrained does: one
     ``{weights_name}.safetensors``, or shards ``{weights_name}-00001-of-0000N.safetensors`` plus
     ``{weights_name}.safetensors.index.json``. Returns the files written."""
+    folder = os.fspath(path)
+    if not isinstance(state_dict, dict):
+        raise TypeError(f"{folder}: save_state_dict needs a dict of tensors, not {type(state_dict).__name__}")
+    if (not isinstance(weights_name, str) or weights_name in ("", ".", "..") or "\0" in weights_name
+            or os.path.basename(weights_name) != weights_name or "/" in weights_name):
+        raise ValueError(f"{folder}: weights_name must be a file name inside the folder, not {weights_name!r}")
     limit = parse_size(max_shard_size)
     for k, v in state_dict.items():
         if not isinstance(k, str):
             raise TypeError(f"state dict keys must be strings, not {type(k).__name__} ({k!r})")
         if not hasattr(v, "element_size"):
             raise TypeError(f"'{k}': only tensors can be saved in safetensors, not {type(v).__name__}")
-    folder = os.fspath(path)
     os.makedirs(folder, exist_ok=True)
     sizes = [(k, v.numel() * v.element_size()) for k, v in state_dict.items()]
     shards = plan_shards(sizes, limit)
