@@ -236,3 +236,84 @@ def test_save_refuses_what_is_not_a_state_dict_and_names_that_leave_the_folder(t
             save_state_dict({"w": torch.ones(2)}, tmp_path / "b", weights_name=name)
     assert sorted(os.listdir(tmp_path)) == ["b"]
     assert os.listdir(tmp_path / "b") == []
+
+
+def versioned(value: float, n: int = 6) -> dict:
+    """A state dict whose every element is value: a mix of two saves shows as two values."""
+    return {f"blocks.{i}.w": torch.full((64, 64), value) for i in range(n)}
+
+
+def test_resave_replaces_an_older_layout_and_leaves_no_stale_files(tmp_path):
+    folder = tmp_path / "m"
+    save_state_dict(versioned(1.0), folder, max_shard_size="20KB")  # 6 shards and an index
+    save_state_dict(versioned(2.0, 4), folder, max_shard_size="40KB")  # 2 shards
+    assert sorted(os.listdir(folder)) == [
+        "diffusion_pytorch_model-00001-of-00002.safetensors",
+        "diffusion_pytorch_model-00002-of-00002.safetensors",
+        "diffusion_pytorch_model.safetensors.index.json",
+    ]
+    assert diffsynth_c.load_state_dict(str(folder)).keys() == versioned(2.0, 4).keys()
+    save_state_dict(versioned(3.0, 2), folder)  # one file: the index of the sharded save must go
+    assert os.listdir(folder) == ["diffusion_pytorch_model.safetensors"]
+    got = diffsynth_c.load_state_dict(str(folder))
+    want = versioned(3.0, 2)
+    assert got.keys() == want.keys() and all(same_tensor(got[k], want[k]) for k in want)
+
+
+SAVE_KILLED = """
+import os, sys, time, torch
+import diffsynth_c
+from diffsynth_c import _core
+from diffsynth_c.loader import folder as F
+where, path = sys.argv[1], sys.argv[2]
+real_write, real_replace = _core.write_file, os.replace
+def pause():
+    print("paused", flush=True)
+    time.sleep(60)
+def write_then_pause(target, *a, **k):  # the first shard written, the others not yet
+    real_write(target, *a, **k)
+    pause()
+def replace_then_pause(src, dst):  # the first file renamed into place, the others not yet
+    real_replace(src, dst)
+    if dst.endswith(".safetensors"):
+        pause()
+if where == "write":
+    _core.write_file = write_then_pause
+else:
+    F.os.replace = replace_then_pause
+F.threads = lambda: 1
+F.save_state_dict({f"blocks.{i}.w": torch.full((64, 64), 2.0) for i in range(6)}, path, max_shard_size="20KB")
+"""
+
+
+@pytest.mark.parametrize("where", ["write", "rename"])
+def test_a_save_killed_half_way_never_loads_as_a_mix(tmp_path, where):
+    """A re-save of the same layout killed (SIGKILL) after one shard: the folder loads as the old
+    save or is refused, never as a mix; the next save clears what the dead one left."""
+    import signal
+    import subprocess
+    import sys
+
+    folder = tmp_path / "m"
+    save_state_dict(versioned(1.0), folder, max_shard_size="20KB")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    child = subprocess.Popen([sys.executable, "-c", SAVE_KILLED, where, str(folder)], stdout=subprocess.PIPE,
+                             text=True, cwd=root, env=dict(os.environ, PYTHONPATH=root))
+    try:
+        assert child.stdout.readline().strip() == "paused"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    try:
+        got = diffsynth_c.load_state_dict(str(folder))
+    except diffsynth_c.FormatError as e:
+        assert where == "rename" and f"was stopped half-way in process {child.pid}" in str(e)
+    else:
+        values = {float(t.unique()[0]) for t in got.values()}
+        assert values == {1.0} and all(t.unique().numel() == 1 for t in got.values()), values
+    assert where == "rename" or not [f for f in os.listdir(folder) if ".saving" in f]
+    assert [f for f in os.listdir(folder) if f.endswith(f".tmp-{child.pid}")], "nothing left to clean: weak test"
+    save_state_dict(versioned(3.0), folder, max_shard_size="20KB")
+    assert not [f for f in os.listdir(folder) if ".tmp-" in f or ".saving" in f]
+    got = diffsynth_c.load_state_dict(str(folder))
+    assert got.keys() == versioned(3.0).keys() and all(same_tensor(got[k], versioned(3.0)[k]) for k in got)

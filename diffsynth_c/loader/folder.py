@@ -23,6 +23,7 @@ from ..dlpack import safetensors_name_of
 from .settings import threads
 
 WEIGHTS = ("diffusion_pytorch_model", "model", "pytorch_model")
+_SAVING = ".saving"  # suffix of the marker of a save in progress (see _commit)
 _SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.(safetensors|bin)$")
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -109,6 +110,7 @@ def resolve(path: Any, subfolder: str | None = None) -> list[str]:
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: no such file or folder")
         return [path]
+    _check_no_unfinished_save(path)
     for ext in ("safetensors", "bin"):
         for stem in WEIGHTS:
             index = os.path.join(path, f"{stem}.{ext}.index.json")
@@ -230,6 +232,8 @@ def save_state_dict(
     # (Linux holds the inode lock through a buffered write), so threads help across files, not
     # within one. A single file gets all the threads (they overlap the disk's queue).
     workers = max(1, min(len(written), threads()))
+    suffix = f".tmp-{os.getpid()}"
+    temps = [target + suffix for target in written]
 
     def write_shard(target: str, keys: list[str]) -> int:
         header, items, owners = _header({k: state_dict[k] for k in keys}, metadata)
@@ -237,29 +241,135 @@ def save_state_dict(
         del owners
         return sum(n for _, n in items)
 
+    _clear_dead_saves(folder, weights_name)
     # the bar moves (on this thread) once a shard is written and durable
     label = f"Saving {os.path.basename(os.path.normpath(folder))}"
-    with progress.Progress(sum(s for _, s in sizes), label, min_total=progress.LOAD_MIN_BYTES) as bar:
-        with ThreadPoolExecutor(workers) as pool:
-            jobs = [pool.submit(write_shard, t, k) for t, k in zip(written, shards or [[]])]
-            try:
-                for job in jobs:
-                    bar.update(job.result())
-            except BaseException:
-                for job in jobs:
-                    job.cancel()  # shards not started are not written; running ones finish or clean up
-                raise
+    try:
+        with progress.Progress(sum(s for _, s in sizes), label, min_total=progress.LOAD_MIN_BYTES) as bar:
+            with ThreadPoolExecutor(workers) as pool:
+                jobs = [pool.submit(write_shard, t, k) for t, k in zip(temps, shards or [[]])]
+                try:
+                    for job in jobs:
+                        bar.update(job.result())
+                except BaseException:
+                    for job in jobs:
+                        job.cancel()  # shards not started are not written; running ones finish or clean up
+                    raise
+    except BaseException:
+        for t in temps:
+            _remove(t)
+        raise
+    index_path = os.path.join(folder, f"{weights_name}.safetensors.index.json")
+    index_text = None
     if n > 1:
         index = {
             "metadata": {"total_size": sum(s for _, s in sizes)},
             "weight_map": {k: names[i] for i, keys in enumerate(shards) for k in keys},
         }
-        index_path = os.path.join(folder, f"{weights_name}.safetensors.index.json")
-        tmp = f"{index_path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        index_text = json.dumps(index, indent=2, sort_keys=True) + "\n"
+        written.append(index_path)
+    _commit(folder, weights_name, list(zip(temps, written)), index_path, index_text, suffix)
+    return written
+
+
+def _marker(folder: str, weights_name: str) -> str:
+    return os.path.join(folder, f"{weights_name}.safetensors{_SAVING}")
+
+
+def _fsync_dir(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _commit(folder: str, weights_name: str, moves: list[tuple[str, str]], index_path: str, index_text: str | None,
+            suffix: str) -> None:
+    """Puts a save's files in place, all or nothing as a loader sees the folder: every new file is
+    already written and fsynced under a temporary name. A marker naming this process goes first;
+    while it is there, resolve() refuses the folder. Then the old index goes, the new files are
+    renamed into place, the index is written (last of the model files), the shards of an older
+    save of the same name that the new one does not use are removed, and the marker goes."""
+    marker = _marker(folder, weights_name)
+    with open(marker + suffix, "w", encoding="utf-8") as f:
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(marker + suffix, marker)
+    _fsync_dir(folder)
+    _remove(index_path)
+    keep = set()
+    for tmp, target in moves:
+        os.replace(tmp, target)
+        keep.add(os.path.basename(target))
+    if index_text is not None:
+        with open(index_path + suffix, "w", encoding="utf-8") as f:
+            f.write(index_text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, index_path)
-        written.append(index_path)
-    return written
+        os.replace(index_path + suffix, index_path)
+        keep.add(os.path.basename(index_path))
+    stale = re.compile(re.escape(weights_name) + r"(-\d{5}-of-\d{5})?\.safetensors")
+    for name in os.listdir(folder):
+        if name not in keep and stale.fullmatch(name):
+            _remove(os.path.join(folder, name))
+    _fsync_dir(folder)
+    os.remove(marker)
+    _fsync_dir(folder)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def _clear_dead_saves(folder: str, weights_name: str) -> None:
+    """Removes what a save of weights_name into folder left when its process died: temporary files
+    (``*.tmp-PID``) and the marker of an unfinished save. Those of a live process stay."""
+    tmp = re.compile(re.escape(weights_name) + r"[-.].*\.tmp-(\d+)")
+    for name in os.listdir(folder):
+        m = tmp.fullmatch(name)
+        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            _remove(os.path.join(folder, name))
+    marker = _marker(folder, weights_name)
+    pid = _marker_pid(marker)
+    if pid is not None and pid != os.getpid() and not _pid_alive(pid):
+        _remove(marker)  # the save that follows leaves the folder complete
+
+
+def _marker_pid(marker: str) -> int | None:
+    """The process a save marker names, or None when there is no marker (-1 when it is unreadable)."""
+    try:
+        with open(marker, encoding="utf-8") as f:
+            text = f.read(32).strip()
+    except FileNotFoundError:
+        return None
+    return int(text) if text.isdigit() else -1
+
+
+def _check_no_unfinished_save(path: str) -> None:
+    """Refuses a folder that a save is writing, or that a save stopped half-way left: its files may
+    mix two versions of the model."""
+    for name in os.listdir(path):
+        if name.endswith(".safetensors" + _SAVING):
+            pid = _marker_pid(os.path.join(path, name))
+            state = ("is still being written by process" if pid and pid > 0 and _pid_alive(pid)
+                     else "was stopped half-way in process")
+            raise _core.FormatError(
+                f"{path}: a save of '{name[: -len('.safetensors' + _SAVING)]}' into this folder {state} {pid}; "
+                "its files may mix two versions of the model (save it again)"
+            )
+
