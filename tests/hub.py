@@ -5,7 +5,10 @@ Files are served with ``Range``/206 and ``Content-Range``, at an optional per-co
 cap, and faults can be queued per file path: each request for the file takes the next one.
 Faults: ``reset`` (connection dropped mid-body), ``trickle`` (slow body), ``500``/``429``,
 ``wrong`` (a body with other bytes), ``short`` (Content-Length promises more than is sent),
-``redirect`` (to the second host name, ``localhost``), ``ignore_range`` (200 to a range request).
+``redirect`` (to the second host name, ``localhost``), ``ignore_range`` (200 to a range request),
+``long`` (Content-Length 100 bytes short of the body, on a kept-alive connection: the rest of the
+body is left in the socket), ``extra`` (100 bytes more than the range asked for, the Content-Length
+counting them).
 """
 
 from __future__ import annotations
@@ -261,7 +264,11 @@ class _Handler(BaseHTTPRequestHandler):
                 status = 206
         sha = self.hub.sha256(model_id, path)
         self.send_response(status)
-        self.send_header("Content-Length", str(end - start + (100 if fault == "short" else 0)))
+        end_sent = end
+        if fault == "extra":
+            data, end_sent = data + b"\0" * 100, end + 100
+        declared = end_sent - start + (100 if fault == "short" else 0) - (min(100, end - start) if fault == "long" else 0)
+        self.send_header("Content-Length", str(declared))
         if status == 206:
             self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
         self.send_header("Accept-Ranges", "bytes")
@@ -276,7 +283,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command == "HEAD":
             return
-        body = memoryview(data)[start:end]
+        body = memoryview(data)[start:end_sent]
         if fault == "reset":
             self.wfile.write(body[: len(body) // 2])
             self.wfile.flush()

@@ -82,7 +82,7 @@ def test_folder_pattern_and_all(hub, env):
     assert (env / "org/model/empty.txt").read_bytes() == b""
 
 
-@pytest.mark.parametrize("fault", ["reset", "500", "429", "wrong", "short", "redirect", "ignore_range"])
+@pytest.mark.parametrize("fault", ["reset", "500", "429", "wrong", "short", "redirect", "ignore_range", "long", "extra"])
 def test_fault_recovers(hub, env, fault, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "secret")  # the redirect to another host must drop it
     monkeypatch.setenv("MODELSCOPE_API_TOKEN", "secret")
