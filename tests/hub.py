@@ -30,6 +30,17 @@ def fake_bytes(seed: str, size: int) -> bytes:
     return (block * reps)[:size]
 
 
+def git_blob_id(data: bytes) -> str:
+    """git's object id of a file: SHA-1 over "blob <size>\\0" and the bytes."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def is_lfs(path: str, size: int) -> bool:
+    """Whether the hub keeps the file in LFS (as Hugging Face's default .gitattributes does for
+    weights), else in git itself, as config.json and README.md are."""
+    return path.endswith((".safetensors", ".bin", ".pt", ".pth", ".ckpt")) or size >= 10 << 20
+
+
 class Hub:
     """The served repositories and the switches of the server; start() binds a port."""
 
@@ -209,16 +220,14 @@ class _Handler(BaseHTTPRequestHandler):
             return self.not_found("RevisionNotFound")
         if kind == "revision":
             return self.send_json({"id": model_id, "sha": commit, "siblings": [{"rfilename": p} for p in sorted(repo)]})
-        entries = [
-            {
-                "type": "file",
-                "path": p,
-                "size": len(b),
-                "oid": hashlib.sha1(self.hub.sha256(model_id, p).encode()).hexdigest(),  # stands in for the blob id
-                "lfs": {"oid": self.hub.sha256(model_id, p), "size": len(b), "pointerSize": 130},
-            }
-            for p, b in sorted(repo.items())
-        ]
+        entries = []
+        for p, b in sorted(repo.items()):
+            if is_lfs(p, len(b)):  # oid: the blob id of the pointer file git keeps
+                pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{self.hub.sha256(model_id, p)}\nsize {len(b)}\n"
+                lfs = {"oid": self.hub.sha256(model_id, p), "size": len(b), "pointerSize": len(pointer)}
+                entries.append({"type": "file", "path": p, "size": len(b), "oid": git_blob_id(pointer.encode()), "lfs": lfs})
+            else:  # kept in git itself: only the blob id of its bytes
+                entries.append({"type": "file", "path": p, "size": len(b), "oid": git_blob_id(b)})
         dirs = sorted({p.rsplit("/", 1)[0] for p in repo if "/" in p})
         entries += [{"type": "directory", "path": d, "oid": "0" * 40} for d in dirs]
         # Two entries a page, to exercise Link paging.

@@ -100,10 +100,27 @@ def test_trickle_recovers(hub, env):
 
 
 def test_persistent_hash_mismatch(hub, env):
+    """README.md is kept in git on Hugging Face (no lfs.oid): its git blob id is what is checked."""
     hub.fault("README.md", *["wrong"] * 20)
-    with pytest.raises(DownloadError, match=r"org/model.*README.md.*SHA-256"):
+    kind = "SHA-256" if os.environ["DIFFSYNTH_DOWNLOAD_SOURCE"] == "modelscope" else "git blob id"
+    with pytest.raises(DownloadError, match=rf"org/model.*README.md: {kind} [0-9a-f]+ does not match the hub's"):
         fetch_one(hub, env, "README.md")
     assert not (env / "org/model/README.md").exists()
+
+
+def test_files_kept_in_git_are_verified_by_their_blob_id(hub, env):
+    """config.json has no lfs.oid on Hugging Face: wrong bytes are caught by the blob id, fetched
+    again, and a corrupt copy already in place is repaired."""
+    rel = "text_encoder/config.json"
+    want = hub.repos["org/model"][rel]
+    hub.fault(rel, "wrong", "wrong")
+    fetch_one(hub, env, rel)
+    assert (env / "org/model" / rel).read_bytes() == want
+    (env / "org/model" / rel).write_bytes(bytes(b ^ 1 for b in want))  # same size, other bytes
+    manifest = env / "org/model" / cfg.MANIFEST
+    manifest.unlink()  # no record of the last check: the file is hashed again
+    fetch_one(hub, env, rel)
+    assert (env / "org/model" / rel).read_bytes() == want
 
 
 def test_persistent_server_error(hub, env, monkeypatch):
@@ -281,9 +298,9 @@ def test_files_complete_early_are_sealed_while_others_transfer(hub, env, monkeyp
         finally:
             in_fetch[0] = False
 
-    def seal(fd, part, size, want_hash):
+    def seal(fd, part, f):
         sealed_during.append((os.path.basename(part), in_fetch[0]))
-        return real_seal(fd, part, size, want_hash)
+        return real_seal(fd, part, f)
 
     monkeypatch.setattr(cfg._core, "fetch", fetch)
     monkeypatch.setattr(cfg, "_seal", seal)
