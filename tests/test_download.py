@@ -310,3 +310,60 @@ def test_files_complete_early_are_sealed_while_others_transfer(hub, env, monkeyp
     during = {name for name, busy in sealed_during if busy}
     assert "model-00001.safetensors.incomplete" in during, sealed_during  # done long before the big one
     assert sorted(name for name, _ in sealed_during) == sorted(f"{os.path.basename(r)}.incomplete" for r in hub.repos["org/model"])
+
+
+CONCURRENT = """
+import hashlib, sys
+from diffsynth_c import ModelConfig
+c = ModelConfig(model_id="org/model", origin_file_pattern="model.safetensors", local_model_path=sys.argv[1])
+c.download_if_necessary()
+print(hashlib.sha256(open(c.path, "rb").read()).hexdigest())
+"""
+
+
+def file_gets(hub, since: int) -> int:
+    return sum(r.endswith("model.safetensors") and "text_encoder" not in r for r in hub.requests[since:])
+
+
+@pytest.mark.parametrize("how", ["processes", "threads"])
+def test_two_downloads_of_one_file_into_one_folder(hub, env, how):
+    """Both succeed with the right bytes: the second waits for the first's lock, then takes its
+    verified file instead of writing into the same partial file."""
+    import sys
+    import threading
+
+    before = len(hub.requests)
+    fetch_one(hub, env / "solo")
+    solo = file_gets(hub, before)
+    before = len(hub.requests)
+    hub.rate = 8 << 20  # the transfer takes about two seconds: the two overlap
+    base = env / "shared"
+    want = sha(hub.repos["org/model"]["model.safetensors"])
+    if how == "processes":
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        children = [
+            subprocess.Popen([sys.executable, "-c", CONCURRENT, str(base)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, cwd=root, env=dict(os.environ, PYTHONPATH=root))
+            for _ in range(2)
+        ]
+        outs = [c.communicate(timeout=120) for c in children]
+        assert [c.returncode for c in children] == [0, 0], [err[-2000:] for _, err in outs]
+        assert [out.strip() for out, _ in outs] == [want, want]
+    else:
+        errors = []
+
+        def run():
+            try:
+                fetch_one(hub, base)
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=run) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors, errors
+    check_big(hub, base)
+    assert file_gets(hub, before) == solo  # the file's bytes were fetched once
+    assert not os.listdir(base / "org/model" / cfg.PARTIAL)

@@ -10,6 +10,8 @@ the model folder) records what was verified, so a model that is complete costs n
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import fnmatch
 import glob
 import hashlib
@@ -18,7 +20,7 @@ import os
 import time
 import urllib.parse
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Union
@@ -28,6 +30,7 @@ from ..progress import Progress
 
 MANIFEST = os.path.join(".cache", "diffsynth_c", "manifest.json")
 PARTIAL = os.path.join(".cache", "diffsynth_c", "partial")  # partial files, out of the glob's sight
+LOCK = os.path.join(".cache", "diffsynth_c", "download.lock")  # held while a download writes the folder
 RANGE_MIN, RANGE_MAX = 16 << 20, 64 << 20  # bounds of the ranges large files are split into
 HASH_RETRIES = 3
 
@@ -289,6 +292,25 @@ def _present(folder: str, f: dict, rel: str, manifest_files: dict) -> bool:
         return False
     manifest_files[rel] = {"size": f["size"], "sha256": f["sha256"], "blob": f.get("blob"), "stamp": stamp}
     return True
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: str, what: str) -> Iterator[None]:
+    """An exclusive lock on a model folder's downloads (flock on .cache/diffsynth_c/download.lock):
+    the partial files, the renames and the manifest belong to one download at a time, across
+    processes and threads (each holder opens the lock file itself). Waits for the holder; Ctrl-C
+    while waiting raises KeyboardInterrupt. The kernel drops the lock of a process that dies."""
+    path = os.path.join(folder, LOCK)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise DownloadError(f"{what}: cannot write {path}: {e.strerror}") from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 # ---- transfers -----------------------------------------------------------------------------
@@ -596,19 +618,24 @@ class ModelConfig:
         if not wanted_files:
             raise DownloadError(f"{what}: no file of the repo matches {pattern!r}")
         entries = {f.path: _entry(f) for f in remote}
-        missing = [f for f in wanted_files if not _present(folder, entries[f.path], f.path, seen)]
         try:
             os.makedirs(folder, exist_ok=True)
         except OSError as e:
             raise DownloadError(f"{what}: cannot create {folder}: {e.strerror}") from e
-        download_files(folder, missing, hub.headers, what)
-        for f in missing:
-            seen[f.path] = {**_entry(f), "stamp": _stamp(os.path.join(folder, f.path))}
-        manifest.setdefault("listings", {})[key] = {"commit": commit, "files": entries}
-        try:
-            _write_manifest(folder, manifest)
-        except OSError:
-            pass
+        # Another process (or thread) downloading into this folder holds the lock: wait for it, then
+        # take what it landed and recorded, and download only what is still missing.
+        with _folder_lock(folder, what):
+            manifest = _read_manifest(folder)
+            seen = manifest.setdefault("files", {})
+            missing = [f for f in wanted_files if not _present(folder, entries[f.path], f.path, seen)]
+            download_files(folder, missing, hub.headers, what)
+            for f in missing:
+                seen[f.path] = {**_entry(f), "stamp": _stamp(os.path.join(folder, f.path))}
+            manifest.setdefault("listings", {})[key] = {"commit": commit, "files": entries}
+            try:
+                _write_manifest(folder, manifest)
+            except OSError:
+                pass
 
     def download_if_necessary(self) -> None:
         """Downloads when needed, then sets path: one file as a string, several as a list, the
