@@ -3,6 +3,7 @@
 #include "io.h"
 
 #include "guard.h"
+#include "lease.h"
 
 #include <errno.h>
 #include <stdio.h>
@@ -150,6 +151,7 @@ void *io_alloc(size_t len, ds_error *err) {
 }
 
 void io_release(void *addr, size_t len) {
+    ml_release(addr); /* a load's mapping may hold a lease (lease.h) */
     mg_unregister(addr);
     if (addr)
         munmap(addr, len ? len : 1);

@@ -31,6 +31,7 @@
 #include "dlpack.h"
 #include "download.h"
 #include "guard.h"
+#include "lease.h"
 #include "io.h"
 #include "keyhash.h"
 #include "readinto.h"
@@ -964,6 +965,15 @@ static int plan_load(load_plan *plan, path_arg *paths, size_t n, int use_map, un
             lf->map = io_map_file(lf->f.fd, lf->f.size, err);
             if (!lf->map)
                 goto fail;
+            /* The tensors will be views of resident pages: with a lease, those pages are copied
+             * before the file changes in place (lease.h). Without one, the file could change under
+             * the tensors unseen, so they get a copy of their own, read as in read mode. */
+            if (ml_protect(lf->map, lf->map_len, lf->f.fd) != 0) {
+                io_release(lf->map, lf->map_len);
+                lf->map = NULL;
+            }
+        }
+        if (lf->map) {
             data = lf->map + h->data_start;
         } else {
             lf->copy_len = (size_t)h->data_len;
@@ -997,7 +1007,7 @@ static int plan_load(load_plan *plan, path_arg *paths, size_t n, int use_map, un
             }
         }
         /* tasks: bytes first (populate or read), then conversions */
-        if (use_map) {
+        if (lf->map) {
             if (!convert || !lf->conv) {
                 if (add_byte_tasks(plan, TASK_POPULATE, (int)i, data, NULL, 0, (size_t)h->data_len, POPULATE_CHUNK,
                                    err))
@@ -1017,7 +1027,7 @@ static int plan_load(load_plan *plan, path_arg *paths, size_t n, int use_map, un
                                READ_CHUNK, err))
                 goto fail;
         }
-        if (convert && lf->conv && use_map) {
+        if (convert && lf->conv && lf->map) {
             for (size_t k = 0; k < h->n_tensors; k++) {
                 const st_tensor *t = &h->tensors[k];
                 if (lf->conv_off[k] == UINT64_MAX)
@@ -1050,7 +1060,7 @@ static int plan_read_conversions(load_plan *plan, st_dtype target, ds_error *err
     plan->n_tasks = 0;
     for (size_t i = 0; i < plan->n_files; i++) {
         load_file *lf = &plan->files[i];
-        if (!lf->conv)
+        if (!lf->conv || lf->map) /* a mapped file converted in the first phase */
             continue;
         for (size_t k = 0; k < lf->h.n_tensors; k++) {
             const st_tensor *t = &lf->h.tensors[k];
@@ -1156,7 +1166,7 @@ static PyObject *load(PyObject *module, PyObject *args, PyObject *kwargs) {
     rc = plan_load(&plan, paths, (size_t)n, use_map, convert ? convert_mask : 0, target, &err);
     if (!rc)
         rc = io_run(plan.n_tasks, threads, run_task, &plan, poll_signals, &pc, &err);
-    if (!rc && !use_map && convert) {
+    if (!rc && convert) { /* files read rather than mapped (read mode, or no lease) */
         rc = plan_read_conversions(&plan, target, &err);
         if (!rc)
             rc = io_run(plan.n_tasks, threads, run_task, &plan, poll_signals, &pc, &err);
@@ -1181,7 +1191,7 @@ static PyObject *load(PyObject *module, PyObject *args, PyObject *kwargs) {
         st_header *h = &lf->h;
         PyObject *base_region, *conv_region = NULL;
         char *base, *conv_base = lf->conv;
-        if (use_map) {
+        if (lf->map) {
             base_region = region_new(st, lf->map, lf->map_len, 1);
             base = lf->map + h->data_start;
             lf->map = NULL;
