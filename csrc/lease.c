@@ -32,7 +32,9 @@
 typedef struct {
     void *base;
     size_t len;
-    int fd; /* the leased duplicate */
+    int fd;         /* the leased duplicate */
+    size_t *ranges; /* n_ranges (offset, length) pairs that tensors use; NULL: all of it */
+    size_t n_ranges;
 } ml_entry;
 
 static pthread_once_t once = PTHREAD_ONCE_INIT;
@@ -53,12 +55,18 @@ static void on_break(int sig, siginfo_t *info, void *ctx) {
     errno = saved;
 }
 
-/* Copies [base, base+len) into anonymous memory and moves the copy over it. Returns 0 or -1. */
-static int copy_in_place(void *base, size_t len) {
-    void *anon = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+/* Copies the used ranges of e's mapping into anonymous memory and moves the copy over the mapping
+ * (pages outside the ranges become zero pages that take no memory). Returns 0 or -1. */
+static int copy_in_place(const ml_entry *e) {
+    void *anon = mmap(NULL, e->len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (anon == MAP_FAILED)
         return -1;
-    memcpy(anon, base, len);
+    if (!e->ranges)
+        memcpy(anon, e->base, e->len);
+    for (size_t i = 0; i < e->n_ranges; i++)
+        memcpy((char *)anon + e->ranges[2 * i], (const char *)e->base + e->ranges[2 * i], e->ranges[2 * i + 1]);
+    void *base = e->base;
+    size_t len = e->len;
     if (mremap(anon, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, base) == MAP_FAILED) {
         munmap(anon, len);
         return -1;
@@ -83,8 +91,9 @@ static void *watch(void *arg) {
             }
             /* on failure the SIGBUS guard is what is left; either way the lease goes back, and the
              * writer goes on */
-            copy_in_place(entries[i].base, entries[i].len);
+            copy_in_place(&entries[i]);
             close(entries[i].fd);
+            free(entries[i].ranges);
             entries[i] = entries[--n_entries];
         }
         pthread_mutex_unlock(&mu);
@@ -131,10 +140,24 @@ static void setup(void) {
     atomic_store(&enabled, 1);
 }
 
-int ml_protect(void *base, size_t len, int fd) {
+int ml_protect(void *base, size_t len, int fd, const uint64_t *offs, const uint64_t *lens, size_t n_ranges) {
     pthread_once(&once, setup);
     if (!atomic_load(&enabled) || !base || !len)
         return -1;
+    size_t *ranges = NULL;
+    if (offs) {
+        ranges = malloc((n_ranges ? n_ranges : 1) * 2 * sizeof *ranges);
+        if (!ranges)
+            return -1;
+        for (size_t i = 0; i < n_ranges; i++) {
+            if (offs[i] > len || lens[i] > len - offs[i]) {
+                free(ranges);
+                return -1;
+            }
+            ranges[2 * i] = (size_t)offs[i];
+            ranges[2 * i + 1] = (size_t)lens[i];
+        }
+    }
     int rc = -1;
     pthread_mutex_lock(&mu);
     if (n_entries >= limit)
@@ -157,10 +180,12 @@ int ml_protect(void *base, size_t len, int fd) {
         close(dup);
         goto out;
     }
-    entries[n_entries++] = (ml_entry){base, len, dup};
+    entries[n_entries++] = (ml_entry){base, len, dup, ranges, offs ? n_ranges : 0};
+    ranges = NULL;
     rc = 0;
 out:
     pthread_mutex_unlock(&mu);
+    free(ranges);
     return rc;
 }
 
@@ -171,6 +196,7 @@ void ml_release(void *base) {
     for (size_t i = 0; i < n_entries; i++) {
         if (entries[i].base == base) {
             close(entries[i].fd);
+            free(entries[i].ranges);
             entries[i] = entries[--n_entries];
             break;
         }

@@ -12,18 +12,21 @@
  * Leases need the process to own the file (or CAP_LEASE), a local file system that supports them,
  * no writer holding the file open, and one descriptor kept open per mapping (at most a quarter
  * of RLIMIT_NOFILE, and 4096, are used). Where ml_protect cannot take a lease the caller decides:
- * the loader reads such a file into anonymous memory instead of mapping it. A copy costs the
- * mapping's size in memory, so only mappings whose pages are resident anyway (a load's) are
- * protected, not DiskMap's lazy ones. */
+ * the loader reads such a file into anonymous memory instead of mapping it. A copy costs the size
+ * of the ranges tensors use, so only mappings whose tensors are resident anyway are protected
+ * (loads and map_ranges), not DiskMap's lazy whole-file mappings. */
 #ifndef DS_LEASE_H
 #define DS_LEASE_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 /* Protects the mapping [base, base+len) of the file open (read-only) on fd: takes a read lease on
- * a duplicate of fd. Returns 0, or -1 when no lease could be taken (the mapping is then not
- * protected). Thread-safe; runs without the GIL. */
-int ml_protect(void *base, size_t len, int fd);
+ * a duplicate of fd. offs/lens (n_ranges of them, copied) name the ranges that tensors use, the
+ * only bytes a break copies (the rest of the mapping then reads zeros); offs NULL: all of it.
+ * Returns 0, or -1 when no lease could be taken (the mapping is then not protected). Thread-safe;
+ * runs without the GIL. */
+int ml_protect(void *base, size_t len, int fd, const uint64_t *offs, const uint64_t *lens, size_t n_ranges);
 
 /* Stops protecting the mapping at base (gives its lease back); call before unmapping it. No-op
  * for an address never protected. Waits while the mapping is being copied. */

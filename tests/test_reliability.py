@@ -58,6 +58,44 @@ def test_a_file_changed_under_its_mapped_tensors_keeps_their_bytes(tmp_path, cha
     assert r.stdout.strip() == "same [True, True]", r.stdout + r.stderr
 
 
+def test_a_converting_load_keeps_the_bytes_of_the_tensors_it_did_not_convert(tmp_path):
+    """With torch_dtype, a tensor already in that dtype stays a view of the mapping (only its range
+    is copied when the file changes); the converted ones never depended on the file."""
+    r = child("""
+        import os, sys, threading, torch, safetensors.torch as st, diffsynth_c
+        p = sys.argv[1]
+        st.save_file({"f": torch.arange(1 << 20, dtype=torch.float32), "h": torch.ones(1 << 20, dtype=torch.bfloat16),
+                      "z": torch.full((1 << 20,), 3, dtype=torch.bfloat16)}, p)
+        want = {k: v.to(torch.bfloat16).clone() for k, v in st.load_file(p).items()}  # not views of its mapping
+        sd = diffsynth_c.load_state_dict(p, torch_dtype=torch.bfloat16)
+        os.truncate(p, 4096)
+        got = {}
+        worker = threading.Thread(target=lambda: got.update({k: v.clone() for k, v in sd.items()}))
+        worker.start(); worker.join()
+        print("same", [torch.equal(got[k], want[k]) for k in "fhz"])
+    """, str(tmp_path / "m.safetensors"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "same [True, True, True]", r.stdout + r.stderr
+
+
+def test_a_torch_checkpoint_truncated_under_its_mapped_tensors_keeps_their_bytes(tmp_path):
+    """The same for torch.save files (read through map_ranges): torch.load's tensors are the reference."""
+    r = child("""
+        import os, sys, threading, torch, diffsynth_c
+        p = sys.argv[1]
+        torch.save({"a": torch.arange(1 << 20, dtype=torch.float32), "b": torch.ones(1 << 20)}, p)
+        want = torch.load(p, weights_only=True)
+        sd = diffsynth_c.load_state_dict(p)
+        os.truncate(p, os.path.getsize(p) // 2)
+        got = {}
+        worker = threading.Thread(target=lambda: got.update(b=sd["b"].clone()))
+        worker.start(); worker.join()
+        print("same", [torch.equal(got["b"], want["b"]), torch.equal(sd["a"], want["a"])])
+    """, str(tmp_path / "m.bin"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "same [True, True]", r.stdout + r.stderr
+
+
 def test_without_leases_a_truncated_mapping_raises_not_sigbus_past_1024_mappings(tmp_path):
     """Where no lease can be had (here: the lease signal is taken), loads read files into memory
     of their own, and DiskMap's mappings fall back on the SIGBUS guard, which has no limit on
