@@ -28,7 +28,10 @@ int io_open(const char *path, io_file *f, ds_error *err) {
     f->size = 0;
     /* O_NONBLOCK: a FIFO (or a device) must not block the open before fstat can refuse it; the flag
      * changes nothing for the regular files we go on to read */
-    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    int fd;
+    do /* a signal during an open that waits (a lease being broken) is not a failure to report */
+        fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    while (fd < 0 && errno == EINTR);
     if (fd < 0)
         return ds_fail_os(err, errno, "cannot open: %s", strerror(errno));
     if (fstat(fd, &st) != 0) {

@@ -11,10 +11,14 @@ place, so a failure never leaves a half-written file.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import json
 import os
 import re
+import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -232,7 +236,8 @@ def save_state_dict(
     # (Linux holds the inode lock through a buffered write), so threads help across files, not
     # within one. A single file gets all the threads (they overlap the disk's queue).
     workers = max(1, min(len(written), threads()))
-    suffix = f".tmp-{os.getpid()}"
+    # the thread too: two threads of one process may save into one folder at once
+    suffix = f".tmp-{threading.get_native_id()}-{os.getpid()}"
     temps = [target + suffix for target in written]
 
     def write_shard(target: str, keys: list[str]) -> int:
@@ -299,6 +304,24 @@ def _commit(folder: str, weights_name: str, moves: list[tuple[str, str]], index_
     renamed into place, the index is written (last of the model files), the shards of an older
     save of the same name that the new one does not use are removed, and the marker goes."""
     marker = _marker(folder, weights_name)
+    with _locked(folder):  # a save that commits at the same time waits: the last one is what stays
+        _commit_locked(folder, weights_name, moves, index_path, index_text, suffix, marker)
+
+
+@contextlib.contextmanager
+def _locked(folder: str) -> Iterator[None]:
+    """An exclusive flock on the folder itself (no lock file left among the model's files), across
+    processes and threads (each holder opens the folder itself)."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _commit_locked(folder: str, weights_name: str, moves: list[tuple[str, str]], index_path: str,
+                   index_text: str | None, suffix: str, marker: str) -> None:
     with open(marker + suffix, "w", encoding="utf-8") as f:
         f.write(f"{os.getpid()}\n")
         f.flush()
@@ -339,7 +362,7 @@ def _pid_alive(pid: int) -> bool:
 def _clear_dead_saves(folder: str, weights_name: str) -> None:
     """Removes what a save of weights_name into folder left when its process died: temporary files
     (``*.tmp-PID``) and the marker of an unfinished save. Those of a live process stay."""
-    tmp = re.compile(re.escape(weights_name) + r"[-.].*\.tmp-(\d+)")
+    tmp = re.compile(re.escape(weights_name) + r"[-.].*\.tmp-(?:\d+-)?(\d+)")
     for name in os.listdir(folder):
         m = tmp.fullmatch(name)
         if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
