@@ -76,6 +76,16 @@ static int copy_in_place(const ml_entry *e) {
 
 static void *watch(void *arg) {
     (void)arg;
+    /* Faults must reach their handlers: Linux kills the process for a fault signal that is
+     * blocked. A copy that faults (a lease the kernel broke after its timeout) then reads the
+     * guard's zeros (guard.h). */
+    sigset_t faults;
+    sigemptyset(&faults);
+    sigaddset(&faults, SIGBUS);
+    sigaddset(&faults, SIGSEGV);
+    sigaddset(&faults, SIGFPE);
+    sigaddset(&faults, SIGILL);
+    pthread_sigmask(SIG_UNBLOCK, &faults, NULL);
     for (;;) {
         int fd;
         ssize_t r = read(pipe_rd, &fd, sizeof fd);
@@ -130,7 +140,7 @@ static void setup(void) {
         return;
     sigset_t all, prev;
     sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &prev); /* the watcher inherits a mask that blocks everything */
+    pthread_sigmask(SIG_SETMASK, &all, &prev); /* the watcher inherits a mask that blocks the rest */
     pthread_t t;
     int started = pthread_create(&t, NULL, watch, NULL) == 0;
     pthread_sigmask(SIG_SETMASK, &prev, NULL);
