@@ -307,7 +307,7 @@ def test_a_save_killed_half_way_never_loads_as_a_mix(tmp_path, where):
     try:
         got = diffsynth_c.load_state_dict(str(folder))
     except diffsynth_c.FormatError as e:
-        assert where == "rename" and f"was stopped half-way in process {child.pid}" in str(e)
+        assert where == "rename" and f"has not finished (process {child.pid}, no longer running)" in str(e)
     else:
         values = {float(t.unique()[0]) for t in got.values()}
         assert values == {1.0} and all(t.unique().numel() == 1 for t in got.values()), values
@@ -345,3 +345,28 @@ def test_two_threads_saving_into_one_folder_leave_one_whole_save(tmp_path):
         values = {float(v) for t in got.values() for v in t.unique()}
         assert got.keys() == versioned(1.0).keys() and len(values) == 1, values
         assert not [f for f in os.listdir(folder) if ".tmp-" in f or ".saving" in f]
+
+
+def test_a_save_that_fails_while_renaming_leaves_the_folder_refused_then_repaired(tmp_path, monkeypatch):
+    from diffsynth_c.loader import folder as F
+
+    folder = tmp_path / "m"
+    save_state_dict(versioned(1.0), folder, max_shard_size="20KB")
+    real, calls = os.replace, []
+
+    def fail_second(src, dst):
+        calls.append(dst)
+        if len(calls) == 3:  # the marker, one shard, then this one
+            raise OSError(5, "Input/output error (injected)")
+        real(src, dst)
+
+    monkeypatch.setattr(F.os, "replace", fail_second)
+    with pytest.raises(OSError, match="injected"):
+        save_state_dict(versioned(2.0), folder, max_shard_size="20KB")
+    monkeypatch.setattr(F.os, "replace", real)
+    assert not [f for f in os.listdir(folder) if ".tmp-" in f]
+    with pytest.raises(diffsynth_c.FormatError, match=rf"has not finished \(process {os.getpid()}, still running\)"):
+        diffsynth_c.load_state_dict(str(folder))
+    save_state_dict(versioned(3.0), folder, max_shard_size="20KB")
+    got = diffsynth_c.load_state_dict(str(folder))
+    assert all(same_tensor(got[k], versioned(3.0)[k]) for k in got) and not [f for f in os.listdir(folder) if ".saving" in f]

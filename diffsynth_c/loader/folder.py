@@ -264,6 +264,7 @@ def save_state_dict(
         for t in temps:
             _remove(t)
         raise
+    moves = list(zip(temps, written))
     index_path = os.path.join(folder, f"{weights_name}.safetensors.index.json")
     index_text = None
     if n > 1:
@@ -273,7 +274,14 @@ def save_state_dict(
         }
         index_text = json.dumps(index, indent=2, sort_keys=True) + "\n"
         written.append(index_path)
-    _commit(folder, weights_name, list(zip(temps, written)), index_path, index_text, suffix)
+    try:
+        _commit(folder, weights_name, moves, index_path, index_text, suffix)
+    except BaseException:
+        # what was not renamed goes; a marker left in place keeps the folder refused until a save
+        # completes, as the files in place may be a mix
+        for t in [*temps, index_path + suffix]:
+            _remove(t)
+        raise
     return written
 
 
@@ -389,10 +397,9 @@ def _check_no_unfinished_save(path: str) -> None:
     for name in os.listdir(path):
         if name.endswith(".safetensors" + _SAVING):
             pid = _marker_pid(os.path.join(path, name))
-            state = ("is still being written by process" if pid and pid > 0 and _pid_alive(pid)
-                     else "was stopped half-way in process")
+            state = "still running" if pid and pid > 0 and _pid_alive(pid) else "no longer running"
             raise _core.FormatError(
-                f"{path}: a save of '{name[: -len('.safetensors' + _SAVING)]}' into this folder {state} {pid}; "
-                "its files may mix two versions of the model (save it again)"
+                f"{path}: a save of '{name[: -len('.safetensors' + _SAVING)]}' into this folder has not finished "
+                f"(process {pid}, {state}); its files may mix two versions of the model (save it again)"
             )
 
