@@ -131,6 +131,11 @@ static void start_job(CURLM *multi, slot *s, dn_job *job, struct curl_slist *hea
         snprintf(s->range, sizeof s->range, "%" PRId64 "-", from);
     if (from > 0 || job->end >= 0)
         curl_easy_setopt(h, CURLOPT_RANGE, s->range);
+    if (job->fresh) {
+        /* the last reply left its connection in an unknown state (see finish_job) */
+        curl_easy_setopt(h, CURLOPT_FRESH_CONNECT, 1L);
+        curl_easy_setopt(h, CURLOPT_FORBID_REUSE, 1L);
+    }
     curl_multi_add_handle(multi, h);
 }
 
@@ -147,8 +152,9 @@ static int retriable(CURLcode rc, long code) {
  * *err set when the failure must stop everything (the disk refused a write). */
 static int finish_job(slot *s, CURLcode rc, int retries, ds_error *err) {
     dn_job *job = s->job;
-    long code = 0;
+    long code = 0, connects = 0;
     curl_easy_getinfo(s->handle, CURLINFO_RESPONSE_CODE, &code);
+    curl_easy_getinfo(s->handle, CURLINFO_NUM_CONNECTS, &connects);
     job->status = code;
     s->job = NULL;
     if (s->write_failed_errno)
@@ -174,9 +180,18 @@ static int finish_job(slot *s, CURLcode rc, int retries, ds_error *err) {
     } else {
         snprintf(job->msg, sizeof job->msg, "%s", curl_easy_strerror(rc));
     }
-    /* A short body is a lie about Content-Length or a dropped connection:
-     * both are worth another try, resuming where the bytes stopped. */
-    int again = !job->ignored_range && !s->too_long && (rc == CURLE_OK || retriable(rc, code));
+    /* A short body is a lie about Content-Length or a dropped connection, a
+     * long one a server that lost count: all are worth another try, resuming
+     * where the trusted bytes stopped, on a fresh connection. A reply whose
+     * Content-Length was short of its body left the rest in the socket, so the
+     * next request on that kept-alive connection reads garbage ("Unsupported
+     * protocol"): any transport failure on a reused connection is retried on a
+     * new one. */
+    int reused = connects == 0 && rc != CURLE_HTTP_RETURNED_ERROR;
+    if (s->too_long)
+        job->done -= job->written_now; /* a reply of the wrong length: none of its bytes are trusted */
+    int again = !job->ignored_range && (s->too_long || rc == CURLE_OK || retriable(rc, code) || reused);
+    job->fresh = s->too_long || rc == CURLE_OK || reused;
     if (again && job->attempts <= retries) {
         double backoff = 0.2 * (double)(1 << (job->attempts < 6 ? job->attempts - 1 : 5));
         job->retry_at = now_seconds() + backoff;
@@ -216,6 +231,7 @@ int dn_fetch(dn_job *jobs, size_t n_jobs, const char *const *headers, size_t n_h
         jobs[i].retry_at = 0;
         jobs[i].msg[0] = 0;
         jobs[i].ignored_range = 0;
+        jobs[i].fresh = 0;
         if (jobs[i].end >= 0 && jobs[i].start + jobs[i].done >= jobs[i].end)
             jobs[i].state = DN_DONE;
     }

@@ -30,6 +30,7 @@ typedef struct {
     /* private */
     double retry_at;
     int64_t written_now; /* bytes this request wrote */
+    int fresh;           /* the next request opens its own connection and closes it after */
 } dn_job;
 
 /* Called about every 100 ms with the bytes written so far by all jobs; a

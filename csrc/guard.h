@@ -11,8 +11,9 @@
 
 #include <stddef.h>
 
-/* Guards [base, base+len). label (copied) names the file in reports. Returns 0, or -1 when the
- * table is full (the mapping then works unguarded). Thread-safe. */
+/* Guards [base, base+len). label (copied) names the file in reports. Returns 0, or -1 when out of
+ * memory (the mapping then works unguarded); there is no limit on the number of mappings.
+ * Thread-safe. */
 int mg_register(void *base, size_t len, const char *label);
 
 /* Stops guarding the mapping that starts at base (no-op for an address never registered). */

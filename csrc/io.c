@@ -3,6 +3,7 @@
 #include "io.h"
 
 #include "guard.h"
+#include "lease.h"
 
 #include <errno.h>
 #include <stdio.h>
@@ -25,7 +26,12 @@ int io_open(const char *path, io_file *f, ds_error *err) {
     struct stat st;
     f->fd = -1;
     f->size = 0;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    /* O_NONBLOCK: a FIFO (or a device) must not block the open before fstat can refuse it; the flag
+     * changes nothing for the regular files we go on to read */
+    int fd;
+    do /* a signal during an open that waits (a lease being broken) is not a failure to report */
+        fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    while (fd < 0 && errno == EINTR);
     if (fd < 0)
         return ds_fail_os(err, errno, "cannot open: %s", strerror(errno));
     if (fstat(fd, &st) != 0) {
@@ -62,11 +68,16 @@ int io_pread(int fd, void *dst, size_t len, uint64_t off, ds_error *err) {
             return ds_fail_os(err, errno, "read of %zu bytes at offset %llu failed: %s", len,
                               (unsigned long long)off, strerror(errno));
         }
-        if (r == 0)
+        if (r == 0) {
+            /* the end is not off itself: the file may have shrunk to well before this task's range */
+            struct stat st;
+            if (fstat(fd, &st) != 0)
+                st.st_size = 0;
             return ds_fail(err, DS_ERR_FORMAT,
-                           "the file ends at byte %llu, before the %zu bytes the header promised there: it was "
-                           "truncated while being read",
-                           (unsigned long long)off, len);
+                           "the file now holds %llu bytes, fewer than the %zu bytes the header promised at offset "
+                           "%llu: it was truncated while being read",
+                           (unsigned long long)st.st_size, len, (unsigned long long)off);
+        }
         p += r;
         len -= (size_t)r;
         off += (uint64_t)r;
@@ -143,6 +154,7 @@ void *io_alloc(size_t len, ds_error *err) {
 }
 
 void io_release(void *addr, size_t len) {
+    ml_release(addr); /* a load's mapping may hold a lease (lease.h) */
     mg_unregister(addr);
     if (addr)
         munmap(addr, len ? len : 1);

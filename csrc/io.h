@@ -32,14 +32,16 @@ int io_pread(int fd, void *dst, size_t len, uint64_t off, ds_error *err);
  * (ENOSPC, EIO, ...). */
 int io_pwrite(int fd, const void *src, size_t len, uint64_t off, ds_error *err);
 
-/* Maps a whole file privately (copy-on-write). Returns the base or NULL with err. */
+/* Maps a whole file privately (copy-on-write), guarded against SIGBUS (guard.h). Returns the base
+ * or NULL with err. */
 void *io_map_file(int fd, uint64_t size, ds_error *err);
 
 /* Anonymous, zero-filled, page-aligned memory (no huge-page advice: see io.c).
  * Returns NULL with err when out of memory. */
 void *io_alloc(size_t len, ds_error *err);
 
-/* Unmaps a region from io_map_file or io_alloc (len as given there). */
+/* Unmaps a region from io_map_file or io_alloc (len as given there), giving back its lease if it
+ * holds one (lease.h). */
 void io_release(void *addr, size_t len);
 
 /* Faults the pages of [addr, addr+len) of a file mapping in, reading them from

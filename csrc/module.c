@@ -31,6 +31,7 @@
 #include "dlpack.h"
 #include "download.h"
 #include "guard.h"
+#include "lease.h"
 #include "io.h"
 #include "keyhash.h"
 #include "readinto.h"
@@ -914,6 +915,29 @@ static void plan_free(load_plan *plan) {
     memset(plan, 0, sizeof *plan);
 }
 
+/* Leases lf's mapping (lease.h) for the bytes its tensors will view: all of them, or with
+ * conversions the tensors left unconverted. Returns 0, or -1 when no lease could be had. */
+static int protect_mapping(load_file *lf) {
+    const st_header *h = &lf->h;
+    if (!lf->conv_off)
+        return ml_protect(lf->map, lf->map_len, lf->f.fd, NULL, NULL, 0);
+    uint64_t *offs = malloc((h->n_tensors ? h->n_tensors : 1) * 2 * sizeof *offs);
+    if (!offs)
+        return -1;
+    uint64_t *lens = offs + (h->n_tensors ? h->n_tensors : 1);
+    size_t n = 0;
+    for (size_t k = 0; k < h->n_tensors; k++) {
+        const st_tensor *t = &h->tensors[k];
+        if (lf->conv_off[k] == UINT64_MAX && t->end > t->begin) {
+            offs[n] = h->data_start + t->begin;
+            lens[n++] = t->end - t->begin;
+        }
+    }
+    int rc = ml_protect(lf->map, lf->map_len, lf->f.fd, offs, lens, n);
+    free(offs);
+    return rc;
+}
+
 /* Opens, validates and plans every file. convert: a mask of the dtypes to
  * convert to target (0: none). Runs without the GIL. On failure sets
  * err->input to the failing file. */
@@ -964,13 +988,6 @@ static int plan_load(load_plan *plan, path_arg *paths, size_t n, int use_map, un
             lf->map = io_map_file(lf->f.fd, lf->f.size, err);
             if (!lf->map)
                 goto fail;
-            data = lf->map + h->data_start;
-        } else {
-            lf->copy_len = (size_t)h->data_len;
-            lf->copy = io_alloc(lf->copy_len, err);
-            if (!lf->copy)
-                goto fail;
-            data = lf->copy;
         }
         /* conversion targets */
         if (convert) {
@@ -996,8 +1013,24 @@ static int plan_load(load_plan *plan, path_arg *paths, size_t n, int use_map, un
                     goto fail;
             }
         }
+        /* The tensors will be views of resident pages: with a lease, the pages they use are copied
+         * before the file changes in place (lease.h). Without one, the file could change under the
+         * tensors unseen, so they get a copy of their own, read as in read mode. */
+        if (lf->map && protect_mapping(lf) != 0) {
+            io_release(lf->map, lf->map_len);
+            lf->map = NULL;
+        }
+        if (lf->map) {
+            data = lf->map + h->data_start;
+        } else {
+            lf->copy_len = (size_t)h->data_len;
+            lf->copy = io_alloc(lf->copy_len, err);
+            if (!lf->copy)
+                goto fail;
+            data = lf->copy;
+        }
         /* tasks: bytes first (populate or read), then conversions */
-        if (use_map) {
+        if (lf->map) {
             if (!convert || !lf->conv) {
                 if (add_byte_tasks(plan, TASK_POPULATE, (int)i, data, NULL, 0, (size_t)h->data_len, POPULATE_CHUNK,
                                    err))
@@ -1017,7 +1050,7 @@ static int plan_load(load_plan *plan, path_arg *paths, size_t n, int use_map, un
                                READ_CHUNK, err))
                 goto fail;
         }
-        if (convert && lf->conv && use_map) {
+        if (convert && lf->conv && lf->map) {
             for (size_t k = 0; k < h->n_tensors; k++) {
                 const st_tensor *t = &h->tensors[k];
                 if (lf->conv_off[k] == UINT64_MAX)
@@ -1050,7 +1083,7 @@ static int plan_read_conversions(load_plan *plan, st_dtype target, ds_error *err
     plan->n_tasks = 0;
     for (size_t i = 0; i < plan->n_files; i++) {
         load_file *lf = &plan->files[i];
-        if (!lf->conv)
+        if (!lf->conv || lf->map) /* a mapped file converted in the first phase */
             continue;
         for (size_t k = 0; k < lf->h.n_tensors; k++) {
             const st_tensor *t = &lf->h.tensors[k];
@@ -1156,7 +1189,7 @@ static PyObject *load(PyObject *module, PyObject *args, PyObject *kwargs) {
     rc = plan_load(&plan, paths, (size_t)n, use_map, convert ? convert_mask : 0, target, &err);
     if (!rc)
         rc = io_run(plan.n_tasks, threads, run_task, &plan, poll_signals, &pc, &err);
-    if (!rc && !use_map && convert) {
+    if (!rc && convert) { /* files read rather than mapped (read mode, or no lease) */
         rc = plan_read_conversions(&plan, target, &err);
         if (!rc)
             rc = io_run(plan.n_tasks, threads, run_task, &plan, poll_signals, &pc, &err);
@@ -1181,7 +1214,7 @@ static PyObject *load(PyObject *module, PyObject *args, PyObject *kwargs) {
         st_header *h = &lf->h;
         PyObject *base_region, *conv_region = NULL;
         char *base, *conv_base = lf->conv;
-        if (use_map) {
+        if (lf->map) {
             base_region = region_new(st, lf->map, lf->map_len, 1);
             base = lf->map + h->data_start;
             lf->map = NULL;
@@ -2144,10 +2177,17 @@ static PyObject *map_ranges(PyObject *module, PyObject *args, PyObject *kwargs) 
         lf->map_len = (size_t)lf->f.size;
         lf->map = lf->f.size ? io_map_file(lf->f.fd, lf->f.size, &err) : NULL;
         rc = lf->f.size && !lf->map;
-        for (Py_ssize_t i = 0; !rc && i < n; i++)
+        /* as a load's (protect_mapping): leased for the ranges, or read when no lease can be had */
+        if (!rc && lf->map && ml_protect(lf->map, lf->map_len, lf->f.fd, offs, lens, (size_t)n) != 0) {
+            io_release(lf->map, lf->map_len);
+            lf->map = NULL;
+            use_map = 0;
+        }
+        for (Py_ssize_t i = 0; !rc && use_map && i < n; i++)
             rc = add_byte_tasks(&plan, TASK_POPULATE, 0, lf->map + offs[i], NULL, 0, (size_t)lens[i], POPULATE_CHUNK,
                                 &err);
-    } else if (!rc) {
+    }
+    if (!rc && !use_map) {
         lf->copy_len = (size_t)(total ? total : 1);
         lf->copy = io_alloc(lf->copy_len, &err);
         rc = !lf->copy;

@@ -405,6 +405,9 @@ static int validate(st_header *h, uint64_t file_size, ds_error *err) {
         int over = 0;
         for (int d = 0; d < t->ndim && !over; d++)
             over = __builtin_mul_overflow(numel, t->shape[d], &numel);
+        /* torch's sizes are int64: a zero elsewhere in the shape keeps the product small */
+        for (int d = 0; d < t->ndim && !over; d++)
+            over = t->shape[d] > (uint64_t)INT64_MAX;
         uint64_t bits = 0;
         over = over || __builtin_mul_overflow(numel, (uint64_t)DTYPES[t->dtype].bits, &bits);
         if (over || bits % 8 || t->end - t->begin != bits / 8)

@@ -5,7 +5,10 @@ Files are served with ``Range``/206 and ``Content-Range``, at an optional per-co
 cap, and faults can be queued per file path: each request for the file takes the next one.
 Faults: ``reset`` (connection dropped mid-body), ``trickle`` (slow body), ``500``/``429``,
 ``wrong`` (a body with other bytes), ``short`` (Content-Length promises more than is sent),
-``redirect`` (to the second host name, ``localhost``), ``ignore_range`` (200 to a range request).
+``redirect`` (to the second host name, ``localhost``), ``ignore_range`` (200 to a range request),
+``long`` (Content-Length 100 bytes short of the body, on a kept-alive connection: the rest of the
+body is left in the socket), ``extra`` (100 bytes more than the range asked for, the Content-Length
+counting them).
 """
 
 from __future__ import annotations
@@ -25,6 +28,17 @@ def fake_bytes(seed: str, size: int) -> bytes:
     block = b"".join(hashlib.sha256(f"{seed}:{i}".encode()).digest() for i in range(2048))  # 64 KiB
     reps = size // len(block) + 1
     return (block * reps)[:size]
+
+
+def git_blob_id(data: bytes) -> str:
+    """git's object id of a file: SHA-1 over "blob <size>\\0" and the bytes."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def is_lfs(path: str, size: int) -> bool:
+    """Whether the hub keeps the file in LFS (as Hugging Face's default .gitattributes does for
+    weights), else in git itself, as config.json and README.md are."""
+    return path.endswith((".safetensors", ".bin", ".pt", ".pth", ".ckpt")) or size >= 10 << 20
 
 
 class Hub:
@@ -206,16 +220,14 @@ class _Handler(BaseHTTPRequestHandler):
             return self.not_found("RevisionNotFound")
         if kind == "revision":
             return self.send_json({"id": model_id, "sha": commit, "siblings": [{"rfilename": p} for p in sorted(repo)]})
-        entries = [
-            {
-                "type": "file",
-                "path": p,
-                "size": len(b),
-                "oid": hashlib.sha1(self.hub.sha256(model_id, p).encode()).hexdigest(),  # stands in for the blob id
-                "lfs": {"oid": self.hub.sha256(model_id, p), "size": len(b), "pointerSize": 130},
-            }
-            for p, b in sorted(repo.items())
-        ]
+        entries = []
+        for p, b in sorted(repo.items()):
+            if is_lfs(p, len(b)):  # oid: the blob id of the pointer file git keeps
+                pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{self.hub.sha256(model_id, p)}\nsize {len(b)}\n"
+                lfs = {"oid": self.hub.sha256(model_id, p), "size": len(b), "pointerSize": len(pointer)}
+                entries.append({"type": "file", "path": p, "size": len(b), "oid": git_blob_id(pointer.encode()), "lfs": lfs})
+            else:  # kept in git itself: only the blob id of its bytes
+                entries.append({"type": "file", "path": p, "size": len(b), "oid": git_blob_id(b)})
         dirs = sorted({p.rsplit("/", 1)[0] for p in repo if "/" in p})
         entries += [{"type": "directory", "path": d, "oid": "0" * 40} for d in dirs]
         # Two entries a page, to exercise Link paging.
@@ -261,7 +273,11 @@ class _Handler(BaseHTTPRequestHandler):
                 status = 206
         sha = self.hub.sha256(model_id, path)
         self.send_response(status)
-        self.send_header("Content-Length", str(end - start + (100 if fault == "short" else 0)))
+        end_sent = end
+        if fault == "extra":
+            data, end_sent = data + b"\0" * 100, end + 100
+        declared = end_sent - start + (100 if fault == "short" else 0) - (min(100, end - start) if fault == "long" else 0)
+        self.send_header("Content-Length", str(declared))
         if status == 206:
             self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
         self.send_header("Accept-Ranges", "bytes")
@@ -276,7 +292,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command == "HEAD":
             return
-        body = memoryview(data)[start:end]
+        body = memoryview(data)[start:end_sent]
         if fault == "reset":
             self.wfile.write(body[: len(body) // 2])
             self.wfile.flush()

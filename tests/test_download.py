@@ -82,7 +82,7 @@ def test_folder_pattern_and_all(hub, env):
     assert (env / "org/model/empty.txt").read_bytes() == b""
 
 
-@pytest.mark.parametrize("fault", ["reset", "500", "429", "wrong", "short", "redirect", "ignore_range"])
+@pytest.mark.parametrize("fault", ["reset", "500", "429", "wrong", "short", "redirect", "ignore_range", "long", "extra"])
 def test_fault_recovers(hub, env, fault, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "secret")  # the redirect to another host must drop it
     monkeypatch.setenv("MODELSCOPE_API_TOKEN", "secret")
@@ -100,10 +100,27 @@ def test_trickle_recovers(hub, env):
 
 
 def test_persistent_hash_mismatch(hub, env):
+    """README.md is kept in git on Hugging Face (no lfs.oid): its git blob id is what is checked."""
     hub.fault("README.md", *["wrong"] * 20)
-    with pytest.raises(DownloadError, match=r"org/model.*README.md.*SHA-256"):
+    kind = "SHA-256" if os.environ["DIFFSYNTH_DOWNLOAD_SOURCE"] == "modelscope" else "git blob id"
+    with pytest.raises(DownloadError, match=rf"org/model.*README.md: {kind} [0-9a-f]+ does not match the hub's"):
         fetch_one(hub, env, "README.md")
     assert not (env / "org/model/README.md").exists()
+
+
+def test_files_kept_in_git_are_verified_by_their_blob_id(hub, env):
+    """config.json has no lfs.oid on Hugging Face: wrong bytes are caught by the blob id, fetched
+    again, and a corrupt copy already in place is repaired."""
+    rel = "text_encoder/config.json"
+    want = hub.repos["org/model"][rel]
+    hub.fault(rel, "wrong", "wrong")
+    fetch_one(hub, env, rel)
+    assert (env / "org/model" / rel).read_bytes() == want
+    (env / "org/model" / rel).write_bytes(bytes(b ^ 1 for b in want))  # same size, other bytes
+    manifest = env / "org/model" / cfg.MANIFEST
+    manifest.unlink()  # no record of the last check: the file is hashed again
+    fetch_one(hub, env, rel)
+    assert (env / "org/model" / rel).read_bytes() == want
 
 
 def test_persistent_server_error(hub, env, monkeypatch):
@@ -281,9 +298,9 @@ def test_files_complete_early_are_sealed_while_others_transfer(hub, env, monkeyp
         finally:
             in_fetch[0] = False
 
-    def seal(fd, part, size, want_hash):
+    def seal(fd, part, f):
         sealed_during.append((os.path.basename(part), in_fetch[0]))
-        return real_seal(fd, part, size, want_hash)
+        return real_seal(fd, part, f)
 
     monkeypatch.setattr(cfg._core, "fetch", fetch)
     monkeypatch.setattr(cfg, "_seal", seal)
@@ -293,3 +310,60 @@ def test_files_complete_early_are_sealed_while_others_transfer(hub, env, monkeyp
     during = {name for name, busy in sealed_during if busy}
     assert "model-00001.safetensors.incomplete" in during, sealed_during  # done long before the big one
     assert sorted(name for name, _ in sealed_during) == sorted(f"{os.path.basename(r)}.incomplete" for r in hub.repos["org/model"])
+
+
+CONCURRENT = """
+import hashlib, sys
+from diffsynth_c import ModelConfig
+c = ModelConfig(model_id="org/model", origin_file_pattern="model.safetensors", local_model_path=sys.argv[1])
+c.download_if_necessary()
+print(hashlib.sha256(open(c.path, "rb").read()).hexdigest())
+"""
+
+
+def file_gets(hub, since: int) -> int:
+    return sum(r.endswith("model.safetensors") and "text_encoder" not in r for r in hub.requests[since:])
+
+
+@pytest.mark.parametrize("how", ["processes", "threads"])
+def test_two_downloads_of_one_file_into_one_folder(hub, env, how):
+    """Both succeed with the right bytes: the second waits for the first's lock, then takes its
+    verified file instead of writing into the same partial file."""
+    import sys
+    import threading
+
+    before = len(hub.requests)
+    fetch_one(hub, env / "solo")
+    solo = file_gets(hub, before)
+    before = len(hub.requests)
+    hub.rate = 8 << 20  # the transfer takes about two seconds: the two overlap
+    base = env / "shared"
+    want = sha(hub.repos["org/model"]["model.safetensors"])
+    if how == "processes":
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        children = [
+            subprocess.Popen([sys.executable, "-c", CONCURRENT, str(base)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, cwd=root, env=dict(os.environ, PYTHONPATH=root))
+            for _ in range(2)
+        ]
+        outs = [c.communicate(timeout=120) for c in children]
+        assert [c.returncode for c in children] == [0, 0], [err[-2000:] for _, err in outs]
+        assert [out.strip() for out, _ in outs] == [want, want]
+    else:
+        errors = []
+
+        def run():
+            try:
+                fetch_one(hub, base)
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=run) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors, errors
+    check_big(hub, base)
+    assert file_gets(hub, before) == solo  # the file's bytes were fetched once
+    assert not os.listdir(base / "org/model" / cfg.PARTIAL)

@@ -109,3 +109,40 @@ def test_errors_do_not_leak_mappings(tmp_path):
         with pytest.raises(FormatError):
             diffsynth_c.load_state_dict([good, bad])
     assert mappings() == 0
+
+
+@pytest.mark.parametrize("api", ["load_state_dict", "hash_model_file", "load_keys_dict"])
+def test_fifo_is_refused_without_blocking(tmp_path, api):
+    """A FIFO is not a model file: refused at once (open must not wait for a writer that never comes)."""
+    import subprocess
+    import sys
+
+    fifo = str(tmp_path / "pipe.safetensors")
+    os.mkfifo(fifo)
+    code = (f"import diffsynth_c\ntry:\n    diffsynth_c.{api}({fifo!r})\nexcept diffsynth_c.FormatError as e:\n"
+            "    print('FormatError:', e)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=10, cwd=root,
+                           env=dict(os.environ, PYTHONPATH=root))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{api} of a FIFO blocked")
+    assert r.stdout.strip() == f"FormatError: {fifo}: is not a regular file", r.stderr
+
+
+def test_a_dimension_over_int64_is_refused_even_beside_a_zero(tmp_path):
+    """[0, 2**63] holds no element, so no size overflows; torch's sizes are int64 all the same."""
+    p = raw_safetensors(tmp_path / "z.safetensors", '{"a":{"dtype":"F32","shape":[0,9223372036854775808],"data_offsets":[0,0]}}', b"")
+    for api in (diffsynth_c.load_state_dict, diffsynth_c.hash_model_file, diffsynth_c.load_keys_dict):
+        with pytest.raises(FormatError, match=r"z\.safetensors: tensor 'a': shape \[0, 9223372036854775808\] of dtype F32 overflows"):
+            api(p)
+
+
+def test_read_mode_truncation_names_the_files_real_size(tmp_path, monkeypatch):
+    p = str(tmp_path / "t.safetensors")
+    save_file({"a": torch.ones(1 << 16), "b": torch.ones(1 << 16)}, p)
+    monkeypatch.setenv("DIFFSYNTH_C_LOAD_MODE", "read")
+    dm = diffsynth_c.DiskMap(p, "cpu")
+    os.truncate(p, 1000)
+    with pytest.raises(FormatError, match=r"t\.safetensors: tensor 'b': the file now holds 1000 bytes, fewer than"):
+        dm["b"]

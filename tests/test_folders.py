@@ -205,3 +205,168 @@ def test_keep_in_fp32_modules(tmp_path):
         assert m.norm.weight.dtype == torch.float32 and torch.equal(m.norm.weight, sd["norm.weight"])
         assert m.proj.weight.dtype == torch.float16 and torch.equal(m.proj.weight, sd["proj.weight"].half())
         assert m.block[0].weight.dtype == torch.float16 and not m.training
+
+
+@pytest.mark.parametrize(
+    "case,text,pattern",
+    [
+        ("nested 100k deep", "[" * 100_000 + "]" * 100_000, "the JSON nests too deeply to be an index"),
+        ("total_size 1e400", None, r"metadata.total_size must be a whole number of bytes, not inf"),
+    ],
+)
+def test_index_that_breaks_pythons_json_names_the_file(tmp_path, case, text, pattern):
+    folder = tmp_path / "m"
+    save_state_dict(state_dict(), folder, max_shard_size="20KB")
+    index_path = folder / "diffusion_pytorch_model.safetensors.index.json"
+    if text is None:
+        good = json.loads(index_path.read_text())
+        text = json.dumps(good).replace(f'"total_size": {good["metadata"]["total_size"]}', '"total_size": 1e400')
+    index_path.write_text(text)
+    for api in (diffsynth_c.load_state_dict, diffsynth_c.hash_model_file):
+        with pytest.raises(ValueError, match="^" + str(index_path).replace(".", r"\.") + ": " + pattern):
+            api(str(folder))
+
+
+def test_save_refuses_what_is_not_a_state_dict_and_names_that_leave_the_folder(tmp_path):
+    with pytest.raises(TypeError, match=f"^{tmp_path / 'a'}: save_state_dict needs a dict of tensors, not NoneType"):
+        save_state_dict(None, tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    for name in ("../x", "/tmp/x", "sub/x", "..", ""):
+        with pytest.raises(ValueError, match="weights_name must be a file name inside the folder"):
+            save_state_dict({"w": torch.ones(2)}, tmp_path / "b", weights_name=name)
+    assert sorted(os.listdir(tmp_path)) == ["b"]
+    assert os.listdir(tmp_path / "b") == []
+
+
+def versioned(value: float, n: int = 6) -> dict:
+    """A state dict whose every element is value: a mix of two saves shows as two values."""
+    return {f"blocks.{i}.w": torch.full((64, 64), value) for i in range(n)}
+
+
+def test_resave_replaces_an_older_layout_and_leaves_no_stale_files(tmp_path):
+    folder = tmp_path / "m"
+    save_state_dict(versioned(1.0), folder, max_shard_size="20KB")  # 6 shards and an index
+    save_state_dict(versioned(2.0, 4), folder, max_shard_size="40KB")  # 2 shards
+    assert sorted(os.listdir(folder)) == [
+        "diffusion_pytorch_model-00001-of-00002.safetensors",
+        "diffusion_pytorch_model-00002-of-00002.safetensors",
+        "diffusion_pytorch_model.safetensors.index.json",
+    ]
+    assert diffsynth_c.load_state_dict(str(folder)).keys() == versioned(2.0, 4).keys()
+    save_state_dict(versioned(3.0, 2), folder)  # one file: the index of the sharded save must go
+    assert os.listdir(folder) == ["diffusion_pytorch_model.safetensors"]
+    got = diffsynth_c.load_state_dict(str(folder))
+    want = versioned(3.0, 2)
+    assert got.keys() == want.keys() and all(same_tensor(got[k], want[k]) for k in want)
+
+
+SAVE_KILLED = """
+import os, sys, time, torch
+import diffsynth_c
+from diffsynth_c import _core
+from diffsynth_c.loader import folder as F
+where, path = sys.argv[1], sys.argv[2]
+real_write, real_replace = _core.write_file, os.replace
+def pause():
+    print("paused", flush=True)
+    time.sleep(60)
+def write_then_pause(target, *a, **k):  # the first shard written, the others not yet
+    real_write(target, *a, **k)
+    pause()
+def replace_then_pause(src, dst):  # the first file renamed into place, the others not yet
+    real_replace(src, dst)
+    if dst.endswith(".safetensors"):
+        pause()
+if where == "write":
+    _core.write_file = write_then_pause
+else:
+    F.os.replace = replace_then_pause
+F.threads = lambda: 1
+F.save_state_dict({f"blocks.{i}.w": torch.full((64, 64), 2.0) for i in range(6)}, path, max_shard_size="20KB")
+"""
+
+
+@pytest.mark.parametrize("where", ["write", "rename"])
+def test_a_save_killed_half_way_never_loads_as_a_mix(tmp_path, where):
+    """A re-save of the same layout killed (SIGKILL) after one shard: the folder loads as the old
+    save or is refused, never as a mix; the next save clears what the dead one left."""
+    import signal
+    import subprocess
+    import sys
+
+    folder = tmp_path / "m"
+    save_state_dict(versioned(1.0), folder, max_shard_size="20KB")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    child = subprocess.Popen([sys.executable, "-c", SAVE_KILLED, where, str(folder)], stdout=subprocess.PIPE,
+                             text=True, cwd=root, env=dict(os.environ, PYTHONPATH=root))
+    try:
+        assert child.stdout.readline().strip() == "paused"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    try:
+        got = diffsynth_c.load_state_dict(str(folder))
+    except diffsynth_c.FormatError as e:
+        assert where == "rename" and f"has not finished (process {child.pid}, no longer running)" in str(e)
+    else:
+        values = {float(t.unique()[0]) for t in got.values()}
+        assert values == {1.0} and all(t.unique().numel() == 1 for t in got.values()), values
+    assert where == "rename" or not [f for f in os.listdir(folder) if ".saving" in f]
+    left = [f for f in os.listdir(folder) if ".tmp-" in f and f.endswith(f"-{child.pid}")]
+    assert left, "nothing left to clean: weak test"
+    save_state_dict(versioned(3.0), folder, max_shard_size="20KB")
+    assert not [f for f in os.listdir(folder) if ".tmp-" in f or ".saving" in f]
+    got = diffsynth_c.load_state_dict(str(folder))
+    assert got.keys() == versioned(3.0).keys() and all(same_tensor(got[k], versioned(3.0)[k]) for k in got)
+
+
+def test_two_threads_saving_into_one_folder_leave_one_whole_save(tmp_path):
+    """Their temporary names differ (thread and process), and their commits take turns (an flock on
+    the folder): the folder ends as one save or the other, whole, with nothing left over."""
+    import threading
+
+    folder = tmp_path / "m"
+    for _ in range(3):
+        errors = []
+
+        def save(value, errors=errors):
+            try:
+                save_state_dict(versioned(value), folder, max_shard_size="20KB")
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=save, args=(v,)) for v in (1.0, 2.0)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        got = diffsynth_c.load_state_dict(str(folder))
+        values = {float(v) for t in got.values() for v in t.unique()}
+        assert got.keys() == versioned(1.0).keys() and len(values) == 1, values
+        assert not [f for f in os.listdir(folder) if ".tmp-" in f or ".saving" in f]
+
+
+def test_a_save_that_fails_while_renaming_leaves_the_folder_refused_then_repaired(tmp_path, monkeypatch):
+    from diffsynth_c.loader import folder as F
+
+    folder = tmp_path / "m"
+    save_state_dict(versioned(1.0), folder, max_shard_size="20KB")
+    real, calls = os.replace, []
+
+    def fail_second(src, dst):
+        calls.append(dst)
+        if len(calls) == 3:  # the marker, one shard, then this one
+            raise OSError(5, "Input/output error (injected)")
+        real(src, dst)
+
+    monkeypatch.setattr(F.os, "replace", fail_second)
+    with pytest.raises(OSError, match="injected"):
+        save_state_dict(versioned(2.0), folder, max_shard_size="20KB")
+    monkeypatch.setattr(F.os, "replace", real)
+    assert not [f for f in os.listdir(folder) if ".tmp-" in f]
+    with pytest.raises(diffsynth_c.FormatError, match=rf"has not finished \(process {os.getpid()}, still running\)"):
+        diffsynth_c.load_state_dict(str(folder))
+    save_state_dict(versioned(3.0), folder, max_shard_size="20KB")
+    got = diffsynth_c.load_state_dict(str(folder))
+    assert all(same_tensor(got[k], versioned(3.0)[k]) for k in got) and not [f for f in os.listdir(folder) if ".saving" in f]

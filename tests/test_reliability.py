@@ -28,27 +28,124 @@ def child(code: str, *args: str, timeout: int = 300) -> subprocess.CompletedProc
                           timeout=timeout, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
 
 
-def test_a_file_truncated_under_its_mapped_tensors_raises_not_sigbus(tmp_path):
+CHANGES = {
+    "truncated to one page": "os.truncate(p, 4096)",
+    "truncated by 100 bytes": "os.truncate(p, os.path.getsize(p) - 100)",
+    "truncated by another process": "subprocess.run([sys.executable, '-c', f'import os; os.truncate({p!r}, 4096)'], check=True)",
+    "overwritten in place": "f = open(p, 'r+b'); f.seek(-8192, 2); f.write(b'\\xff' * 8192); f.close()",
+    "rewritten by safetensors": "st.save_file({'a': torch.zeros(1 << 20), 'b': torch.zeros(1 << 20)}, p)",
+}
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_a_file_changed_under_its_mapped_tensors_keeps_their_bytes(tmp_path, change):
+    """mmap-mode tensors hold a read lease on their file: a writer waits while they are copied, so
+    every thread (here a worker thread first) reads what was loaded."""
     r = child("""
-        import os, sys, torch, safetensors.torch as st, diffsynth_c
+        import os, subprocess, sys, threading, torch, safetensors.torch as st, diffsynth_c
         p = sys.argv[1]
-        st.save_file({"a": torch.ones(1 << 20), "b": torch.ones(1 << 20)}, p)
+        want = {"a": torch.arange(1 << 20, dtype=torch.float32), "b": torch.ones(1 << 20)}
+        st.save_file(want, p)
         sd = diffsynth_c.load_state_dict(p)            # mmap mode: views of the file
-        dm = diffsynth_c.DiskMap(p, "cpu"); view = dm["b"]
+        exec(sys.argv[2])
+        got = {}
+        worker = threading.Thread(target=lambda: got.update(b=sd["b"].clone()))
+        worker.start(); worker.join()
+        same = [torch.equal(got["b"], want["b"]), torch.equal(sd["a"], want["a"])]
+        print("same", same)
+    """, str(tmp_path / "m.safetensors"), CHANGES[change])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "same [True, True]", r.stdout + r.stderr
+
+
+def test_a_converting_load_keeps_the_bytes_of_the_tensors_it_did_not_convert(tmp_path):
+    """With torch_dtype, a tensor already in that dtype stays a view of the mapping (only its range
+    is copied when the file changes); the converted ones never depended on the file."""
+    r = child("""
+        import os, sys, threading, torch, safetensors.torch as st, diffsynth_c
+        p = sys.argv[1]
+        st.save_file({"f": torch.arange(1 << 20, dtype=torch.float32), "h": torch.ones(1 << 20, dtype=torch.bfloat16),
+                      "z": torch.full((1 << 20,), 3, dtype=torch.bfloat16)}, p)
+        want = {k: v.to(torch.bfloat16).clone() for k, v in st.load_file(p).items()}  # not views of its mapping
+        sd = diffsynth_c.load_state_dict(p, torch_dtype=torch.bfloat16)
         os.truncate(p, 4096)
-        for t in (sd["b"], view):
-            try:
-                t.sum()
-                print("no exception")
-            except diffsynth_c.FormatError as e:
-                print("FormatError:", e)
-        print("alive", float(sd["a"][:100].sum()))
+        got = {}
+        worker = threading.Thread(target=lambda: got.update({k: v.clone() for k, v in sd.items()}))
+        worker.start(); worker.join()
+        print("same", [torch.equal(got[k], want[k]) for k in "fhz"])
     """, str(tmp_path / "m.safetensors"))
     assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "same [True, True, True]", r.stdout + r.stderr
+
+
+def test_a_torch_checkpoint_truncated_under_its_mapped_tensors_keeps_their_bytes(tmp_path):
+    """The same for torch.save files (read through map_ranges): torch.load's tensors are the reference."""
+    r = child("""
+        import os, sys, threading, torch, diffsynth_c
+        p = sys.argv[1]
+        torch.save({"a": torch.arange(1 << 20, dtype=torch.float32), "b": torch.ones(1 << 20)}, p)
+        want = torch.load(p, weights_only=True)
+        sd = diffsynth_c.load_state_dict(p)
+        os.truncate(p, os.path.getsize(p) // 2)
+        got = {}
+        worker = threading.Thread(target=lambda: got.update(b=sd["b"].clone()))
+        worker.start(); worker.join()
+        print("same", [torch.equal(got["b"], want["b"]), torch.equal(sd["a"], want["a"])])
+    """, str(tmp_path / "m.bin"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "same [True, True]", r.stdout + r.stderr
+
+
+def test_without_leases_a_truncated_mapping_raises_not_sigbus_past_1024_mappings(tmp_path):
+    """Where no lease can be had (here: the lease signal is taken), loads read files into memory
+    of their own, and DiskMap's mappings fall back on the SIGBUS guard, which has no limit on
+    the number of mappings: 1,100 mapped files, one truncated, gives FormatError naming it."""
+    r = child("""
+        import os, signal, sys, torch, safetensors.torch as st
+        signal.signal(signal.SIGRTMIN + 5, lambda *a: None)   # the lease's signal is someone else's
+        import diffsynth_c
+        folder = sys.argv[1]
+        paths = [os.path.join(folder, f"m{i}.safetensors") for i in range(1100)]
+        for i, p in enumerate(paths):
+            st.save_file({"a": torch.full((4096,), float(i)), "b": torch.full((4096,), float(i))}, p)
+        sds = [diffsynth_c.load_state_dict(p) for p in paths]
+        dms = [diffsynth_c.DiskMap(p, "cpu") for p in paths]
+        views = [dm["b"] for dm in dms]
+        os.truncate(paths[1050], 4096)
+        print("loaded", float(sds[1050]["b"].sum()) == 1050.0 * 4096)
+        try:
+            views[1050].sum()
+            print("no exception")
+        except diffsynth_c.FormatError as e:
+            print("FormatError:", e)
+        print("alive", float(views[3].sum()) == 3.0 * 4096)
+    """, str(tmp_path))
+    assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[0].startswith("FormatError: ") and "m.safetensors: the file was truncated while tensors still mapped it" in lines[0]
-    assert lines[1].startswith("FormatError: ")
-    assert lines[2].startswith("alive")
+    assert lines[0] == "loaded True", r.stdout
+    assert lines[1].startswith("FormatError: ") and "m1050.safetensors: the file was truncated" in lines[1], r.stdout
+    assert lines[2] == "alive True"
+
+
+def test_eleven_hundred_mapped_files_one_truncated_keeps_its_bytes(tmp_path):
+    """With leases, 1,100 mapped files (more leases than a quarter of the descriptor limit falls
+    back on copies): the truncated one's tensors keep their bytes."""
+    r = child("""
+        import os, resource, sys, torch, safetensors.torch as st
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))  # the usual default: 256 leases
+        import diffsynth_c
+        folder = sys.argv[1]
+        paths = [os.path.join(folder, f"m{i}.safetensors") for i in range(1100)]
+        for i, p in enumerate(paths):
+            st.save_file({"a": torch.full((4096,), float(i)), "b": torch.full((4096,), float(i))}, p)
+        sds = [diffsynth_c.load_state_dict(p) for p in paths]
+        for k in (3, 1050):
+            os.truncate(paths[k], 4096)
+        print("same", all(float(sds[k][n].sum()) == k * 4096.0 for k in (3, 1050) for n in "ab"))
+    """, str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "same True", r.stdout + r.stderr
 
 
 def test_read_mode_tensors_do_not_depend_on_the_file(tmp_path, monkeypatch):

@@ -10,6 +10,8 @@ the model folder) records what was verified, so a model that is complete costs n
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import fnmatch
 import glob
 import hashlib
@@ -18,7 +20,7 @@ import os
 import time
 import urllib.parse
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Union
@@ -28,6 +30,7 @@ from ..progress import Progress
 
 MANIFEST = os.path.join(".cache", "diffsynth_c", "manifest.json")
 PARTIAL = os.path.join(".cache", "diffsynth_c", "partial")  # partial files, out of the glob's sight
+LOCK = os.path.join(".cache", "diffsynth_c", "download.lock")  # held while a download writes the folder
 RANGE_MIN, RANGE_MAX = 16 << 20, 64 << 20  # bounds of the ranges large files are split into
 HASH_RETRIES = 3
 
@@ -44,6 +47,7 @@ class RemoteFile:
     size: int
     sha256: Optional[str]
     url: str
+    blob: str | None = None  # git blob id (Hugging Face, files kept in git rather than LFS)
 
 
 def _env_true(name: str) -> Optional[bool]:
@@ -114,9 +118,10 @@ def _field(obj: Any, name: str, kind: type, what: str, default: Any = _MISSING) 
     return value
 
 
-def _remote_file(what: str, path: Any, size: Any, sha256: Any, url: str) -> RemoteFile:
+def _remote_file(what: str, path: Any, size: Any, sha256: Any, url: str, blob: Any = None) -> RemoteFile:
     """A listing entry, checked: the hub's path becomes a path below the model folder, so it must
-    be relative and stay inside it; the size is a byte count; a hash is 64 hex digits."""
+    be relative and stay inside it; the size is a byte count; a SHA-256 is 64 hex digits, a git
+    blob id 40."""
     if not isinstance(path, str) or not path:
         raise DownloadError(f"{what}: a listing entry has no path: {path!r}")
     parts = path.split("/")
@@ -130,7 +135,11 @@ def _remote_file(what: str, path: Any, size: Any, sha256: Any, url: str) -> Remo
         if not isinstance(sha256, str) or len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256.lower()):
             raise DownloadError(f"{what}: {path}: the listing gives the hash {sha256!r}, not a SHA-256")
         sha256 = sha256.lower()
-    return RemoteFile(path, size, sha256, url)
+    if blob is not None:
+        if not isinstance(blob, str) or len(blob) != 40 or any(c not in "0123456789abcdef" for c in blob.lower()):
+            raise DownloadError(f"{what}: {path}: the listing gives the git blob id {blob!r}, not a SHA-1")
+        blob = blob.lower()
+    return RemoteFile(path, size, sha256, url, blob)
 
 
 class ModelScope:
@@ -198,9 +207,14 @@ class HuggingFace:
                     raise DownloadError(f"{what}: a tree entry is not an object: {str(e)[:200]}")
                 if e.get("type") != "file":
                     continue
-                lfs = e.get("lfs") if isinstance(e.get("lfs"), dict) else {}
+                lfs = e.get("lfs")
+                if lfs is not None and not isinstance(lfs, dict):
+                    raise DownloadError(f"{what}: {e.get('path')}: unexpected lfs field: {str(lfs)[:200]}")
                 url_of = f"{self.endpoint}/{model_id}/resolve/{commit}/{urllib.parse.quote(str(e.get('path')))}"
-                files.append(_remote_file(what, e.get("path"), e.get("size"), lfs.get("oid"), url_of))
+                # An LFS file is checked by its SHA-256 (its oid is the pointer's blob id); a file kept
+                # in git itself by its blob id, the SHA-1 of "blob <size>\0" and its bytes.
+                sha256, blob = (lfs.get("oid"), None) if lfs is not None else (None, e.get("oid"))
+                files.append(_remote_file(what, e.get("path"), e.get("size"), sha256, url_of, blob))
             link = _header_value(raw, "Link") or ""
             url = None
             for part in link.split(","):
@@ -238,27 +252,65 @@ def _stamp(path: str) -> Optional[list]:
     return [st.st_size, st.st_mtime_ns, st.st_ino]
 
 
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
+def _mismatch(path: str, sha256: str | None, blob: str | None) -> str | None:
+    """None when the file's bytes have the hashes the hub gives (SHA-256, git blob id: whichever it
+    gives), else what differs. One pass over the file for both."""
+    if not sha256 and not blob:
+        return None
+    h256 = hashlib.sha256() if sha256 else None
+    h1 = hashlib.sha1() if blob else None
     with open(path, "rb", buffering=0) as f:
+        if h1 is not None:
+            h1.update(b"blob %d\0" % os.fstat(f.fileno()).st_size)
         while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+            if h256 is not None:
+                h256.update(chunk)
+            if h1 is not None:
+                h1.update(chunk)
+    if h256 is not None and h256.hexdigest() != sha256:
+        return f"SHA-256 {h256.hexdigest()} does not match the hub's {sha256}"
+    if h1 is not None and h1.hexdigest() != blob:
+        return f"git blob id {h1.hexdigest()} does not match the hub's {blob}"
+    return None
+
+
+def _entry(f: RemoteFile) -> dict:
+    """What the manifest keeps of a listed file."""
+    return {"size": f.size, "sha256": f.sha256, "blob": f.blob}
 
 
 def _present(folder: str, f: dict, rel: str, manifest_files: dict) -> bool:
-    """Whether the file at rel is the listed file: size, then the recorded stamp or the hash."""
+    """Whether the file at rel is the listed file: size, then the recorded stamp or the hashes."""
     path = os.path.join(folder, rel)
     stamp = _stamp(path)
     if stamp is None or stamp[0] != f["size"]:
         return False
     seen = manifest_files.get(rel)
-    if seen and seen.get("stamp") == stamp and seen.get("sha256") == f["sha256"]:
+    if seen and seen.get("stamp") == stamp and seen.get("sha256") == f["sha256"] and seen.get("blob") == f.get("blob"):
         return True
-    if f["sha256"] and _sha256_file(path) != f["sha256"]:
+    if _mismatch(path, f["sha256"], f.get("blob")):
         return False
-    manifest_files[rel] = {"size": f["size"], "sha256": f["sha256"], "stamp": stamp}
+    manifest_files[rel] = {"size": f["size"], "sha256": f["sha256"], "blob": f.get("blob"), "stamp": stamp}
     return True
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: str, what: str) -> Iterator[None]:
+    """An exclusive lock on a model folder's downloads (flock on .cache/diffsynth_c/download.lock):
+    the partial files, the renames and the manifest belong to one download at a time, across
+    processes and threads (each holder opens the lock file itself). Waits for the holder; Ctrl-C
+    while waiting raises KeyboardInterrupt. The kernel drops the lock of a process that dies."""
+    path = os.path.join(folder, LOCK)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise DownloadError(f"{what}: cannot write {path}: {e.strerror}") from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 # ---- transfers -----------------------------------------------------------------------------
@@ -283,14 +335,15 @@ class _Progress:
         self.bar.close()
 
 
-def _seal(fd: int, part: str, size: int, want_hash: bool) -> Optional[str]:
-    """Cuts the partial file to its size, makes it durable and closes it; its SHA-256 when asked."""
+def _seal(fd: int, part: str, f: RemoteFile) -> str | None:
+    """Cuts the partial file to its size, makes it durable and closes it; then what differs from
+    the hub's hashes, or None."""
     try:
-        os.ftruncate(fd, size)
+        os.ftruncate(fd, f.size)
         os.fsync(fd)
     finally:
         os.close(fd)
-    return _sha256_file(part) if want_hash else None
+    return _mismatch(part, f.sha256, f.blob)
 
 
 def range_size(total: int, connections: int) -> int:
@@ -311,7 +364,7 @@ def _load_part(part: str, f: RemoteFile, step: int) -> list[list[int]]:
     try:
         with open(part + ".json", encoding="utf-8") as fh:
             state = json.load(fh)
-        if state["size"] == f.size and state["sha256"] == f.sha256 and os.path.exists(part):
+        if _entry(f) == {k: state.get(k) for k in ("size", "sha256", "blob")} and os.path.exists(part):
             return [[int(a), int(b), int(d)] for a, b, d in state["ranges"]]
     except (OSError, ValueError, KeyError, TypeError):
         pass
@@ -321,7 +374,7 @@ def _load_part(part: str, f: RemoteFile, step: int) -> list[list[int]]:
 def _save_part(part: str, f: RemoteFile, ranges: list[list[int]]) -> None:
     try:
         with open(part + ".json", "w", encoding="utf-8") as fh:
-            json.dump({"size": f.size, "sha256": f.sha256, "ranges": ranges}, fh)
+            json.dump({**_entry(f), "ranges": ranges}, fh)
     except OSError:
         pass
 
@@ -378,7 +431,7 @@ def download_files(
                     left[rel] -= 1
                     if left[rel] == 0 and rel in fds:
                         f = by_path[rel]
-                        early[rel] = sealer.submit(_seal, fds.pop(rel), part, f.size, bool(f.sha256))
+                        early[rel] = sealer.submit(_seal, fds.pop(rel), part, f)
 
             progress.on_finished = seal_early
             try:
@@ -426,7 +479,7 @@ def download_files(
                 os.close(fd)
                 _discard(part)
                 with open(part + ".json", "w", encoding="utf-8") as fh:
-                    json.dump({"size": f.size, "sha256": f.sha256, "ranges": [[0, f.size, 0]]}, fh)
+                    json.dump({**_entry(f), "ranges": [[0, f.size, 0]]}, fh)
                 todo[rel] -= 1
                 if todo[rel] <= 0:
                     failures.append(f"{rel}: the server ignores Range")
@@ -441,20 +494,18 @@ def download_files(
         # Seal the other complete files on the same threads.
         try:
             futures = [
-                early[rel] if rel in early else sealer.submit(_seal, fd, part, f.size, bool(f.sha256))
+                early[rel] if rel in early else sealer.submit(_seal, fd, part, f)
                 for rel, part, fd, f in complete
             ]
             sealed = [fut.result() for fut in futures]
         finally:
             sealer.shutdown(wait=True)
         for (rel, part, _, f), got in zip(complete, sealed):
-            if os.path.getsize(part) != f.size or (f.sha256 and got != f.sha256):
+            if os.path.getsize(part) != f.size or got:
                 _discard(part)
                 todo[rel] -= 1
                 if todo[rel] <= 0:
-                    failures.append(
-                        f"{rel}: SHA-256 {got} does not match the hub's {f.sha256} after {HASH_RETRIES} downloads"
-                    )
+                    failures.append(f"{rel}: {got or 'the size differs from the listing'} after {HASH_RETRIES} downloads")
                     todo.pop(rel)
                 continue
             os.replace(part, os.path.join(folder, rel))
@@ -566,20 +617,25 @@ class ModelConfig:
         wanted_files = [f for f in remote if matches(f.path, pattern)]
         if not wanted_files:
             raise DownloadError(f"{what}: no file of the repo matches {pattern!r}")
-        entries = {f.path: {"size": f.size, "sha256": f.sha256} for f in remote}
-        missing = [f for f in wanted_files if not _present(folder, entries[f.path], f.path, seen)]
+        entries = {f.path: _entry(f) for f in remote}
         try:
             os.makedirs(folder, exist_ok=True)
         except OSError as e:
             raise DownloadError(f"{what}: cannot create {folder}: {e.strerror}") from e
-        download_files(folder, missing, hub.headers, what)
-        for f in missing:
-            seen[f.path] = {"size": f.size, "sha256": f.sha256, "stamp": _stamp(os.path.join(folder, f.path))}
-        manifest.setdefault("listings", {})[key] = {"commit": commit, "files": entries}
-        try:
-            _write_manifest(folder, manifest)
-        except OSError:
-            pass
+        # Another process (or thread) downloading into this folder holds the lock: wait for it, then
+        # take what it landed and recorded, and download only what is still missing.
+        with _folder_lock(folder, what):
+            manifest = _read_manifest(folder)
+            seen = manifest.setdefault("files", {})
+            missing = [f for f in wanted_files if not _present(folder, entries[f.path], f.path, seen)]
+            download_files(folder, missing, hub.headers, what)
+            for f in missing:
+                seen[f.path] = {**_entry(f), "stamp": _stamp(os.path.join(folder, f.path))}
+            manifest.setdefault("listings", {})[key] = {"commit": commit, "files": entries}
+            try:
+                _write_manifest(folder, manifest)
+            except OSError:
+                pass
 
     def download_if_necessary(self) -> None:
         """Downloads when needed, then sets path: one file as a string, several as a list, the

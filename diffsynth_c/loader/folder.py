@@ -11,10 +11,14 @@ place, so a failure never leaves a half-written file.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import json
 import os
 import re
+import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -23,6 +27,7 @@ from ..dlpack import safetensors_name_of
 from .settings import threads
 
 WEIGHTS = ("diffusion_pytorch_model", "model", "pytorch_model")
+_SAVING = ".saving"  # suffix of the marker of a save in progress (see _commit)
 _SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.(safetensors|bin)$")
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -58,6 +63,8 @@ def _read_index(index_path: str) -> tuple[dict[str, str], Any]:
             data = json.load(f, object_pairs_hook=no_repeats)
         except json.JSONDecodeError as e:
             raise ValueError(f"{index_path}: not valid JSON: {e}") from None
+        except RecursionError:  # Python's decoder recurses once per nesting level
+            raise ValueError(f"{index_path}: the JSON nests too deeply to be an index") from None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
         raise ValueError(f"{index_path}: no weight_map of tensor names to shard files")
@@ -89,7 +96,11 @@ def _check_index(index_path: str, folder: str, weight_map: dict[str, str], decla
                     + (f"; not in the shard: {missing[:5]}" if missing else "")
                     + (f"; not in the index: {extra[:5]}" if extra else "")
                 )
-        if declared is not None and int(declared) != total:
+        if isinstance(declared, float) and declared.is_integer():
+            declared = int(declared)  # some writers store 1.5e9; 1e400 parses as infinity and is refused below
+        if declared is not None and (isinstance(declared, bool) or not isinstance(declared, int)):
+            raise ValueError(f"{index_path}: metadata.total_size must be a whole number of bytes, not {declared!r}")
+        if declared is not None and declared != total:
             raise ValueError(f"{index_path}: metadata.total_size is {declared} but the shards hold {total} bytes of tensors")
     return paths
 
@@ -103,6 +114,7 @@ def resolve(path: Any, subfolder: str | None = None) -> list[str]:
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: no such file or folder")
         return [path]
+    _check_no_unfinished_save(path)
     for ext in ("safetensors", "bin"):
         for stem in WEIGHTS:
             index = os.path.join(path, f"{stem}.{ext}.index.json")
@@ -205,13 +217,18 @@ def save_state_dict(
     """Writes state_dict into the folder path as diffusers' save_pretrained does: one
     ``{weights_name}.safetensors``, or shards ``{weights_name}-00001-of-0000N.safetensors`` plus
     ``{weights_name}.safetensors.index.json``. Returns the files written."""
+    folder = os.fspath(path)
+    if not isinstance(state_dict, dict):
+        raise TypeError(f"{folder}: save_state_dict needs a dict of tensors, not {type(state_dict).__name__}")
+    if (not isinstance(weights_name, str) or weights_name in ("", ".", "..") or "\0" in weights_name
+            or os.path.basename(weights_name) != weights_name or "/" in weights_name):
+        raise ValueError(f"{folder}: weights_name must be a file name inside the folder, not {weights_name!r}")
     limit = parse_size(max_shard_size)
     for k, v in state_dict.items():
         if not isinstance(k, str):
             raise TypeError(f"state dict keys must be strings, not {type(k).__name__} ({k!r})")
         if not hasattr(v, "element_size"):
             raise TypeError(f"'{k}': only tensors can be saved in safetensors, not {type(v).__name__}")
-    folder = os.fspath(path)
     os.makedirs(folder, exist_ok=True)
     sizes = [(k, v.numel() * v.element_size()) for k, v in state_dict.items()]
     shards = plan_shards(sizes, limit)
@@ -226,6 +243,9 @@ def save_state_dict(
     # (Linux holds the inode lock through a buffered write), so threads help across files, not
     # within one. A single file gets all the threads (they overlap the disk's queue).
     workers = max(1, min(len(written), threads()))
+    # the thread too: two threads of one process may save into one folder at once
+    suffix = f".tmp-{threading.get_native_id()}-{os.getpid()}"
+    temps = [target + suffix for target in written]
 
     def write_shard(target: str, keys: list[str]) -> int:
         header, items, owners = _header({k: state_dict[k] for k in keys}, metadata)
@@ -233,29 +253,160 @@ def save_state_dict(
         del owners
         return sum(n for _, n in items)
 
+    _clear_dead_saves(folder, weights_name)
     # the bar moves (on this thread) once a shard is written and durable
     label = f"Saving {os.path.basename(os.path.normpath(folder))}"
-    with progress.Progress(sum(s for _, s in sizes), label, min_total=progress.LOAD_MIN_BYTES) as bar:
-        with ThreadPoolExecutor(workers) as pool:
-            jobs = [pool.submit(write_shard, t, k) for t, k in zip(written, shards or [[]])]
-            try:
-                for job in jobs:
-                    bar.update(job.result())
-            except BaseException:
-                for job in jobs:
-                    job.cancel()  # shards not started are not written; running ones finish or clean up
-                raise
+    try:
+        with progress.Progress(sum(s for _, s in sizes), label, min_total=progress.LOAD_MIN_BYTES) as bar:
+            with ThreadPoolExecutor(workers) as pool:
+                jobs = [pool.submit(write_shard, t, k) for t, k in zip(temps, shards or [[]])]
+                try:
+                    for job in jobs:
+                        bar.update(job.result())
+                except BaseException:
+                    for job in jobs:
+                        job.cancel()  # shards not started are not written; running ones finish or clean up
+                    raise
+    except BaseException:
+        for t in temps:
+            _remove(t)
+        raise
+    moves = list(zip(temps, written))
+    index_path = os.path.join(folder, f"{weights_name}.safetensors.index.json")
+    index_text = None
     if n > 1:
         index = {
             "metadata": {"total_size": sum(s for _, s in sizes)},
             "weight_map": {k: names[i] for i, keys in enumerate(shards) for k in keys},
         }
-        index_path = os.path.join(folder, f"{weights_name}.safetensors.index.json")
-        tmp = f"{index_path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        index_text = json.dumps(index, indent=2, sort_keys=True) + "\n"
+        written.append(index_path)
+    try:
+        _commit(folder, weights_name, moves, index_path, index_text, suffix)
+    except BaseException:
+        # what was not renamed goes; a marker left in place keeps the folder refused until a save
+        # completes, as the files in place may be a mix
+        for t in [*temps, index_path + suffix]:
+            _remove(t)
+        raise
+    return written
+
+
+def _marker(folder: str, weights_name: str) -> str:
+    return os.path.join(folder, f"{weights_name}.safetensors{_SAVING}")
+
+
+def _fsync_dir(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _commit(folder: str, weights_name: str, moves: list[tuple[str, str]], index_path: str, index_text: str | None,
+            suffix: str) -> None:
+    """Puts a save's files in place, all or nothing as a loader sees the folder: every new file is
+    already written and fsynced under a temporary name. A marker naming this process goes first;
+    while it is there, resolve() refuses the folder. Then the old index goes, the new files are
+    renamed into place, the index is written (last of the model files), the shards of an older
+    save of the same name that the new one does not use are removed, and the marker goes."""
+    marker = _marker(folder, weights_name)
+    with _locked(folder):  # a save that commits at the same time waits: the last one is what stays
+        _commit_locked(folder, weights_name, moves, index_path, index_text, suffix, marker)
+
+
+@contextlib.contextmanager
+def _locked(folder: str) -> Iterator[None]:
+    """An exclusive flock on the folder itself (no lock file left among the model's files), across
+    processes and threads (each holder opens the folder itself)."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _commit_locked(folder: str, weights_name: str, moves: list[tuple[str, str]], index_path: str,
+                   index_text: str | None, suffix: str, marker: str) -> None:
+    with open(marker + suffix, "w", encoding="utf-8") as f:
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(marker + suffix, marker)
+    _fsync_dir(folder)
+    _remove(index_path)
+    keep = set()
+    for tmp, target in moves:
+        os.replace(tmp, target)
+        keep.add(os.path.basename(target))
+    if index_text is not None:
+        with open(index_path + suffix, "w", encoding="utf-8") as f:
+            f.write(index_text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, index_path)
-        written.append(index_path)
-    return written
+        os.replace(index_path + suffix, index_path)
+        keep.add(os.path.basename(index_path))
+    stale = re.compile(re.escape(weights_name) + r"(-\d{5}-of-\d{5})?\.safetensors")
+    for name in os.listdir(folder):
+        if name not in keep and stale.fullmatch(name):
+            _remove(os.path.join(folder, name))
+    _fsync_dir(folder)
+    os.remove(marker)
+    _fsync_dir(folder)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def _clear_dead_saves(folder: str, weights_name: str) -> None:
+    """Removes what a save of weights_name into folder left when its process died: temporary files
+    (``*.tmp-PID``) and the marker of an unfinished save. Those of a live process stay."""
+    tmp = re.compile(re.escape(weights_name) + r"[-.].*\.tmp-(?:\d+-)?(\d+)")
+    for name in os.listdir(folder):
+        m = tmp.fullmatch(name)
+        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            _remove(os.path.join(folder, name))
+    marker = _marker(folder, weights_name)
+    pid = _marker_pid(marker)
+    if pid is not None and pid != os.getpid() and not _pid_alive(pid):
+        _remove(marker)  # the save that follows leaves the folder complete
+
+
+def _marker_pid(marker: str) -> int | None:
+    """The process a save marker names, or None when there is no marker (-1 when it is unreadable)."""
+    try:
+        with open(marker, encoding="utf-8") as f:
+            text = f.read(32).strip()
+    except FileNotFoundError:
+        return None
+    return int(text) if text.isdigit() else -1
+
+
+def _check_no_unfinished_save(path: str) -> None:
+    """Refuses a folder that a save is writing, or that a save stopped half-way left: its files may
+    mix two versions of the model."""
+    for name in os.listdir(path):
+        if name.endswith(".safetensors" + _SAVING):
+            pid = _marker_pid(os.path.join(path, name))
+            state = "still running" if pid and pid > 0 and _pid_alive(pid) else "no longer running"
+            raise _core.FormatError(
+                f"{path}: a save of '{name[: -len('.safetensors' + _SAVING)]}' into this folder has not finished "
+                f"(process {pid}, {state}); its files may mix two versions of the model (save it again)"
+            )
+

@@ -1,13 +1,15 @@
 """Truncated files become a Python exception, not a SIGBUS.
 
-Tensors loaded in mmap mode (the default) and those a ``DiskMap`` hands out are views of private
-file mappings: until written, their pages are the file's page-cache pages. If the file is
-truncated while they are alive, the kernel drops those pages and the next touch would kill the
-process with SIGBUS. The C core guards every mapping it makes (csrc/guard.c): the faulting page is
+Tensors a ``DiskMap`` hands out are views of private file mappings: until written, their pages are
+the file's page-cache pages. If the file is truncated while they are alive, the kernel drops those
+pages and the next touch would kill the process with SIGBUS. (A load's own mappings hold a read
+lease and are copied before their file changes: csrc/lease.c; the guard is their last line.) The C
+core guards every mapping it makes (csrc/guard.c, any number of them): the faulting page is
 replaced by zeros, so the instruction that touched it completes, and Python's SIGBUS handler,
 installed here, raises ``FormatError`` naming the file at the next bytecode boundary of the main
-thread (right after the torch operation that touched the page). A SIGBUS outside our mappings
-keeps its default action. ``DIFFSYNTH_C_SIGBUS_GUARD=0`` leaves SIGBUS alone; loading with
+thread (right after the torch operation that touched the page, when the main thread touched it;
+a fault on another thread leaves that thread with the zeros). A SIGBUS outside our mappings keeps
+its default action. ``DIFFSYNTH_C_SIGBUS_GUARD=0`` leaves SIGBUS alone; loading with
 ``DIFFSYNTH_C_LOAD_MODE=read`` makes tensors independent of their files altogether.
 """
 
