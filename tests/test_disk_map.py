@@ -13,11 +13,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffsynth")
-from diffsynth.core.vram.disk_map import DiskMap as TheirDiskMap  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+from diffsynth.core.vram.disk_map import DiskMap as TheirDiskMap
+from safetensors.torch import save_file
 
-import diffsynth_c  # noqa: E402
-from diffsynth_c import DiskMap  # noqa: E402
+import diffsynth_c
+from diffsynth_c import DiskMap
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIG = (512, 1024)  # 2 MiB in float32: read through a private mapping of its own in mmap mode
@@ -83,7 +83,13 @@ def ip_adapter(tmp_path):
     """A small FluxIpAdapter saved in the InstantX/XLabs layout {"image_proj": {...}, "ip_adapter": {...}}."""
     from diffsynth.models.flux_ipadapter import FluxIpAdapter
 
-    config = {"num_attention_heads": 2, "attention_head_dim": 4, "cross_attention_dim": 8, "num_tokens": 2, "num_blocks": 2}
+    config = {
+        "num_attention_heads": 2,
+        "attention_head_dim": 4,
+        "cross_attention_dim": 8,
+        "num_tokens": 2,
+        "num_blocks": 2,
+    }
     torch.manual_seed(0)
     model = FluxIpAdapter(**config).half()
     sd = model.state_dict()
@@ -98,7 +104,10 @@ def ip_adapter(tmp_path):
 
 def test_nested_dicts_come_back_as_tensors(tmp_path, load_mode):
     path, _config, _cls, _sd = ip_adapter(tmp_path)
-    ours, theirs = DiskMap(path, "cpu", torch_dtype=torch.bfloat16), TheirDiskMap(path, "cpu", torch_dtype=torch.bfloat16)
+    ours, theirs = (
+        DiskMap(path, "cpu", torch_dtype=torch.bfloat16),
+        TheirDiskMap(path, "cpu", torch_dtype=torch.bfloat16),
+    )
     assert list(ours) == list(theirs) == ["image_proj", "ip_adapter"]
     for key in theirs:
         assert equal_values(ours[key], theirs[key])
@@ -149,7 +158,9 @@ def test_ip_adapter_through_auto_load_model_patched_and_not(tmp_path):
         """
     )
     env = dict(os.environ, PYTHONPATH=ROOT)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", script], check=False, capture_output=True, text=True, env=env, timeout=120
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "SAME" in out.stdout
 
