@@ -451,3 +451,49 @@ def test_get_tensor_to_another_device_follows_safetensors(tmp_path):
     if torch.cuda.is_available():
         for opener in OPENERS:
             assert opener(path, "pt", device="cuda:0").get_tensor("a").device == torch.device("cuda:0")
+
+
+def test_open_file_refuses_reads_after_close_and_past_the_end(tmp_path):
+    from diffsynth_c import _core
+
+    path = tmp_path / "c.safetensors"
+    save_file({"a": torch.arange(64.0)}, path)
+    f = _core.OpenFile(path)
+    _hl, start, _tensors, _meta = f.read_header()
+    t = f.map_range(start, 256)
+    with pytest.raises(ValueError, match=r"c\.safetensors.*past the end"):
+        f.map_range(start, f.size)
+    f.close()
+    assert f.closed and torch.equal(torch.from_dlpack(t).view(torch.float32), torch.arange(64.0))
+    for call in (f.read_header, f.map, lambda: f.map_range(start, 4), f.fileno):
+        with pytest.raises(ValueError, match=r"c\.safetensors.*closed"):
+            call()
+
+
+def test_closing_while_other_threads_read(tmp_path):
+    import threading
+
+    path = tmp_path / "t.safetensors"
+    data = {f"w{i}": torch.randn(256, 256) for i in range(8)}
+    save_file(data, path)
+    f = ds_open(path, framework="pt")
+    errors, done = [], []
+
+    def reader(i):
+        try:
+            for _ in range(50):
+                k = f"w{i % 8}"
+                assert torch.equal(f.get_slice(k)[3:9], data[k][3:9])
+                assert torch.equal(f.get_tensor(k), data[k])
+            done.append(i)
+        except SafetensorError as e:  # the handle was closed under it: refused, never a crash
+            errors.append(e)
+
+    threads = [threading.Thread(target=reader, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    f.__exit__(None, None, None)
+    for t in threads:
+        t.join()
+    assert len(done) + len(errors) == 8
+    assert all("closed" in str(e) for e in errors)

@@ -167,10 +167,7 @@ class SafeSlice:
 
     def __getitem__(self, index: Any) -> Any:
         f = self._handle._open_file()
-        try:
-            full = f.private_view(self._name, populate=False)
-        except _core.FormatError as e:
-            raise _error_class()(str(e)) from None
+        full = self._handle._read(f, lambda: f.private_view(self._name, populate=False))
         out = full[index]
         return out if self._handle._device.type == "cpu" else out.to(self._handle._device)
 
@@ -223,13 +220,22 @@ class safe_open:  # the name safetensors gives it
         meta = self._open_file().metadata
         return dict(meta) if meta is not None else None
 
+    def _read(self, f: SafetensorsFile, read: Any) -> Any:
+        """read(), with our errors as SafeOpenError (a handle closed by another thread meanwhile
+        included)."""
+        try:
+            return read()
+        except _core.FormatError as e:
+            raise _error_class()(str(e)) from None
+        except ValueError:
+            if f.file.closed:
+                raise _error_class()(f"{self._path}: File is closed") from None
+            raise
+
     def get_tensor(self, name: str) -> Any:
         """The tensor under name on this handle's device."""
         f = self._entry_file(name)
-        try:
-            t = f.shared_view(name) if self._backend == "mmap" else f.read_copy(name)
-        except _core.FormatError as e:
-            raise _error_class()(str(e)) from None
+        t = self._read(f, lambda: f.shared_view(name) if self._backend == "mmap" else f.read_copy(name))
         return t if self._device.type == "cpu" else t.to(self._device)
 
     def get_tensors(self) -> dict[str, Any]:
