@@ -147,7 +147,11 @@ void *io_map_range(int fd, uint64_t off, uint64_t len, size_t *lead, ds_error *e
     snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
     ssize_t k = readlink(link, path, sizeof path - 1);
     path[k > 0 ? k : 0] = '\0';
-    mg_register(p, n, path);
+    if (mg_register(p, n, path) != 0) {
+        munmap(p, n);
+        ds_fail(err, DS_ERR_UNSUPPORTED, "no slot left in the truncation guard for another mapping");
+        return NULL;
+    }
     *lead = (size_t)(off - start);
     return p;
 }

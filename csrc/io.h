@@ -38,7 +38,8 @@ void *io_map_file(int fd, uint64_t size, ds_error *err);
 /* Maps the bytes [off, off+len) of a file privately (copy-on-write), from the page that holds off,
  * guarded as io_map_file's mapping. *lead is set to off's distance from the returned base, so the
  * mapping covers *lead + len bytes (release it with that length). len must be > 0. Returns the
- * base or NULL with err. */
+ * base, or NULL with err: DS_ERR_UNSUPPORTED when the guard has no slot left (nothing is mapped
+ * then: the caller reads the bytes instead of leaving a mapping unguarded). */
 void *io_map_range(int fd, uint64_t off, uint64_t len, size_t *lead, ds_error *err);
 
 /* Anonymous, zero-filled, page-aligned memory (no huge-page advice: see io.c).

@@ -10,7 +10,8 @@
  * tensor's bytes into a fresh private mapping of their own (copy-on-write: a write to the tensor
  * reaches neither the file nor any other tensor), its pages read in on worker threads unless
  * asked not to; read_into() preads (and converts) into memory the caller owns. Mappings are
- * guarded against truncation like every other (guard.h).
+ * guarded against truncation like every other (guard.h); when the guard has no slot left,
+ * map_range() reads the bytes into memory of their own instead (Region.file_backed is False).
  *
  * close() may come from any thread while another reads with the GIL released: the descriptor is
  * closed only when the last read in flight ends (`busy`, changed with the GIL held). */
@@ -53,12 +54,16 @@ static void end_read(OpenFileObject *self) {
 typedef struct {
     char *base;
     size_t len;
+    int fd;          /* >= 0: pread [offset, offset+len) of fd into base instead of populating */
+    uint64_t offset;
 } populate_job;
 
 static int populate_task(void *ctx, size_t i, ds_error *err) {
     populate_job *job = ctx;
     size_t off = i * POPULATE_TASK;
     size_t n = job->len - off < POPULATE_TASK ? job->len - off : POPULATE_TASK;
+    if (job->fd >= 0)
+        return io_pread(job->fd, job->base + off, n, job->offset + off, err);
     return io_populate(job->base + off, n, err);
 }
 
@@ -147,7 +152,8 @@ PyDoc_STRVAR(map_range_doc,
              "map_range(offset, nbytes, threads=1, populate=True) -> Tensor\n\n"
              "A 1-D U8 Tensor over the bytes [offset, offset+nbytes) of the file in a private mapping of\n"
              "their own: writes to it reach neither the file nor any other tensor. With populate, its pages\n"
-             "are read in first on `threads` worker threads (GIL released); without, on first touch.");
+             "are read in first on `threads` worker threads (GIL released); without, on first touch.\n"
+             "When the truncation guard has no slot left, the bytes are read into memory of their own.");
 
 static PyObject *OpenFile_map_range(OpenFileObject *self, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"offset", "nbytes", "threads", "populate", NULL};
@@ -166,12 +172,21 @@ static PyObject *OpenFile_map_range(OpenFileObject *self, PyObject *args, PyObje
     char *base = NULL;
     size_t lead = 0, len = 0;
     int rc = 0;
+    int mapped = 0;
     Py_BEGIN_ALLOW_THREADS if (nbytes) {
         base = io_map_range(self->f.fd, off, nbytes, &lead, &err);
         len = lead + (size_t)nbytes;
+        mapped = base != NULL;
+        if (!base && err.status == DS_ERR_UNSUPPORTED && nbytes <= SIZE_MAX) {
+            /* every guard slot is taken: a copy of the bytes, never an unguarded mapping */
+            lead = 0;
+            len = (size_t)nbytes;
+            base = io_alloc(len, &err);
+            populate = base != NULL;
+        }
         rc = !base;
         if (!rc && populate) {
-            populate_job job = {base + lead, (size_t)nbytes};
+            populate_job job = {base + lead, (size_t)nbytes, mapped ? -1 : self->f.fd, off};
             rc = io_run(((size_t)nbytes + POPULATE_TASK - 1) / POPULATE_TASK, threads, populate_task, &job, NULL,
                         NULL, &err);
         }
@@ -187,7 +202,7 @@ static PyObject *OpenFile_map_range(OpenFileObject *self, PyObject *args, PyObje
             io_release(base, len);
         return bind_raise(module, &err, self->display);
     }
-    PyObject *region = bind_region_new(module, base, len, nbytes != 0);
+    PyObject *region = bind_region_new(module, base, len, mapped);
     if (!region)
         return NULL;
     uint64_t shape[1] = {nbytes};
