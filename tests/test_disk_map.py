@@ -182,6 +182,15 @@ def test_a_zero_stride_tensor_reads_as_diffsynths(tmp_path):
         DiskMap(str(bad), "cpu")
 
 
+def test_a_zero_stride_tensor_too_large_to_copy_names_the_file_and_key(tmp_path):
+    path = tmp_path / "huge.bin"
+    torch.save({"z": torch.ones(1).expand(2**50)}, path)  # 4 bytes on disk, 4 PiB once copied
+    with pytest.raises(RuntimeError):
+        TheirDiskMap(str(path), "cpu")["z"]
+    with pytest.raises(RuntimeError, match=r"huge\.bin: tensor 'z': shape \[1125899906842624\], stride \[0\]"):
+        DiskMap(str(path), "cpu")["z"]
+
+
 def test_a_bytes_path_raises_the_type_error_diffsynth_raises(tmp_path):
     path = tmp_path / "b.safetensors"
     save_file({"a": torch.zeros(2)}, path)

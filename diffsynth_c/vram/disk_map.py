@@ -77,13 +77,15 @@ class _TorchFile:
         """The tensor a TensorRef describes, in memory of its own (a clone, as DiffSynth's)."""
         _key, _dt, nbytes, offset = self.storages[ref.storage]
         raw = to_torch(self.file.map_range(offset, nbytes, 1, False))
+        where = f"{self.path}: tensor '{name}': shape {list(ref.shape)}, stride {list(ref.stride)}"
         try:
-            return tensor_of(ref, raw).clone()
+            view = tensor_of(ref, raw)
         except (ValueError, RuntimeError) as e:  # a view outside its storage, a dtype torch lacks
-            raise _core.FormatError(
-                f"{self.path}: tensor '{name}': shape {list(ref.shape)}, stride {list(ref.stride)} at offset "
-                f"{ref.offset} does not fit its storage of {nbytes} bytes: {e}"
-            ) from None
+            raise _core.FormatError(f"{where} at offset {ref.offset} does not fit its storage of {nbytes} bytes: {e}") from None
+        try:
+            return view.clone()
+        except RuntimeError as e:  # a zero-stride view too large to copy out (DiffSynth's clone fails alike)
+            raise type(e)(f"{where}: its {view.numel()} elements do not fit in memory as a tensor of their own: {e}") from None
 
     def read(self, name: Any, torch_dtype: Any) -> Any:
         """The value under name: a tensor, or (a nested dict such as IP-adapters' ``image_proj``)
