@@ -141,7 +141,39 @@ print("ROUTED")
 )
 
 
-@pytest.mark.parametrize("script", [ROUTES, IMPORTED_AFTER], ids=["loaded-before-patch", "imported-after-patch"])
+YUE2_FROM_PRETRAINED = """
+import os, sys, torch
+tmp = sys.argv[1]
+from diffsynth.models.yue2_vae import YuE2VAE, YuE2VAEConfig
+enc = dict(in_channels=2, channels=4, c_mults=[1, 2], strides=[2, 2], latent_dim=8, use_snake=True)
+dec = dict(out_channels=2, channels=4, c_mults=[1, 2], strides=[2, 2], latent_dim=4, use_snake=True)
+torch.manual_seed(0)
+YuE2VAE(YuE2VAEConfig(encoder_config=enc, decoder_config=dec, latent_dim=4, downsampling_ratio=4)).save_pretrained(
+    os.path.join(tmp, "vae"))
+theirs = YuE2VAE.from_pretrained(os.path.join(tmp, "vae")).state_dict()
+import diffsynth_c
+from diffsynth_c.loader import safetensors_file
+opened = []
+class Counting(safetensors_file.safe_open):
+    def __init__(self, *a, **k):
+        opened.append(os.fspath(a[0]))
+        super().__init__(*a, **k)
+safetensors_file.safe_open = Counting
+diffsynth_c.patch_diffsynth()
+ours = YuE2VAE.from_pretrained(os.path.join(tmp, "vae")).state_dict()
+assert opened == [os.path.join(tmp, "vae", "model.safetensors")], opened
+assert list(ours) == list(theirs)
+for k in theirs:
+    assert ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]), k
+print("ROUTED")
+"""
+
+
+@pytest.mark.parametrize(
+    "script",
+    [ROUTES, IMPORTED_AFTER, YUE2_FROM_PRETRAINED],
+    ids=["loaded-before-patch", "imported-after-patch", "yue2-from-pretrained"],
+)
 def test_routes(tmp_path, script):
     env = dict(os.environ, PYTHONPATH=ROOT)
     out = subprocess.run(
