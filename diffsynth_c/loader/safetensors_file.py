@@ -152,10 +152,13 @@ class SafeSlice:
     elements through torch's indexing (``sl[:, 1:3]``, ``sl[0, ...]``), reading only the pages the
     selected elements lie in."""
 
-    def __init__(self, handle: safe_open, name: str):
-        self._handle = handle
+    def __init__(self, handle: safe_open, name: str, file: SafetensorsFile):
+        self._device = handle._device
         self._name = name
-        self._dtype, self._shape, _b, _e = handle._file.entries[name]
+        self._dtype, self._shape, _b, _e = file.entries[name]
+        # the tensor's bytes mapped now, read on first touch: the slice stays usable after the
+        # handle is closed, as safetensors' does
+        self._full = handle._read(file, lambda: file.private_view(name, populate=False))
 
     def get_shape(self) -> list[int]:
         """The shape written in the header."""
@@ -166,10 +169,8 @@ class SafeSlice:
         return self._dtype
 
     def __getitem__(self, index: Any) -> Any:
-        f = self._handle._open_file()
-        full = self._handle._read(f, lambda: f.private_view(self._name, populate=False))
-        out = full[index]
-        return out if self._handle._device.type == "cpu" else out.to(self._handle._device)
+        out = self._full[index]
+        return out if self._device.type == "cpu" else out.to(self._device)
 
     def __repr__(self) -> str:
         return f"<diffsynth_c SafeSlice '{self._name}' {self._dtype} {self.get_shape()}>"
@@ -244,8 +245,7 @@ class safe_open:  # the name safetensors gives it
 
     def get_slice(self, name: str) -> SafeSlice:
         """A SafeSlice of the tensor under name: index it to read part of the tensor."""
-        self._entry_file(name)
-        return SafeSlice(self, name)
+        return SafeSlice(self, name, self._entry_file(name))
 
     def __enter__(self) -> Self:
         self._open_file()
