@@ -140,6 +140,33 @@ void *io_map_file(int fd, uint64_t size, ds_error *err) {
     return p;
 }
 
+void *io_map_range(int fd, uint64_t off, uint64_t len, size_t *lead, ds_error *err) {
+    uint64_t start = off & ~(uint64_t)(io_page_size() - 1);
+    if (len > SIZE_MAX - (off - start) || off > INT64_MAX) {
+        ds_fail(err, DS_ERR_UNSUPPORTED, "bytes [%llu, +%llu) do not fit the address space", (unsigned long long)off,
+                (unsigned long long)len);
+        return NULL;
+    }
+    size_t n = (size_t)(len + (off - start));
+    void *p = mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, (off_t)start);
+    if (p == MAP_FAILED) {
+        ds_fail_os(err, errno, "cannot map %zu bytes at offset %llu: %s", n, (unsigned long long)start,
+                   strerror(errno));
+        return NULL;
+    }
+    char link[64], path[4096];
+    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+    ssize_t k = readlink(link, path, sizeof path - 1);
+    path[k > 0 ? k : 0] = '\0';
+    if (mg_register(p, n, path) != 0) {
+        munmap(p, n);
+        ds_fail(err, DS_ERR_UNSUPPORTED, "no slot left in the truncation guard for another mapping");
+        return NULL;
+    }
+    *lead = (size_t)(off - start);
+    return p;
+}
+
 void *io_alloc(size_t len, ds_error *err) {
     void *p = mmap(NULL, len ? len : 1, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) {

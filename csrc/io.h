@@ -36,6 +36,13 @@ int io_pwrite(int fd, const void *src, size_t len, uint64_t off, ds_error *err);
  * or NULL with err. */
 void *io_map_file(int fd, uint64_t size, ds_error *err);
 
+/* Maps the bytes [off, off+len) of a file privately (copy-on-write), from the page that holds off,
+ * guarded as io_map_file's mapping. *lead is set to off's distance from the returned base, so the
+ * mapping covers *lead + len bytes (release it with that length). len must be > 0. Returns the
+ * base, or NULL with err: DS_ERR_UNSUPPORTED when the guard has no slot left (nothing is mapped
+ * then: the caller reads the bytes instead of leaving a mapping unguarded). */
+void *io_map_range(int fd, uint64_t off, uint64_t len, size_t *lead, ds_error *err);
+
 /* Anonymous, zero-filled, page-aligned memory (no huge-page advice: see io.c).
  * Returns NULL with err when out of memory. */
 void *io_alloc(size_t len, ds_error *err);

@@ -1,5 +1,6 @@
-/* module.c: diffsynth_c._core, the only file that defines Python types and
- * functions. Everything here is binding: argument checks, releasing the GIL,
+/* module.c: diffsynth_c._core: the module, its functions and types (OpenFile
+ * lives in openfile.c, with the helpers of module.h). Everything here is
+ * binding: argument checks, releasing the GIL,
  * turning ds_error records into exceptions that name the file, and wrapping
  * memory regions and tensors as Python objects.
  *
@@ -34,6 +35,7 @@
 #include "lease.h"
 #include "io.h"
 #include "keyhash.h"
+#include "module.h"
 #include "readinto.h"
 #include "safetensors.h"
 #include "torchfile.h"
@@ -400,6 +402,23 @@ static PyType_Spec Tensor_spec = {
     .slots = Tensor_slots,
 };
 
+/* ---- helpers for the other binding files (module.h) ------------------------------- */
+
+PyObject *bind_raise(PyObject *module, const ds_error *err, PyObject *path) {
+    return raise_ds(state_of(module), err, path);
+}
+
+PyObject *bind_region_new(PyObject *module, void *base, size_t len, int file_backed) {
+    return region_new(state_of(module), base, len, file_backed);
+}
+
+PyObject *bind_tensor_new(PyObject *module, PyObject *owner, char *data, st_dtype dtype, int ndim,
+                          const uint64_t *shape, uint64_t nbytes) {
+    return tensor_new(state_of(module), owner, data, dtype, ndim, shape, nbytes);
+}
+
+int bind_dtype_from_name(PyObject *name, st_dtype *out) { return dtype_from_name(name, out); }
+
 /* ---- paths ---------------------------------------------------------------- */
 
 typedef struct {
@@ -452,11 +471,20 @@ error:
 /* Opens path and parses its safetensors header into h (file left open in f).
  * Runs without the GIL. */
 static int open_header(const char *path, io_file *f, st_header *h, ds_error *err) {
-    uint8_t prefix[8];
-    uint64_t n;
     memset(h, 0, sizeof *h);
     if (io_open(path, f, err))
         return -1;
+    if (bind_parse_header(f, h, err)) {
+        io_close(f);
+        return -1;
+    }
+    return 0;
+}
+
+int bind_parse_header(const io_file *f, st_header *h, ds_error *err) {
+    uint8_t prefix[8];
+    uint64_t n;
+    memset(h, 0, sizeof *h);
     if (f->size < 8) {
         ds_fail(err, DS_ERR_FORMAT,
                 "the file holds %llu bytes, fewer than the 8-byte header length: is this a safetensors file?",
@@ -476,11 +504,8 @@ static int open_header(const char *path, io_file *f, st_header *h, ds_error *err
     }
     int rc = st_parse(json, (size_t)n, f->size, h, err);
     free(json);
-    if (rc)
-        goto fail;
-    return 0;
+    return rc ? -1 : 0;
 fail:
-    io_close(f);
     return -1;
 }
 
@@ -532,7 +557,7 @@ PyDoc_STRVAR(read_header_doc,
 
 static PyObject *read_header(PyObject *module, PyObject *arg) {
     module_state *st = state_of(module);
-    PyObject *fs = NULL, *display = NULL, *result = NULL, *list = NULL, *meta = Py_None;
+    PyObject *fs = NULL, *display = NULL, *result = NULL;
     io_file f;
     st_header h;
     ds_error err;
@@ -549,45 +574,51 @@ static PyObject *read_header(PyObject *module, PyObject *arg) {
         raise_ds(st, &err, display);
         goto done;
     }
-    list = PyList_New((Py_ssize_t)h.n_tensors);
+    result = bind_header_tuple(&h);
+    st_free(&h);
+done:
+    Py_XDECREF(display);
+    Py_XDECREF(fs);
+    return result;
+}
+
+PyObject *bind_header_tuple(const st_header *h) {
+    PyObject *result = NULL, *list = NULL, *meta = Py_None;
+    list = PyList_New((Py_ssize_t)h->n_tensors);
     if (!list)
-        goto free_header;
-    for (size_t i = 0; i < h.n_tensors; i++) {
-        const st_tensor *t = &h.tensors[i];
+        goto done;
+    for (size_t i = 0; i < h->n_tensors; i++) {
+        const st_tensor *t = &h->tensors[i];
         PyObject *shape = shape_tuple(t->ndim, t->shape);
         if (!shape)
-            goto free_header;
+            goto done;
         PyObject *item = Py_BuildValue("(s#sNKK)", t->name, (Py_ssize_t)t->name_len, st_dtype_name(t->dtype), shape,
                                        (unsigned long long)t->begin, (unsigned long long)t->end);
         if (!item)
-            goto free_header;
+            goto done;
         PyList_SET_ITEM(list, (Py_ssize_t)i, item);
     }
-    if (h.has_metadata) {
+    if (h->has_metadata) {
         meta = PyDict_New();
         if (!meta)
-            goto free_header;
-        for (size_t i = 0; i < h.n_meta; i++) {
-            PyObject *k = PyUnicode_FromStringAndSize(h.meta[i].key, (Py_ssize_t)h.meta[i].key_len);
-            PyObject *v = k ? PyUnicode_FromStringAndSize(h.meta[i].value, (Py_ssize_t)h.meta[i].value_len) : NULL;
+            goto done;
+        for (size_t i = 0; i < h->n_meta; i++) {
+            PyObject *k = PyUnicode_FromStringAndSize(h->meta[i].key, (Py_ssize_t)h->meta[i].key_len);
+            PyObject *v = k ? PyUnicode_FromStringAndSize(h->meta[i].value, (Py_ssize_t)h->meta[i].value_len) : NULL;
             int bad = !v || PyDict_SetItem(meta, k, v) < 0;
             Py_XDECREF(k);
             Py_XDECREF(v);
             if (bad)
-                goto free_header;
+                goto done;
         }
     } else {
         Py_INCREF(meta);
     }
-    result = Py_BuildValue("(KKOO)", (unsigned long long)h.header_len, (unsigned long long)h.data_start, list, meta);
-free_header:
-    st_free(&h);
+    result = Py_BuildValue("(KKOO)", (unsigned long long)h->header_len, (unsigned long long)h->data_start, list, meta);
 done:
     Py_XDECREF(list);
     if (meta != Py_None || result)
         Py_XDECREF(meta);
-    Py_XDECREF(display);
-    Py_XDECREF(fs);
     return result;
 }
 
@@ -2676,6 +2707,8 @@ static int module_exec(PyObject *m) {
     if (PyModule_AddStringConstant(m, "__version__", DS_VERSION) < 0)
         return -1;
     if (PyModule_AddIntConstant(m, "MAX_HEADER", (long)ST_MAX_HEADER) < 0)
+        return -1;
+    if (openfile_add_type(m) < 0)
         return -1;
     return 0;
 }

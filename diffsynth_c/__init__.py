@@ -12,6 +12,7 @@ from .loader import hash_model_file, hash_state_dict_keys, load_keys_dict, load_
 from .loader.config import DownloadError, ModelConfig
 from .loader.folder import save_state_dict
 from .loader.model import detect_model, load_model, load_model_auto
+from .loader.safetensors_file import safe_open
 from .patch import patch_diffsynth, unpatch_diffsynth
 from .vram import LAYER_NAMES as _LAYER_NAMES
 from .vram import DiskMap, skip_model_initialization
@@ -31,6 +32,7 @@ __all__ = [
     "detect_model",
     "load_model_auto",
     "DiskMap",
+    "safe_open",
     "skip_model_initialization",
     "enable_vram_management",
     "AutoWrappedLinear",

@@ -84,6 +84,9 @@ def patch_diffsynth() -> int:
     for base in _BASES:
         layers._FOREIGN[getattr(layers, base)] = original("diffsynth.core.vram.layers", base)
     _saved.extend(_rebind({id(theirs): (theirs, ours) for theirs, ours in _pairs()}))
+    from .patch_routes import install_routes  # the files that call torch.load / safe_open themselves
+
+    install_routes()
     return len(_saved)
 
 
@@ -94,6 +97,9 @@ def unpatch_diffsynth() -> int:
     if not _saved:
         return 0
     n = len(_saved)
+    from .patch_routes import remove_routes
+
+    remove_routes()
     from .vram import layers
 
     layers._FOREIGN.clear()

@@ -28,15 +28,15 @@ from .torchfile import _map, load_tree, read_tree
 PathLike = str | os.PathLike
 
 
-def _as_list(file_path: PathLike | list[PathLike], what: str) -> list[PathLike]:
+def _as_list(file_path: PathLike | list[PathLike], what: str, variant: str | None = None) -> list[PathLike]:
     """The files to read; a folder stands for its weight files (index json or shards, as diffusers
-    lays them out: diffsynth_c/loader/folder.py)."""
+    lays them out, of ``variant`` when given: diffsynth_c/loader/folder.py)."""
     from .folder import expand
 
     paths = list(file_path) if isinstance(file_path, (list, tuple)) else [file_path]
     if not paths:
         raise ValueError(f"{what}: the list of files is empty")
-    return expand(paths)
+    return expand(paths, variant)
 
 
 def _is_safetensors(path: PathLike) -> bool:
@@ -103,9 +103,13 @@ def load_state_dict(
     process_group: Any = None,
     node_local: bool = False,
     bucket_mib: int = 256,
+    variant: str | None = None,
 ) -> dict[str, Any]:
     """Loads one model file, or several merged into one state dict (as DiffSynth's
     ``load_state_dict``: a later file's tensor replaces an earlier one of the same name).
+    A folder stands for its weight files; ``variant`` picks diffusers' variant files there
+    (``variant="fp16"``: ``diffusion_pytorch_model.fp16.safetensors`` or the index
+    ``diffusion_pytorch_model.safetensors.index.fp16.json`` and its shards).
 
     With a ``torch.distributed`` ``process_group``, every rank gets the full dict while each byte
     is read from disk once across the group (``node_local``: once per host; ``bucket_mib``: the
@@ -120,8 +124,10 @@ def load_state_dict(
     ``diffsynth_c.FormatError`` (a ``ValueError``) naming the file and tensor for a malformed one.
     """
     if process_group is not None:
+        if variant is not None:
+            file_path = _as_list(file_path, "load_state_dict", variant)
         return _load_in_group(file_path, torch_dtype, device, pin_memory, verbose, process_group, node_local, bucket_mib)
-    paths = _as_list(file_path, "load_state_dict")
+    paths = _as_list(file_path, "load_state_dict", variant)
     displays = [os.fsdecode(p) for p in paths]
     single = not isinstance(file_path, (list, tuple)) and len(paths) == 1
     sizes = [0] * len(paths)

@@ -105,11 +105,32 @@ def _check_index(index_path: str, folder: str, weight_map: dict[str, str], decla
     return paths
 
 
-def resolve(path: Any, subfolder: str | None = None) -> list[str]:
-    """The weight files of a file or folder path (with an optional subfolder), in load order."""
+def with_variant(name: str, variant: str | None) -> str:
+    """A weights file name with diffusers' variant before its last extension, as diffusers and
+    transformers name them: "model.safetensors" -> "model.fp16.safetensors",
+    "model.safetensors.index.json" -> "model.safetensors.index.fp16.json"."""
+    if not variant:
+        return name
+    head, _, ext = name.rpartition(".")
+    return f"{head}.{variant}.{ext}"
+
+
+def _check_variant(path: str, variant: Any) -> None:
+    if variant is not None and (
+        not isinstance(variant, str) or not variant or "/" in variant or os.sep in variant or variant in (".", "..")
+    ):
+        raise ValueError(f"{path}: variant must be a name such as 'fp16', not {variant!r}")
+
+
+def resolve(path: Any, subfolder: str | None = None, variant: str | None = None) -> list[str]:
+    """The weight files of a file or folder path (with an optional subfolder), in load order. With
+    ``variant`` (as diffusers takes it, e.g. "fp16"), a folder's files of that variant:
+    ``diffusion_pytorch_model.fp16.safetensors``, or the index ``...safetensors.index.fp16.json``
+    and its shards; a file path is taken as it is."""
     path = os.fspath(path)
     if subfolder:
         path = os.path.join(path, subfolder)
+    _check_variant(path, variant)
     if not os.path.isdir(path):
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: no such file or folder")
@@ -117,14 +138,24 @@ def resolve(path: Any, subfolder: str | None = None) -> list[str]:
     _check_no_unfinished_save(path)
     for ext in ("safetensors", "bin"):
         for stem in WEIGHTS:
-            index = os.path.join(path, f"{stem}.{ext}.index.json")
+            index = os.path.join(path, with_variant(f"{stem}.{ext}.index.json", variant))
             if os.path.isfile(index):
                 return _check_index(index, path, *_read_index(index))
         for stem in WEIGHTS:
-            single = os.path.join(path, f"{stem}.{ext}")
+            single = os.path.join(path, with_variant(f"{stem}.{ext}", variant))
             if os.path.isfile(single):
                 return [single]
     shards = sorted(f for f in os.listdir(path) if _SHARD.search(f) and f.endswith(".safetensors"))
+    if variant:  # diffusers names a variant's shards "<stem>.<variant>-00001-of-00002.safetensors"
+        shards = [f for f in shards if f[: _SHARD.search(f).start()].endswith(f".{variant}")]
+        if not shards:
+            raise FileNotFoundError(
+                errno.ENOENT,
+                f"{path}: no weights of variant '{variant}' (looked for "
+                f"{with_variant('diffusion_pytorch_model.safetensors', variant)}, "
+                f"{with_variant('diffusion_pytorch_model.safetensors.index.json', variant)} and the like)",
+                path,
+            )
     if shards:
         counts = {_SHARD.search(f).group(2) for f in shards}
         if len(counts) == 1 and len(shards) == int(counts.pop()):
@@ -133,12 +164,12 @@ def resolve(path: Any, subfolder: str | None = None) -> list[str]:
     raise IsADirectoryError(errno.EISDIR, f"{path}: is a directory with no index json, weights file or shards of a model", path)
 
 
-def expand(paths: list) -> list:
-    """paths with every folder replaced by its weight files."""
+def expand(paths: list, variant: str | None = None) -> list:
+    """paths with every folder replaced by its weight files (of ``variant``, when given)."""
     out = []
     for p in paths:
         if isinstance(p, (str, os.PathLike)) and os.path.isdir(p):
-            out.extend(resolve(p))
+            out.extend(resolve(p, variant=variant))
         else:
             out.append(p)
     return out

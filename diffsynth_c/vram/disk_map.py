@@ -11,78 +11,59 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 from .. import _core
-from ..dlpack import safetensors_name_of, to_torch, torch_dtype_of, view_bytes
-from ..loader.conversion import c_converts
-from ..loader.settings import mode, threads
+from ..dlpack import to_torch
 from ..loader.folder import expand
-from ..loader.torchfile import read_tree, tensor_of
+from ..loader.safetensors_file import SafetensorsFile
+from ..loader.settings import mode
+from ..loader.torchfile import _map, read_tree, tensor_of
 
 _PREFETCH_THREADS = 4
 
 
-def _threads_for(nbytes: int) -> int:
-    """Large tensors are read in 8 MiB pieces by several threads; small ones on the caller's."""
-    return threads() if nbytes >= (16 << 20) else 1
-
-
-class _SafetensorsFile:
-    def __init__(self, path: str):
-        self.path = path
-        _hl, self.data_start, tensors, _meta = _core.read_header(path)
-        self.entries = {name: (dtype, shape, begin, end) for name, dtype, shape, begin, end in tensors}
-        self.region = None  # the file's private mapping, made on the first view
-        self.lock = threading.Lock()
+class _SafetensorsFile(SafetensorsFile):
+    """One safetensors file of a DiskMap, opened when its header is read (a file replaced on disk
+    afterwards keeps serving the version the header describes)."""
 
     def flush(self) -> None:
-        """Forgets the mapping; tensors already handed out keep theirs alive."""
-        with self.lock:
-            self.region = None
-
-    def view(self, name: str) -> Any:
-        """The tensor as a view of the file's private mapping (copy-on-write: writes never reach the
-        file), its pages read in now, in parallel for large tensors. No copy."""
-        dtype, shape, begin, end = self.entries[name]
-        with self.lock:
-            if self.region is None:
-                self.region = _core.map_file(self.path)
-            region = self.region
-        try:
-            raw = to_torch(_core.region_view(region, self.data_start + begin, end - begin, _threads_for(end - begin)))
-        except ValueError as e:
-            raise _core.FormatError(f"{self.path}: tensor '{name}': {e}") from None
-        return view_bytes(raw, dtype, shape, self.path, name)
+        """Nothing to drop: reads share no mapping (kept for DiffSynth's flush_files)."""
 
     def keys(self) -> Iterable[str]:
         return self.entries.keys()
 
     def read(self, name: str, torch_dtype: Any) -> Any:
-        """The tensor in torch_dtype where C converts that pair (a fresh tensor), else in the file's
-        dtype: a view of the mapping (mmap mode) or the bytes read into a fresh buffer (read mode)."""
-        import torch
-
-        dtype, shape, begin, end = self.entries[name]
-        target = safetensors_name_of(torch_dtype) if torch_dtype is not None else None
-        convert = target is not None and target != dtype and c_converts(dtype, target)
-        if not convert and mode() == "mmap":
-            return self.view(name)
-        out = torch.empty(shape, dtype=torch_dtype_of(target)) if convert else torch.empty(end - begin, dtype=torch.uint8)
-        if end > begin:
-            item = (0, self.data_start + begin, end - begin, dtype, target if convert else dtype, out.data_ptr(), name)
-            _core.read_into([self.path], [item], _threads_for(end - begin))
-        return out if convert else view_bytes(out, dtype, shape, self.path, name)
+        """A tensor no other read shares (as DiffSynth's DiskMap clones every read): in torch_dtype
+        where C converts that pair, else in the file's dtype, in a private mapping of its own
+        (mmap mode, large tensors: no copy) or read into fresh memory."""
+        try:
+            return self.read_independent(name, torch_dtype, mode())
+        except ValueError as e:
+            if isinstance(e, _core.FormatError):
+                raise
+            raise _core.FormatError(f"{self.path}: tensor '{name}': {e}") from None
 
 
 class _TorchFile:
     def __init__(self, path: str):
         self.path = path
-        tree = read_tree(path)
+        # the file is opened before data.pkl is read and kept open: if it is replaced between the
+        # two, read again, so the tree and the storages come from one version
+        for _attempt in range(3):
+            self.file = _core.OpenFile(path)
+            tree = read_tree(path)
+            if _same_file(self.file, path):
+                break
+            self.file.close()
+        else:
+            raise _core.FormatError(f"{path}: the file kept changing while its data.pkl was read")
         if tree is None:  # not a checkpoint the C reader takes: as DiffSynth, load it whole
             import torch
 
+            self.file.close()
             self.loaded = torch.load(path, weights_only=True, map_location="cpu")
             self.obj, self.storages = None, None
         else:
@@ -92,18 +73,41 @@ class _TorchFile:
     def keys(self) -> Iterable[Any]:
         return (self.loaded if self.loaded is not None else self.obj).keys()
 
+    def _tensor(self, ref: Any, name: Any) -> Any:
+        """The tensor a TensorRef describes, in memory of its own (a clone, as DiffSynth's)."""
+        _key, _dt, nbytes, offset = self.storages[ref.storage]
+        raw = to_torch(self.file.map_range(offset, nbytes, 1, False))
+        where = f"{self.path}: tensor '{name}': shape {list(ref.shape)}, stride {list(ref.stride)}"
+        try:
+            view = tensor_of(ref, raw)
+        except (ValueError, RuntimeError) as e:  # a view outside its storage, a dtype torch lacks
+            raise _core.FormatError(f"{where} at offset {ref.offset} does not fit its storage of {nbytes} bytes: {e}") from None
+        try:
+            return view.clone()
+        except RuntimeError as e:  # a zero-stride view too large to copy out (DiffSynth's clone fails alike)
+            raise type(e)(f"{where}: its {view.numel()} elements do not fit in memory as a tensor of their own: {e}") from None
+
     def read(self, name: Any, torch_dtype: Any) -> Any:
+        """The value under name: a tensor, or (a nested dict such as IP-adapters' ``image_proj``)
+        the container with every tensor in it, as torch.load gives it."""
         import torch
 
         if self.loaded is not None:
             value = self.loaded[name]
             return value.clone() if isinstance(value, torch.Tensor) else value
         ref = self.obj[name]
-        if not isinstance(ref, _core.TensorRef):
-            return ref
-        _key, _dt, nbytes, offset = self.storages[ref.storage]
-        raw = to_torch(_core.map_ranges(self.path, [(offset, nbytes)], 1, "read")[0])
-        return tensor_of(ref, raw).clone()
+        if isinstance(ref, _core.TensorRef):
+            return self._tensor(ref, name)
+        return _map(ref, _core.TensorRef, lambda r: self._tensor(r, name))
+
+
+def _same_file(f: Any, path: Any) -> bool:
+    """Whether path still names the file f opened."""
+    try:
+        a, b = os.fstat(f.fileno()), os.stat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 class DiskMap:
@@ -120,7 +124,12 @@ class DiskMap:
         *,
         process_group: Any = None,
     ):
-        self.path = expand(path if isinstance(path, list) else [path])
+        paths = path if isinstance(path, list) else [path]
+        for p in paths:
+            if not isinstance(p, (str, os.PathLike)):
+                # DiffSynth's DiskMap fails on p.endswith(".safetensors") with a TypeError too
+                raise TypeError(f"DiskMap: the path {p!r} is a {type(p).__name__}: give a str or os.PathLike")
+        self.path = expand(paths)
         # with a torch.distributed group, each safetensors tensor is read by one rank (by bytes, the
         # same on every rank) and broadcast: every rank must ask for the same keys in the same order
         self.process_group = process_group
@@ -128,11 +137,13 @@ class DiskMap:
         self.torch_dtype = torch_dtype
         env = os.environ.get("DIFFSYNTH_DISK_MAP_BUFFER_SIZE")
         self.buffer_size = int(env) if env is not None else buffer_size
-        self.files = [_SafetensorsFile(p) if str(p).endswith(".safetensors") else _TorchFile(p) for p in self.path]
+        self.files = [
+            _SafetensorsFile(p) if os.fspath(p).endswith(".safetensors") else _TorchFile(p) for p in self.path
+        ]
         self.num_params = 0
         self.name_map: dict[Any, int] = {}
         for file_id, f in enumerate(self.files):
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118  a file of a DiskMap is not a dict
                 self.name_map[name] = file_id
         self.rename_dict = self.fetch_rename_dict(state_dict_converter)
         self._lock = threading.Lock()
@@ -261,7 +272,7 @@ class DiskMap:
             return None
         state_dict = {}
         for f in self.files:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118  a file of a DiskMap is not a dict
                 state_dict[name] = name
         return state_dict_converter(state_dict)
 
