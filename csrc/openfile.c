@@ -10,8 +10,10 @@
  * tensor's bytes into a fresh private mapping of their own (copy-on-write: a write to the tensor
  * reaches neither the file nor any other tensor), its pages read in on worker threads unless
  * asked not to; read_into() preads (and converts) into memory the caller owns. Mappings are
- * guarded against truncation like every other (guard.h); when the guard has no slot left,
- * map_range() reads the bytes into memory of their own instead (Region.file_backed is False).
+ * guarded against truncation like every other (guard.h; its table grows without limit); should the
+ * guard fail to register a mapping (no memory for a new chunk of its table), map_range() reads the
+ * bytes into memory of their own instead (Region.file_backed is False), never leaving a mapping
+ * unguarded.
  *
  * close() may come from any thread while another reads with the GIL released: the descriptor is
  * closed only when the last read in flight ends (`busy`, changed with the GIL held). */
@@ -153,7 +155,7 @@ PyDoc_STRVAR(map_range_doc,
              "A 1-D U8 Tensor over the bytes [offset, offset+nbytes) of the file in a private mapping of\n"
              "their own: writes to it reach neither the file nor any other tensor. With populate, its pages\n"
              "are read in first on `threads` worker threads (GIL released); without, on first touch.\n"
-             "When the truncation guard has no slot left, the bytes are read into memory of their own.");
+             "Should the truncation guard fail to take the mapping, the bytes are read into memory of their own.");
 
 static PyObject *OpenFile_map_range(OpenFileObject *self, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"offset", "nbytes", "threads", "populate", NULL};
@@ -178,7 +180,7 @@ static PyObject *OpenFile_map_range(OpenFileObject *self, PyObject *args, PyObje
         len = lead + (size_t)nbytes;
         mapped = base != NULL;
         if (!base && err.status == DS_ERR_UNSUPPORTED && nbytes <= SIZE_MAX) {
-            /* every guard slot is taken: a copy of the bytes, never an unguarded mapping */
+            /* the guard could not take the mapping: a copy of the bytes, never an unguarded mapping */
             lead = 0;
             len = (size_t)nbytes;
             base = io_alloc(len, &err);
