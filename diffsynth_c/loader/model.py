@@ -5,8 +5,8 @@ overwritten), the state dict comes from diffsynth_c (``load_state_dict`` or a ``
 assigned to the model (``assign=True``: the loaded tensors become the parameters, so a plain load
 holds one copy of the weights). Then ``.to(dtype, device)`` and ``.eval()``, as DiffSynth does,
 branch for branch. VRAM management (``module_map``/``vram_config``) wraps the model in diffsynth_c's
-layers (``vram/layers.py``); quantisation is handed to DiffSynth's own implementation, reading
-through diffsynth_c's ``DiskMap``, when DiffSynth is installed (without it, ``NotImplementedError``).
+layers (``vram/layers.py``); quantisation (``quantize=``, a config of DiffSynth's
+``diffsynth.core.quant``) runs DiffSynth's branches on our reads and layers.
 """
 
 from __future__ import annotations

@@ -13,8 +13,10 @@ computation device when the layer runs (pageable memory, blocking copies, fp8 co
 so the bus carries bf16, a deep copy of the whole module for wrapped modules, ``mem_get_info``
 on every call). Here every layer of a model shares one ``Scheduler`` (``prefetch.py``): it learns
 the order the layers run in and fetches the next layers' weights while the current one computes,
-from pinned memory on a copy stream, casting on the GPU; wrapped modules run their own forward with
-the fetched tensors (``torch.func.functional_call``) instead of a deep copy; the free memory that
+from pinned memory on a copy stream, casting on the GPU; wrapped modules run their forward on a copy
+of their structure holding the fetched tensors (``torch.func.functional_call``), not a deep copy of
+the weights (what the forward sets on the module stays on the copy, as with DiffSynth's); under
+``torch.compile`` the layers trace DiffSynth's own casts, so graphs break no more often; the free memory that
 ``vram_limit`` is compared with is queried at most twice a second and counted in between.
 Normalisation layers of known types (``torch.nn.RMSNorm``, ``torch.nn.LayerNorm``, DiffSynth's
 ``RMSNorm``) run our CUDA norm kernels on a CUDA computation device (``DIFFSYNTH_C_NORM_KERNELS=0``
@@ -24,9 +26,10 @@ turns that off; their results match torch's within its own test tolerances, not 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 import time
-from typing import Any
+from typing import Any, Union  # noqa: F401  Union: DiffSynth's layers export it
 
 import torch
 
@@ -57,6 +60,16 @@ class _Interop(type):
             return True
         other = _FOREIGN.get(cls)
         return other is not None and isinstance(obj, other)
+
+
+IS_NPU_AVAILABLE = importlib.util.find_spec("torch_npu") is not None and torch.npu.is_available()
+
+
+def get_device_name() -> str:
+    """The current device, as DiffSynth names it: 'cuda:N' where CUDA is, else 'npu:N', else
+    'cpu:cpu' (torch.cpu.current_device())."""
+    kind = "cuda" if torch.cuda.is_available() else "npu" if IS_NPU_AVAILABLE else "cpu"
+    return f"{kind}:{getattr(torch, kind).current_device()}"
 
 
 def parse_device_type(device: Any) -> str | None:
@@ -439,6 +452,8 @@ class AutoWrappedModule(_ManagedLayer):
         first from onload when vram_limit allows, as DiffSynth's does."""
         if self.state == 1 and (self.vram_limit is None or self.check_free_vram()):
             self.preparing()
+        if torch.compiler.is_compiling():  # traced as DiffSynth's forward is: no more graph breaks than its
+            return self.computation()(*args, **kwargs)
         tensors = self._computation_tensors()
         fast = _norm_by_kernel(self.module, tensors, args, kwargs, self.computation_device)
         if fast is not None:
@@ -618,11 +633,18 @@ class AutoWrappedLinear(torch.nn.Linear, _ManagedLayer, LoRAHotLoadMixin):
         return Need(names, sources, keys, [self.computation_dtype] * len(names), self.computation_device, self.__dict__.get("disk_map"))
 
     def computation(self) -> tuple[Any, Any]:
-        """The weight and bias in the computation dtype on the computation device."""
-        need = self.current_need()
-        if need is None:
+        """The weight and bias in the computation dtype on the computation device. Inside a graph
+        torch.compile traces, DiffSynth's own casts (traced, no prefetch; a disk read is not traced)."""
+        dtype, device = self._stored()
+        if dtype == self.computation_dtype and device == self.computation_device:
             return self.weight, self.bias
-        tensors = self._fetch(need)
+        on_disk = self.disk_offload and device == "disk"
+        if torch.compiler.is_compiling():
+            if on_disk:
+                return self.load_from_disk(self.computation_dtype, self.computation_device, assign=False)
+            bias = None if self.bias is None else self.cast_to(self.bias, self.computation_dtype, self.computation_device)
+            return self.cast_to(self.weight, self.computation_dtype, self.computation_device), bias
+        tensors = self._fetch(self._need(on_disk))
         return tensors["weight"], tensors.get("bias")
 
     def linear_forward(self, x: Any, weight: Any, bias: Any) -> Any:
@@ -1059,6 +1081,7 @@ __all__ = [
     "enable_vram_management",
     "enable_vram_management_recursively",
     "fill_vram_config",
+    "get_device_name",
     "parse_device_type",
     "scheduler_of",
 ]
