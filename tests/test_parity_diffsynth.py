@@ -645,3 +645,21 @@ def test_unpatch_gives_diffsynths_defaults_back():
         timeout=120,
     )
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
+def test_parameters_with_attributes_survive_skip_model_initialization():
+    """Deliberately more lenient than DiffSynth (docs/migrating.md): a parameter carrying its own
+    attributes is kept, attributes included, where DiffSynth's context manager raises."""
+
+    def build(ctx):
+        with ctx():
+            m = torch.nn.Module()
+            p = torch.nn.Parameter(torch.zeros(2))
+            p.tag = "kept"
+            m.p = p
+        return m
+
+    with pytest.raises(TypeError):
+        build(original("diffsynth.core.vram.initialization", "skip_model_initialization"))
+    m = build(diffsynth_c.skip_model_initialization)
+    assert m.p.is_meta and m.p.tag == "kept" and m.p.requires_grad
