@@ -243,3 +243,76 @@ def test_diffsynth_quantised_layer_works_patched():
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "diffsynth_c.vram.layers"
+
+
+LORA_SCRIPT = r"""
+import sys, torch
+if PATCH:
+    import diffsynth_c
+    diffsynth_c.patch_diffsynth()
+from diffsynth.core.loader import load_model
+from diffsynth.core.quant import QuantizeConfig
+from diffsynth.diffusion.base_pipeline import BasePipeline
+from tests import quant_cpu_backend as qb
+from tests.test_quantize import Net
+
+model = load_model(Net, PATH, quantize=QuantizeConfig(method=qb.METHOD, exclude_modules=["proj_out"]))
+pipe = BasePipeline(device="cpu", torch_dtype=torch.bfloat16)
+g = torch.Generator().manual_seed(7)
+lora = {}
+for name, m in model.named_modules():
+    if isinstance(m, torch.nn.Linear):
+        lora[name + ".lora_A.weight"] = torch.randn(2, m.in_features, generator=g).to(torch.bfloat16)
+        lora[name + ".lora_B.weight"] = torch.randn(m.out_features, 2, generator=g).to(torch.bfloat16)
+pipe.load_lora(model, state_dict=lora, hotload=True)
+x = torch.randn(4, 16, generator=g).to(torch.bfloat16)
+with torch.no_grad():
+    out = model(x)
+kinds = [(n, type(m).__module__.split(".")[0] + "." + type(m).__name__) for n, m in model.named_modules() if n]
+torch.save({"out": out, "kinds": kinds}, OUT)
+"""
+
+
+def test_pipeline_lora_hot_load_on_a_quantised_model_patched_as_unpatched(fp_file, tmp_path):
+    """BasePipeline.load_lora on a quantised model (check_quant_hot_load wraps it first): patched,
+    every layer is ours and the output is DiffSynth's."""
+    results = {}
+    for patch in (False, True):
+        out = str(tmp_path / f"{patch}.pt")
+        code = LORA_SCRIPT.replace("PATCH", repr(patch)).replace("PATH", repr(fp_file)).replace("OUT", repr(out))
+        r = run_python(code, timeout=120)
+        assert r.returncode == 0, r.stderr[-3000:]
+        results[patch] = torch.load(out)
+    plain, patched = results[False], results[True]
+    assert torch.equal(plain["out"], patched["out"])
+    assert [n for n, _ in plain["kinds"]] == [n for n, _ in patched["kinds"]]
+    assert dict(plain["kinds"])["blocks.0"] == "diffsynth.AutoWrappedQuantizedModule"
+    assert dict(patched["kinds"])["blocks.0"] == "diffsynth_c.AutoWrappedQuantizedModule"
+    assert dict(patched["kinds"])["proj_out"] == "diffsynth_c.AutoWrappedLinear"
+
+
+def test_resident_quantised_layer_copied_through_the_scheduler_as_diffsynth_copies_it(fp_file):
+    """A layer stored on a device other than the computation's (here torch.device('cpu') against
+    'cpu', unequal as DiffSynth compares them): its plain tensors are fetched, and the copy computes
+    what DiffSynth's deep copy computes; the layer itself is untouched."""
+    c = cfg()
+    devices = dict(
+        offload_device=torch.device("cpu"), onload_device=torch.device("cpu"), preparing_device=torch.device("cpu")
+    )
+    outs = []
+    for load, cls in (
+        (original("diffsynth.core.loader.model", "load_model"), DL.AutoWrappedQuantizedModule),
+        (diffsynth_c.load_model, L.AutoWrappedQuantizedModule),
+    ):
+        model = load(Net, fp_file, quantize=c)
+        layer = cls(
+            model.blocks[0], computation_dtype=BF16, computation_device="cpu", name="blocks.0", quantize=c, **devices
+        )
+        if cls is L.AutoWrappedQuantizedModule:
+            L.attach_scheduler(layer)
+        x = torch.randn(3, 32, generator=torch.Generator().manual_seed(8)).to(BF16)
+        with torch.no_grad():
+            outs.append([layer(x), layer(x)])
+        assert layer.module.qweight.device == torch.device("cpu")
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+    assert L.scheduler_of(layer).stats["misses"] + L.scheduler_of(layer).stats["hits"] == 2
