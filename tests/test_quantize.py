@@ -296,9 +296,11 @@ def test_resident_quantised_layer_copied_through_the_scheduler_as_diffsynth_copi
     'cpu', unequal as DiffSynth compares them): its plain tensors are fetched, and the copy computes
     what DiffSynth's deep copy computes; the layer itself is untouched."""
     c = cfg()
-    devices = dict(
-        offload_device=torch.device("cpu"), onload_device=torch.device("cpu"), preparing_device=torch.device("cpu")
-    )
+    devices = {
+        "offload_device": torch.device("cpu"),
+        "onload_device": torch.device("cpu"),
+        "preparing_device": torch.device("cpu"),
+    }
     outs = []
     for load, cls in (
         (original("diffsynth.core.loader.model", "load_model"), DL.AutoWrappedQuantizedModule),
