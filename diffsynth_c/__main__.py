@@ -219,9 +219,13 @@ def download(model_id: str, pattern: str | None, source: str | None, local_dir: 
     """Runs ModelConfig.download_if_necessary; returns its path (one per line for several files)."""
     from .loader.config import ModelConfig
 
+    import contextlib
+    import sys
+
     config = ModelConfig(model_id=model_id, origin_file_pattern=pattern, download_source=source,
                          local_model_path=local_dir)
-    config.download_if_necessary()
+    with contextlib.redirect_stdout(sys.stderr):  # DiffSynth's download-source box: stdout is the path
+        config.download_if_necessary()
     return "\n".join(config.path) if isinstance(config.path, list) else str(config.path)
 
 
