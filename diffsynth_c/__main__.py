@@ -219,13 +219,12 @@ def download(model_id: str, pattern: str | None, source: str | None, local_dir: 
     """Runs ModelConfig.download_if_necessary; returns its path (one per line for several files)."""
     from .loader.config import ModelConfig
 
-    import contextlib
-    import sys
+    from .loader import config as config_module
 
+    config_module._download_tips_printed = True  # no download-source box: stdout is the path, stderr one line
     config = ModelConfig(model_id=model_id, origin_file_pattern=pattern, download_source=source,
                          local_model_path=local_dir)
-    with contextlib.redirect_stdout(sys.stderr):  # DiffSynth's download-source box: stdout is the path
-        config.download_if_necessary()
+    config.download_if_necessary()
     return "\n".join(config.path) if isinstance(config.path, list) else str(config.path)
 
 
