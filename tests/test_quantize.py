@@ -318,3 +318,37 @@ def test_resident_quantised_layer_copied_through_the_scheduler_as_diffsynth_copi
         assert layer.module.qweight.device == torch.device("cpu")
     assert all(torch.equal(a, b) for a, b in zip(*outs))
     assert L.scheduler_of(layer).stats["misses"] + L.scheduler_of(layer).stats["hits"] == 2
+
+
+def mixed(**kw):
+    from diffsynth.core.quant import MixedQuantizeConfig
+
+    return MixedQuantizeConfig(
+        configs=[
+            QuantizeConfig(method=qb.METHOD, target_modules=["blocks.0", "blocks.1"]),
+            QuantizeConfig(method=qb.METHOD, target_modules=["proj_in"]),
+        ],
+        **kw,
+    )
+
+
+def test_mixed_quantisation_matches_diffsynth(fp_file, fake_memory):
+    theirs, ours = both(fp_file, quantize=mixed())
+    assert_same(theirs, ours)
+    theirs, ours = both(fp_file, quantize=mixed(), module_map=True, vram_config=CPU, vram_limit=None)
+    assert_same(theirs, ours, cycle=True)
+    assert type(ours.proj_in) is L.AutoWrappedQuantizedModule
+
+
+def test_mixed_prequantised_disk_offload_matches_diffsynth(fp_file, fake_memory, tmp_path):
+    model = Net()
+    model.load_state_dict(safetensors.torch.load_file(fp_file))
+    m = mixed()
+    m.quantize_model(model)
+    tensors, metadata = m.flatten_state_dict(model.state_dict())
+    path = str(tmp_path / "mixed.safetensors")
+    safetensors.torch.save_file(tensors, path, metadata=metadata)
+    theirs, ours = both(
+        path, quantize=mixed(load_prequantized=True), module_map=True, vram_config=DISK_BF16, vram_limit=0
+    )
+    assert_same(theirs, ours, cycle=True)
