@@ -45,6 +45,8 @@ CONFIGS = {
     "disk": vram(("disk", "disk"), ("disk", "disk"), (BF16, "cpu"), (BF16, "cpu")),
     "bf16_storage_fp32_compute": vram((BF16, "cpu"), (BF16, "cpu"), (BF16, "cpu"), (F32, "cpu")),
     "quantize": {"quantize": QuantizeConfig(method=qb.METHOD, exclude_modules=["linear.4"])},
+    "quantize_cpu_offload": {"quantize": QuantizeConfig(method=qb.METHOD, exclude_modules=["linear.4"]),
+                             **vram((BF16, "cpu"), (BF16, "cpu"), (BF16, "cpu"), (BF16, "cpu"))},
 }
 results = {}
 for name, kw in CONFIGS.items():
@@ -112,3 +114,4 @@ def test_wan_pipeline_plain_and_patched_before_and_after_the_imports(motion_cont
             assert ours["layers_from"] == (["diffsynth_c"] if theirs["layers_from"] else []), (order, name)
     assert plain["fp8_storage"]["layers_from"] == ["diffsynth"]
     assert "Int8Linear" in plain["quantize"]["kinds"]
+    assert "AutoWrappedQuantizedModule" in plain["quantize_cpu_offload"]["kinds"]
