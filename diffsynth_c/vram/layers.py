@@ -50,7 +50,8 @@ VRAM_CONFIG_KEYS = (
 _FP8_COMPUTE = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
 
 # DiffSynth's own base classes, registered by patch_diffsynth: with ours in DiffSynth's place,
-# DiffSynth's isinstance checks must still see its quantised layers (which stay DiffSynth's).
+# DiffSynth's isinstance checks must still see layers made from its classes held from before the
+# patch.
 _FOREIGN: dict[type, type] = {}
 
 
