@@ -52,6 +52,20 @@ def __getattr__(name: str):  # the VRAM-managed layers import torch: only when a
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _catchable_as_safetensors_errors() -> None:
+    """FormatError also derives from safetensors' SafetensorError where safetensors is installed:
+    code written for DiffSynth (which raises safetensors' errors for a malformed or truncated file)
+    catches ours too; ``except FormatError`` and ``except ValueError`` keep working."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:
+        return
+    if not issubclass(FormatError, SafetensorError):
+        FormatError.__bases__ = (*FormatError.__bases__, SafetensorError)
+
+
+_catchable_as_safetensors_errors()
+
 from .loader import guard as _guard
 
 _guard.install()

@@ -222,8 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def download(model_id: str, pattern: str | None, source: str | None, local_dir: str | None) -> str:
     """Runs ModelConfig.download_if_necessary; returns its path (one per line for several files)."""
+    from .loader import config as config_module
     from .loader.config import ModelConfig
 
+    config_module._download_tips_printed = True  # no download-source box: stdout is the path, stderr one line
     config = ModelConfig(model_id=model_id, origin_file_pattern=pattern, download_source=source,
                          local_model_path=local_dir)
     config.download_if_necessary()

@@ -103,6 +103,8 @@ def test_hash_reads_only_headers(tmp_path):
     assert read <= header_bytes + 4096, f"hashing read {read} bytes; the headers hold {header_bytes}"
 
 
-def test_empty_list_is_an_error():
-    with pytest.raises(ValueError, match="hash_model_file: the list of files is empty"):
-        diffsynth_c.hash_model_file([])
+def test_empty_list_hashes_as_diffsynth_does():
+    from diffsynth_c.patch import original
+
+    assert diffsynth_c.hash_model_file([]) == original("diffsynth.core.loader.file", "hash_model_file")([])
+    assert diffsynth_c.hash_model_file([], with_shape=False) == original("diffsynth.core.loader.file", "hash_model_file")([], with_shape=False)

@@ -521,6 +521,34 @@ def download_files(
 
 # ---- ModelConfig ---------------------------------------------------------------------------
 
+# The download-source box DiffSynth prints before its first download: the four behaviours, the one
+# in effect ticked. The same lines as DiffSynth's, with the shell syntax of the platform.
+_SOURCES = (
+    ("Download from https://modelscope.cn/", "(default behavior)"),
+    ("Download from https://modelscope.ai/", "MODELSCOPE_ENDPOINT", "https://modelscope.ai"),
+    ("Download from https://huggingface.co/", "DIFFSYNTH_DOWNLOAD_SOURCE", "HuggingFace"),
+    ("Skip download and load only pre-downloaded model files", "DIFFSYNTH_SKIP_DOWNLOAD", "True"),
+)
+
+
+def _downloading_tips(windows: bool) -> str:
+    lines = ["DiffSynth-Studio Model Downloader Configuration:", ""]
+    for i, (what, *how) in enumerate(_SOURCES):
+        lines.append(f"[{i}] {what}")
+        if len(how) == 1:
+            lines.append(f"    {how[0]}")
+        elif windows:
+            lines.append(f'    (enabled via `$env:{how[0]}="{how[1]}"`)')
+        else:
+            lines.append(f"    (enabled via `export {how[0]}={how[1]}`)")
+    width = max(len(line) for line in lines)
+    body = "\n".join(f"\u2502 {line:<{width}} \u2502" for line in lines)
+    return f"\u250c{chr(0x2500) * (width + 2)}\u2510\n{body}\n\u2514{chr(0x2500) * (width + 2)}\u2518"
+
+
+DOWNLOADING_TIPS = _downloading_tips(__import__("sys").platform.startswith("win"))
+_download_tips_printed = False
+
 
 @dataclass
 class ModelConfig:
@@ -637,9 +665,38 @@ class ModelConfig:
             except OSError:
                 pass
 
+    def check_download_source(self) -> None:
+        """Prints DiffSynth's download-source box (the behaviour in effect ticked: ModelScope,
+        ModelScope's .ai endpoint, Hugging Face, or no download), once per process and on the main
+        rank only, as DiffSynth does."""
+        global _download_tips_printed
+        source = self.parse_download_source().lower()
+        if os.environ.get("DIFFSYNTH_SKIP_DOWNLOAD", "").lower() == "true":
+            behavior = 3
+        elif source == "modelscope":
+            ai = "modelscope.ai" in os.environ.get("MODELSCOPE_ENDPOINT", "") or "modelscope.ai" in os.environ.get(
+                "MODELSCOPE_DOMAIN", ""
+            )
+            behavior = 1 if ai else 0
+        else:
+            behavior = 2
+        tips = DOWNLOADING_TIPS
+        for i in range(4):
+            tips = tips.replace(f"[{i}]", "[\u221a]" if i == behavior else "[ ]")
+        if _download_tips_printed:
+            return
+        import sys
+
+        dist = getattr(sys.modules.get("torch"), "distributed", None)
+        if dist is not None and dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+            return
+        print(tips)
+        _download_tips_printed = True
+
     def download_if_necessary(self) -> None:
         """Downloads when needed, then sets path: one file as a string, several as a list, the
-        model folder for an empty pattern."""
+        model folder for an empty pattern. Prints DiffSynth's download-source box first."""
+        self.check_download_source()
         self.check_input()
         self.reset_local_model_path()
         if self.require_downloading():

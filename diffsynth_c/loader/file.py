@@ -127,6 +127,8 @@ def load_state_dict(
         if variant is not None:
             file_path = _as_list(file_path, "load_state_dict", variant)
         return _load_in_group(file_path, torch_dtype, device, pin_memory, verbose, process_group, node_local, bucket_mib)
+    if isinstance(file_path, (list, tuple)) and not file_path:
+        return {}  # DiffSynth's merge of no files
     paths = _as_list(file_path, "load_state_dict", variant)
     displays = [os.fsdecode(p) for p in paths]
     single = not isinstance(file_path, (list, tuple)) and len(paths) == 1
@@ -354,9 +356,10 @@ def hash_state_dict_keys(state_dict: dict, with_shape: bool = True) -> str:
     return _core.md5_hex(_core.keys_string(entries, with_shape))
 
 
-def convert_keys_dict_to_single_str(keys_dict: dict, with_shape: bool = True) -> str:
-    """DiffSynth's canonical string of a keys dict ({name: shape list or nested dict})."""
-    entries = _entries(keys_dict.items(), with_shape, lambda v: not isinstance(v, dict), lambda v: tuple(v))
+def convert_keys_dict_to_single_str(state_dict: dict, with_shape: bool = True) -> str:
+    """DiffSynth's canonical string of a keys dict ({name: shape list or nested dict}; the parameter
+    has DiffSynth's name)."""
+    entries = _entries(state_dict.items(), with_shape, lambda v: not isinstance(v, dict), lambda v: tuple(v))
     return _core.keys_string(entries, with_shape).decode("utf-8")
 
 
@@ -419,7 +422,9 @@ def _refs_to_keys_dict(state_dict: Any, seen: dict[int, dict]) -> dict:
 
 def hash_model_file(path: PathLike | list[PathLike], with_shape: bool = True) -> str:
     """DiffSynth's model hash of a file or a list of files (merged). For safetensors files only
-    the headers are read."""
+    the headers are read. An empty list hashes the empty key string, as DiffSynth's does."""
+    if isinstance(path, (list, tuple)) and not path:
+        return _core.md5_hex(b"")
     paths = _as_list(path, "hash_model_file")
     if all(_is_safetensors(p) for p in paths):
         return _core.hash_files(paths, with_shape)

@@ -5,8 +5,8 @@ overwritten), the state dict comes from diffsynth_c (``load_state_dict`` or a ``
 assigned to the model (``assign=True``: the loaded tensors become the parameters, so a plain load
 holds one copy of the weights). Then ``.to(dtype, device)`` and ``.eval()``, as DiffSynth does,
 branch for branch. VRAM management (``module_map``/``vram_config``) wraps the model in diffsynth_c's
-layers (``vram/layers.py``); quantisation is handed to DiffSynth's own implementation, reading
-through diffsynth_c's ``DiskMap``, when DiffSynth is installed (without it, ``NotImplementedError``).
+layers (``vram/layers.py``); quantisation (``quantize=``, a config of DiffSynth's
+``diffsynth.core.quant``) runs DiffSynth's branches on our reads and layers.
 """
 
 from __future__ import annotations
@@ -24,6 +24,31 @@ def _zero3() -> bool:
     except ImportError:
         return False
     return bool(is_deepspeed_zero3_enabled())
+
+
+class _Bfloat16:
+    """load_model's default torch_dtype: torch.bfloat16, as DiffSynth's, without importing torch when
+    diffsynth_c is imported (``torch_dtype=None`` keeps the file's dtypes, as in DiffSynth)."""
+
+    def __repr__(self) -> str:
+        return "torch.bfloat16"
+
+
+BFLOAT16 = _Bfloat16()
+
+
+def _dtype(torch_dtype: Any) -> Any:
+    if torch_dtype is BFLOAT16:
+        import torch
+
+        return torch.bfloat16
+    return torch_dtype
+
+
+def get_init_context(torch_dtype: Any, device: Any) -> list:
+    """DiffSynth's init contexts of a model about to be loaded: DeepSpeed ZeRO-3's partitioning
+    when it is enabled, else ``skip_model_initialization()`` (parameters on the meta device)."""
+    return _init_contexts(_dtype(torch_dtype), device)
 
 
 def _init_contexts(torch_dtype: Any, device: Any) -> list:
@@ -63,7 +88,7 @@ def load_model(
     model_class: Any,
     path: Any,
     config: dict | None = None,
-    torch_dtype: Any = None,
+    torch_dtype: Any = BFLOAT16,
     device: Any = "cpu",
     state_dict_converter: Any = None,
     use_disk_map: bool = False,
@@ -78,27 +103,28 @@ def load_model(
     *,
     process_group: Any = None,
 ) -> Any:
-    """DiffSynth's ``load_model`` (same arguments; ``torch_dtype`` defaults to bfloat16). ``path``
+    """DiffSynth's ``load_model`` (same arguments; ``torch_dtype`` defaults to bfloat16, None keeps
+    the file's dtypes; ``quantize``: a QuantizeConfig of ``diffsynth.core.quant``). ``path``
     may also be a model folder, with ``subfolder`` as diffusers takes it; ``device_map`` ("cuda",
     "cpu", "auto", "balanced", a device or a dict) and ``max_memory`` place the model's blocks on
     several devices as diffusers does (see ``placement.py``), recorded in ``model.hf_device_map``.
     With a ``torch.distributed`` ``process_group`` each rank reads a share of the files and the
     ranks exchange the rest (``distributed.py``); DeepSpeed ZeRO-3 keeps DiffSynth's route."""
-    import torch
 
     if subfolder is not None:
         from .folder import resolve
 
         path = resolve(path, subfolder)
-    if torch_dtype is None:
-        torch_dtype = torch.bfloat16
+    torch_dtype = _dtype(torch_dtype)
     if device_map is not None:
         return _load_with_device_map(model_class, path, config or {}, torch_dtype, state_dict_converter,
                                      device_map, max_memory, module_map, quantize, state_dict)
-    if quantize is not None:
-        return _delegate(model_class, path, config, torch_dtype, device, state_dict_converter, use_disk_map,
-                         module_map, vram_config, vram_limit, state_dict, quantize)
     config = {} if config is None else config
+    if quantize is not None:
+        model = _load_quantized(model_class, path, config, torch_dtype, device, state_dict_converter, use_disk_map,
+                                module_map, vram_config, vram_limit, state_dict, quantize)
+        model.quantize_config = quantize  # LoRA hot-loading needs it to find the quantised layers
+        return model.eval() if hasattr(model, "eval") else model
     if module_map is not None:
         return _load_vram_managed(model_class, path, config, torch_dtype, device, state_dict_converter,
                                   module_map, vram_config, vram_limit, state_dict)
@@ -176,7 +202,9 @@ def _kept(model_class: Any, torch_dtype: Any) -> list:
     """The class's _keep_in_fp32_modules, when torch_dtype is not float32 already."""
     import torch
 
-    return list(getattr(model_class, "_keep_in_fp32_modules", None) or []) if torch_dtype != torch.float32 else []
+    if torch_dtype is None or torch_dtype == torch.float32:  # None: every tensor keeps the file's dtype
+        return []
+    return list(getattr(model_class, "_keep_in_fp32_modules", None) or [])
 
 
 def _build(model_class: Any, config: dict, torch_dtype: Any, device: Any) -> Any:
@@ -210,8 +238,8 @@ def _load_vram_managed(model_class: Any, path: Any, config: dict, torch_dtype: A
     if not on_disk:
         check_vram_config(vram_config)
     states = ("offload", "onload", "preparing", "computation")
-    load_device = [d for d in (vram_config.get(f"{s}_device") for s in states) if d not in (None, "disk")][0]
-    load_dtype = [d for d in (vram_config.get(f"{s}_dtype") for s in states) if d not in (None, "disk")][0]
+    load_device = next(d for d in (vram_config.get(f"{s}_device") for s in states) if d not in (None, "disk"))
+    load_dtype = next(d for d in (vram_config.get(f"{s}_dtype") for s in states) if d not in (None, "disk"))
     model = _build(model_class, config, torch_dtype, device)
     if not on_disk:
         if state_dict is None:
@@ -227,19 +255,96 @@ def _load_vram_managed(model_class: Any, path: Any, config: dict, torch_dtype: A
     return model
 
 
-def _delegate(*args: Any) -> Any:
-    """Quantised loads: DiffSynth's own code, with its module globals pointing at
-    diffsynth_c's DiskMap, load_state_dict and skip_model_initialization while it runs."""
-    try:
-        import diffsynth.core.loader.model as ds_model
-    except ImportError:
-        raise NotImplementedError(
-            "load_model with quantize needs DiffSynth's quantisation (diffsynth.core.quant): install diffsynth"
-        ) from None
-    from ..patch import original, patched_module
+def _load_quantized(model_class: Any, path: Any, config: dict, torch_dtype: Any, device: Any,
+                    state_dict_converter: Any, use_disk_map: bool, module_map: Any, vram_config: Any,
+                    vram_limit: Any, state_dict: Any, quantize: Any) -> Any:
+    """DiffSynth's quantised branches of load_model, branch for branch, on diffsynth_c's reads and
+    layers: the backend of ``quantize`` (a ``diffsynth.core.quant`` QuantizeConfig) quantises the
+    targeted Linears after the load, or shells them before a pre-quantised checkpoint is loaded
+    (its flat tensors rebuilt with the file's metadata); with ``module_map`` the quantised Linears
+    become AutoWrappedQuantizedModule layers, disk offload of pre-quantised checkpoints included."""
+    import torch
 
-    with patched_module(ds_model):
-        return original("diffsynth.core.loader.model", "load_model")(*args)
+    from ..vram.layers import enable_vram_management
+    from .file import load_metadata_from_safetensors
+
+    model = _build(model_class, config, torch_dtype, device)
+    if module_map is not None:
+        states = ("offload", "onload", "preparing", "computation")
+        if "disk" in vram_config.values():
+            if not quantize.load_prequantized:
+                raise ValueError("Disk offload with quantization is only supported for pre-quantized checkpoints (load_prequantized=True).")
+            load_device = next(vram_config[f"{s}_device"] for s in states if vram_config[f"{s}_device"] != "disk")
+            disk_map = DiskMap(path, load_device, torch_dtype=None, state_dict_converter=state_dict_converter)
+            metadata = load_metadata_from_safetensors(path)
+            model = quantize.prepare_for_prequantized_load(model, compute_dtype=vram_config["computation_dtype"])
+            return enable_vram_management(model, module_map, vram_config=vram_config, disk_map=disk_map,
+                                          vram_limit=vram_limit, quantize=quantize, metadata=metadata)
+        offload_device = vram_config["offload_device"]
+        computation_device, computation_dtype = vram_config["computation_device"], vram_config["computation_dtype"]
+        load_dtype = None if quantize.load_prequantized else computation_dtype
+        if state_dict is None:
+            state_dict = DiskMap(path, offload_device, torch_dtype=load_dtype)
+        state_dict = _state_dict_of(state_dict, state_dict_converter)
+        if quantize.load_prequantized:
+            model = quantize.prepare_for_prequantized_load(model, compute_dtype=computation_dtype)
+            state_dict = quantize.unflatten_state_dict(state_dict, load_metadata_from_safetensors(path))
+        _assign(model, state_dict, path)
+        del state_dict
+        model = quantize.quantize_model(model, compute_device=computation_device, model_device=offload_device)
+        model = quantize.dequantize_model(model, compute_dtype=computation_dtype, compute_device=computation_device,
+                                          model_device=offload_device)
+        model = model.to(dtype=computation_dtype, device=offload_device)
+        return enable_vram_management(model, module_map, vram_config=vram_config, disk_map=None,
+                                      vram_limit=vram_limit, quantize=quantize)
+    if quantize.load_prequantized:
+        load_device, load_dtype = device, None
+    else:
+        load_device, load_dtype = "cpu", torch_dtype
+    if state_dict is None:
+        state_dict = (DiskMap(path, load_device, torch_dtype=load_dtype) if use_disk_map
+                      else load_state_dict(path, load_dtype, load_device))
+    state_dict = _state_dict_of(state_dict, state_dict_converter)
+    if quantize.load_prequantized:
+        model = quantize.prepare_for_prequantized_load(model, compute_dtype=torch_dtype or torch.bfloat16)
+        state_dict = quantize.unflatten_state_dict(state_dict, load_metadata_from_safetensors(path))
+    _assign(model, state_dict, path)
+    del state_dict
+    model = quantize.quantize_model(model, compute_device=device, model_device=device)
+    model = quantize.dequantize_model(model, compute_dtype=torch_dtype or torch.bfloat16)
+    return model.to(dtype=torch_dtype, device=device)
+
+
+def load_model_with_disk_offload(model_class: Any, path: Any, config: dict | None = None, torch_dtype: Any = BFLOAT16,
+                                 device: Any = "cpu", state_dict_converter: Any = None, module_map: Any = None) -> Any:
+    """DiffSynth's ``load_model_with_disk_offload``: the model built on the meta device and wrapped
+    in diffsynth_c's layers with every weight left on disk (read ahead by the prefetch scheduler
+    when a layer is about to run), fp8 in the preparing state, computing in ``torch_dtype`` on
+    ``device``, ``vram_limit`` 80 GiB."""
+    import torch
+
+    from ..vram.layers import enable_vram_management
+
+    if isinstance(path, str):
+        path = [path]
+    config = {} if config is None else config
+    with skip_model_initialization():
+        model = model_class(**config)
+    if hasattr(model, "eval"):
+        model = model.eval()
+    disk_map = DiskMap(path, device, state_dict_converter=state_dict_converter)
+    vram_config = {
+        "offload_dtype": "disk",
+        "offload_device": "disk",
+        "onload_dtype": "disk",
+        "onload_device": "disk",
+        "preparing_dtype": torch.float8_e4m3fn,
+        "preparing_device": device,
+        "computation_dtype": _dtype(torch_dtype),
+        "computation_device": device,
+    }
+    enable_vram_management(model, module_map, vram_config=vram_config, disk_map=disk_map, vram_limit=80)
+    return model
 
 
 def detect_model(path: Any) -> list[dict]:

@@ -3,19 +3,21 @@ load will replace."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 
 @contextmanager
-def skip_model_initialization(device: Any = None) -> Iterator[None]:
+def skip_model_initialization(device: Any = "meta") -> Iterator[None]:
     """Inside the block, every parameter a module registers is moved to ``device`` (the meta device
     by default: no memory, no random initialisation) keeping its class, ``requires_grad`` and
-    attributes, as DiffSynth's context manager does. ``torch.nn.Module.register_parameter`` is
+    attributes, as DiffSynth's context manager does (``device=None``: ``tensor.to(None)``, the
+    parameters stay where they were made, on the CPU). ``torch.nn.Module.register_parameter`` is
     restored on exit, also when the body raises; blocks nest."""
     import torch
 
-    target = torch.device("meta") if device is None else device
+    target = device
     original = torch.nn.Module.register_parameter
 
     def register_on_device(module: Any, name: str, param: Any) -> None:

@@ -13,8 +13,10 @@ computation device when the layer runs (pageable memory, blocking copies, fp8 co
 so the bus carries bf16, a deep copy of the whole module for wrapped modules, ``mem_get_info``
 on every call). Here every layer of a model shares one ``Scheduler`` (``prefetch.py``): it learns
 the order the layers run in and fetches the next layers' weights while the current one computes,
-from pinned memory on a copy stream, casting on the GPU; wrapped modules run their own forward with
-the fetched tensors (``torch.func.functional_call``) instead of a deep copy; the free memory that
+from pinned memory on a copy stream, casting on the GPU; wrapped modules run their forward on a copy
+of their structure holding the fetched tensors (``torch.func.functional_call``), not a deep copy of
+the weights (what the forward sets on the module stays on the copy, as with DiffSynth's); under
+``torch.compile`` the layers trace DiffSynth's own casts, so graphs break no more often; the free memory that
 ``vram_limit`` is compared with is queried at most twice a second and counted in between.
 Normalisation layers of known types (``torch.nn.RMSNorm``, ``torch.nn.LayerNorm``, DiffSynth's
 ``RMSNorm``) run our CUDA norm kernels on a CUDA computation device (``DIFFSYNTH_C_NORM_KERNELS=0``
@@ -24,9 +26,10 @@ turns that off; their results match torch's within its own test tolerances, not 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 import time
-from typing import Any
+from typing import Any, Union  # noqa: F401  Union: DiffSynth's layers export it
 
 import torch
 
@@ -47,7 +50,8 @@ VRAM_CONFIG_KEYS = (
 _FP8_COMPUTE = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
 
 # DiffSynth's own base classes, registered by patch_diffsynth: with ours in DiffSynth's place,
-# DiffSynth's isinstance checks must still see its quantised layers (which stay DiffSynth's).
+# DiffSynth's isinstance checks must still see layers made from its classes held from before the
+# patch.
 _FOREIGN: dict[type, type] = {}
 
 
@@ -57,6 +61,16 @@ class _Interop(type):
             return True
         other = _FOREIGN.get(cls)
         return other is not None and isinstance(obj, other)
+
+
+IS_NPU_AVAILABLE = importlib.util.find_spec("torch_npu") is not None and torch.npu.is_available()
+
+
+def get_device_name() -> str:
+    """The current device, as DiffSynth names it: 'cuda:N' where CUDA is, else 'npu:N', else
+    'cpu:cpu' (torch.cpu.current_device())."""
+    kind = "cuda" if torch.cuda.is_available() else "npu" if IS_NPU_AVAILABLE else "cpu"
+    return f"{kind}:{getattr(torch, kind).current_device()}"
 
 
 def parse_device_type(device: Any) -> str | None:
@@ -117,7 +131,7 @@ class _MemoryGauge:
     def forget(self) -> None:
         self.used.clear()
 
-    def __deepcopy__(self, memo: dict) -> "_MemoryGauge":
+    def __deepcopy__(self, memo: dict) -> _MemoryGauge:
         return self
 
 
@@ -140,7 +154,12 @@ class AutoTorchModule(torch.nn.Module, metaclass=_Interop):
         computation_device: Any = None,
         vram_limit: float | None = None,
     ):
-        super().__init__()
+        if type.__instancecheck__(AutoTorchModule, self):
+            super().__init__()
+        else:
+            # DiffSynth's quantised layer calls ``AutoTorchModule.__init__(self, ...)`` by the name the
+            # patch rebound to this class: its own MRO continues at torch.nn.Module, as here
+            torch.nn.Module.__init__(self)
         self.set_dtype_and_device(
             offload_dtype, offload_device, onload_dtype, onload_device,
             preparing_dtype, preparing_device, computation_dtype, computation_device, vram_limit,
@@ -232,6 +251,7 @@ class AutoTorchModule(torch.nn.Module, metaclass=_Interop):
     def _need(self, on_disk: bool) -> Need:
         raise NotImplementedError
 
+    @torch._dynamo.disable
     def _fetch(self, need: Need) -> dict:
         """The computation tensors of need: through the model's scheduler (fetched ahead where
         it could), on demand without one."""
@@ -433,14 +453,36 @@ class AutoWrappedModule(_ManagedLayer):
         first from onload when vram_limit allows, as DiffSynth's does."""
         if self.state == 1 and (self.vram_limit is None or self.check_free_vram()):
             self.preparing()
-        need = self.current_need()
-        tensors = None if need is None else self._fetch(need)
+        if torch.compiler.is_compiling():  # traced as DiffSynth's forward is: no more graph breaks than its
+            return self.computation()(*args, **kwargs)
+        tensors = self._computation_tensors()
         fast = _norm_by_kernel(self.module, tensors, args, kwargs, self.computation_device)
         if fast is not None:
             return fast
         if tensors is None:
             return self.module(*args, **kwargs)
-        return torch.func.functional_call(self.module, tensors, args, kwargs, strict=False)
+        return torch.func.functional_call(self._computation_copy(tensors), tensors, args, kwargs, strict=False)
+
+    @torch._dynamo.disable
+    def _computation_tensors(self) -> dict | None:
+        """The computation's tensors (None: the stored ones are it). Not traced by torch.compile, as
+        DiffSynth's fetches are not."""
+        need = self.current_need()
+        return None if need is None else self._fetch(need)
+
+    @torch._dynamo.disable
+    def _computation_copy(self, tensors: dict) -> torch.nn.Module:
+        """A deep copy of the module, as DiffSynth's computation copy, except that the tensors about to
+        be replaced by the fetched ones are shared instead of copied (and wrapped children are shared,
+        as DiffSynth shares them): what the module's forward sets on itself stays on the copy."""
+        memo: dict = {}
+        for n, t, _ in _own_tensors(self.module, self._recurse_wrapped):
+            if n in tensors:
+                memo[id(t)] = t
+        for m in self.module.modules():
+            if m is not self.module and isinstance(m, AutoTorchModule):
+                memo[id(m)] = m
+        return copy.deepcopy(self.module, memo)
 
     def __getattr__(self, name: str) -> Any:
         if name in self.__dict__ or name == "module":
@@ -499,7 +541,6 @@ class AutoWrappedNonRecurseModule(AutoWrappedModule):
         """Does nothing, as DiffSynth's version in effect does (see below)."""
         # DiffSynth's version calls .to("meta") on each own parameter and drops the result: the
         # weights stay where they are. Kept so the states match.
-        pass
 
     def cast_to(self, module: Any, dtype: Any, device: Any) -> Any:
         """A copy of module in dtype on device; its wrapped children are shared, not copied or moved."""
@@ -593,11 +634,18 @@ class AutoWrappedLinear(torch.nn.Linear, _ManagedLayer, LoRAHotLoadMixin):
         return Need(names, sources, keys, [self.computation_dtype] * len(names), self.computation_device, self.__dict__.get("disk_map"))
 
     def computation(self) -> tuple[Any, Any]:
-        """The weight and bias in the computation dtype on the computation device."""
-        need = self.current_need()
-        if need is None:
+        """The weight and bias in the computation dtype on the computation device. Inside a graph
+        torch.compile traces, DiffSynth's own casts (traced, no prefetch; a disk read is not traced)."""
+        dtype, device = self._stored()
+        if dtype == self.computation_dtype and device == self.computation_device:
             return self.weight, self.bias
-        tensors = self._fetch(need)
+        on_disk = self.disk_offload and device == "disk"
+        if torch.compiler.is_compiling():
+            if on_disk:
+                return self.load_from_disk(self.computation_dtype, self.computation_device, assign=False)
+            bias = None if self.bias is None else self.cast_to(self.bias, self.computation_dtype, self.computation_device)
+            return self.cast_to(self.weight, self.computation_dtype, self.computation_device), bias
+        tensors = self._fetch(self._need(on_disk))
         return tensors["weight"], tensors.get("bias")
 
     def linear_forward(self, x: Any, weight: Any, bias: Any) -> Any:
@@ -616,6 +664,184 @@ class AutoWrappedLinear(torch.nn.Linear, _ManagedLayer, LoRAHotLoadMixin):
         if len(self.lora_A_weights) > 0:
             out = self.lora_forward(x, out)
         return out
+
+
+def _plain_tensors(module: torch.nn.Module) -> bool:
+    """Whether every tensor of module is a plain tensor held as a parameter or buffer: then its
+    computation copy can be made from fetched tensors. Tensor subclasses (a backend's packed weights
+    with their quant state) and tensors kept as plain attributes are copied as DiffSynth copies them."""
+    for m in module.modules():
+        for t in list(m._parameters.values()) + list(m._buffers.values()):
+            if t is not None and type(t) not in (torch.Tensor, torch.nn.Parameter):
+                return False
+        if any(isinstance(v, torch.Tensor) for v in vars(m).values()):
+            return False
+    return True
+
+
+class AutoWrappedQuantizedModule(torch.nn.Linear, AutoTorchModule, LoRAHotLoadMixin):
+    """DiffSynth's AutoWrappedQuantizedModule: a backend's quantised Linear (``diffsynth.core.quant``)
+    managed as one layer; it moves between devices but is never re-typed, LoRA hot-load included.
+
+    Same states, attributes and results as DiffSynth's. The computation copy comes through the
+    model's prefetch scheduler: a layer on disk has its checkpoint tensors read ahead (then rebuilt
+    with the backend's ``unflatten_state_dict`` into a shell, as DiffSynth rebuilds them), a resident
+    layer whose tensors are plain has them copied ahead to the computation device."""
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        offload_dtype: Any = None,
+        offload_device: Any = None,
+        onload_dtype: Any = None,
+        onload_device: Any = None,
+        preparing_dtype: Any = None,
+        preparing_device: Any = None,
+        computation_dtype: Any = None,
+        computation_device: Any = None,
+        vram_limit: float | None = None,
+        name: str = "",
+        disk_map: Any = None,
+        quantize: Any = None,
+        metadata: dict | None = None,
+        **kwargs: Any,
+    ):
+        disk_offload = any(_is_disk(v) for v in (offload_dtype, offload_device, onload_dtype, onload_device))
+        if disk_offload and (disk_map is None or quantize is None):
+            raise ValueError(
+                "Disk offload for quantized layers requires both `disk_map` and `quantize`, "
+                "so each layer can rebuild its packed weight and quant state lazily."
+            )
+        AutoTorchModule.__init__(
+            self, offload_dtype, offload_device, onload_dtype, onload_device,
+            preparing_dtype, preparing_device, computation_dtype, computation_device, vram_limit,
+        )
+        self.in_features = module.in_features
+        self.out_features = module.out_features
+        self.module = module
+        self.name = name
+        self.disk_offload = disk_offload
+        self.disk_map = disk_map
+        self.quantize = quantize
+        self.metadata = metadata
+        self._required_keys = None
+        self.init_lora_hotload()
+
+    def _disk_required_keys(self) -> list:
+        if self._required_keys is None:
+            self._required_keys = [key for key in self.disk_map if key.startswith(self.name + ".")]
+        return self._required_keys
+
+    def _rebuild(self, subdict: dict, device: Any, target: Any = None) -> torch.nn.Module:
+        """target (the module by default) holding the layer's tensors of subdict, rebuilt by the
+        backend from the checkpoint's flat tensors and metadata, on device."""
+        module = self.module if target is None else target
+        prefix = self.name + "."
+        rebuilt = self.quantize.unflatten_state_dict(subdict, self.metadata or {})
+        module.load_state_dict({key[len(prefix):]: value for key, value in rebuilt.items()}, assign=True)
+        module.to(device=device)
+        return module
+
+    @torch._dynamo.disable
+    def _load_from_disk(self, device: Any, target: Any = None) -> torch.nn.Module:
+        return self._rebuild({key: self.disk_map[key] for key in self._disk_required_keys()}, device, target)
+
+    def _module_device(self) -> Any:
+        tensor = next(self.module.parameters(), None)
+        if tensor is None:
+            tensor = next(self.module.buffers(), None)
+        return tensor.device
+
+    def offload(self) -> None:
+        """To the offload state: on disk, the layer becomes an empty shell of the backend."""
+        if self.state != 0:
+            if self.disk_offload:
+                self.module = self.quantize.build_quantized_shell(self.module, self.computation_dtype, layer_name=self.name)
+            else:
+                self.module.to(device=self.offload_device)
+            self.state = 0
+            self._state_changed()
+
+    def onload(self) -> None:
+        """To the onload state (read from disk when only the offload state is on disk)."""
+        if self.state < 1:
+            if self.disk_offload and self.onload_device != "disk" and self.offload_device == "disk":
+                self._load_from_disk(self.onload_device)
+            elif self.onload_device != "disk":
+                self.module.to(device=self.onload_device)
+            self.state = 1
+            self._state_changed()
+
+    @torch._dynamo.disable
+    def preparing(self) -> None:
+        """onload -> preparing: the layer moves to the preparing device and stays there."""
+        if self.state != 2:
+            if self.disk_offload and self.preparing_device != "disk" and self.onload_device == "disk":
+                self._load_from_disk(self.preparing_device)
+            elif self.preparing_device != "disk":
+                self.module.to(device=self.preparing_device)
+            self.state = 2
+            self._state_changed(moved_by_pipeline=False)
+            self._note_prepared(_tensor for _, _tensor, _ in _own_tensors(self.module, True))
+
+    def _stored_device(self) -> Any:
+        return self.preparing_device if self.state == 2 else self.onload_device
+
+    def current_need(self) -> Need | None:
+        """What the computation copy needs fetched: the layer's checkpoint tensors in their stored
+        dtype (on disk), or its plain tensors (resident elsewhere); None when there is nothing to
+        fetch ahead."""
+        device = self._stored_device()
+        if device == self.computation_device:
+            return None
+        if self.disk_offload and device == "disk":
+            keys = list(self._disk_required_keys())
+            return Need(keys, [None] * len(keys), keys, [None] * len(keys), self.computation_device, self.disk_map)
+        if not _plain_tensors(self.module):
+            return None
+        own = _own_tensors(self.module, True)
+        return Need([n for n, _, _ in own], [t for _, t, _ in own], [None] * len(own), [None] * len(own),
+                    self.computation_device, None)
+
+    @torch._dynamo.disable
+    def computation_module(self) -> torch.nn.Module:
+        """The layer on the computation device: itself when it is stored there, else a copy (a shell
+        rebuilt from the disk reads, or a copy holding the fetched tensors)."""
+        device = self._stored_device()
+        if device == self.computation_device:
+            return self.module
+        need = self.current_need()
+        if self.disk_offload and device == "disk":
+            transient = self.quantize.build_quantized_shell(self.module, self.computation_dtype, layer_name=self.name)
+            return self._rebuild(self._fetch(need), self.computation_device, target=transient)
+        if need is None:
+            return copy.deepcopy(self.module).to(device=self.computation_device)
+        tensors = self._fetch(need)
+        memo = {id(t): t for _, t, _ in _own_tensors(self.module, True)}
+        result = copy.deepcopy(self.module, memo)
+        for name, t, is_param in _own_tensors(result, True):
+            owner, _, leaf = name.rpartition(".")
+            sub = result.get_submodule(owner) if owner else result
+            if is_param:
+                sub._parameters[leaf] = torch.nn.Parameter(tensors[name], requires_grad=t.requires_grad)
+            else:
+                sub._buffers[leaf] = tensors[name]
+        return result
+
+    def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        """The backend's quantised forward on the computation device, plus the hot-loaded LoRAs."""
+        if self.state == 1 and (self.vram_limit is None or self.check_free_vram()):
+            self.preparing()
+        module = self.computation_module()
+        out = module(x, *args, **kwargs)
+        if len(self.lora_A_weights) > 0:
+            out = self.lora_forward(x, out)
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self.__dict__ or name == "module":
+            return super().__getattr__(name)
+        return getattr(self.module, name)
 
 
 # --- norms on our kernels ----------------------------------------------------------------------
@@ -638,8 +864,8 @@ def _norm_by_kernel(module: torch.nn.Module, tensors: dict | None, args: tuple, 
         return None
     if os.environ.get("DIFFSYNTH_C_NORM_KERNELS", "1") == "0":
         return None
-    from ..kernels import NORM_DTYPES, cuda_available, layer_norm, rms_norm
     from ..dlpack import safetensors_name_of
+    from ..kernels import NORM_DTYPES, cuda_available, layer_norm, rms_norm
 
     x = args[0]
     if not (isinstance(x, torch.Tensor) and x.is_cuda and x.is_contiguous() and x.dim() > 0):
@@ -735,25 +961,32 @@ def enable_vram_management_recursively(
     vram_limit: float | None = None,
     name_prefix: str = "",
     disk_map: Any = None,
+    quantize: Any = None,
     **kwargs: Any,
 ) -> None:
     """Replaces every child whose class is in module_map by its wrapper, depth first; wrapped
-    non-recursive modules have their own children wrapped too."""
+    non-recursive modules have their own children wrapped too. With ``quantize`` (a DiffSynth
+    QuantizeConfig), the backend's quantised Linears become AutoWrappedQuantizedModule first."""
     if isinstance(model, AutoWrappedNonRecurseModule):
         model = model.module
     for name, module in model.named_children():
         layer_name = name if name_prefix == "" else name_prefix + "." + name
+        if quantize is not None and quantize.is_quantized_linear(module):
+            wrapped = AutoWrappedQuantizedModule(module, **vram_config, vram_limit=vram_limit, name=layer_name,
+                                                 disk_map=disk_map, quantize=quantize, **kwargs)
+            setattr(model, name, wrapped)
+            continue
         for source_module, target_module in module_map.items():
             if isinstance(module, source_module):
                 wrapped = target_module(module, **vram_config, vram_limit=vram_limit, name=layer_name, disk_map=disk_map, **kwargs)
                 if isinstance(wrapped, AutoWrappedNonRecurseModule):
                     enable_vram_management_recursively(wrapped, module_map, vram_config, vram_limit=vram_limit,
-                                                       name_prefix=layer_name, disk_map=disk_map, **kwargs)
+                                                       name_prefix=layer_name, disk_map=disk_map, quantize=quantize, **kwargs)
                 setattr(model, name, wrapped)
                 break
         else:
             enable_vram_management_recursively(module, module_map, vram_config, vram_limit=vram_limit,
-                                               name_prefix=layer_name, disk_map=disk_map, **kwargs)
+                                               name_prefix=layer_name, disk_map=disk_map, quantize=quantize, **kwargs)
 
 
 def fill_vram_config(model: torch.nn.Module, vram_config: dict) -> dict:
@@ -795,12 +1028,9 @@ def enable_vram_management(
     """DiffSynth's enable_vram_management: wraps the modules of model named in module_map (or the
     whole model, when its own class is there), sets ``vram_management_enabled``, and gives every
     wrapped layer of the model one prefetch scheduler. The configuration is checked first (see
-    ``check_vram_config``). Quantised models go to DiffSynth's own implementation."""
-    if quantize is not None:
-        from ..patch import original
-
-        return original("diffsynth.core.vram.layers", "enable_vram_management")(
-            model, module_map, vram_config, vram_limit=vram_limit, disk_map=disk_map, quantize=quantize, **kwargs)
+    ``check_vram_config``). With ``quantize``, the quantised Linears of its backend become
+    AutoWrappedQuantizedModule layers (``metadata``, in kwargs: the checkpoint's, for rebuilding
+    pre-quantised layers read from disk)."""
     _check_module_map(module_map)
     check_vram_config(vram_config, disk_map)
     for source_module, target_module in module_map.items():
@@ -809,7 +1039,8 @@ def enable_vram_management(
             model = target_module(model, **vram_config, vram_limit=vram_limit, disk_map=disk_map, **kwargs)
             break
     else:
-        enable_vram_management_recursively(model, module_map, vram_config, vram_limit=vram_limit, disk_map=disk_map, **kwargs)
+        enable_vram_management_recursively(model, module_map, vram_config, vram_limit=vram_limit, disk_map=disk_map,
+                                           quantize=quantize, **kwargs)
         if disk_map is not None:
             _materialize_root_params_from_disk(model, disk_map)
     attach_scheduler(model)
@@ -841,14 +1072,17 @@ def scheduler_of(model: torch.nn.Module) -> Scheduler | None:
 
 __all__ = [
     "AutoTorchModule",
+    "AutoWrappedLinear",
     "AutoWrappedModule",
     "AutoWrappedNonRecurseModule",
-    "AutoWrappedLinear",
+    "AutoWrappedQuantizedModule",
+    "DiskMap",
     "LoRAHotLoadMixin",
+    "check_vram_config",
     "enable_vram_management",
     "enable_vram_management_recursively",
     "fill_vram_config",
-    "check_vram_config",
+    "get_device_name",
+    "parse_device_type",
     "scheduler_of",
-    "DiskMap",
 ]
