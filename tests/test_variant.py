@@ -86,3 +86,21 @@ def test_a_variant_through_a_subfolder_and_a_file_path(tmp_path):
     assert [os.path.basename(f) for f in files] == ["diffusion_pytorch_model.fp16.safetensors"]
     ours = diffsynth_c.load_state_dict(files[0], variant="fp16")  # a file path is taken as it is
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+@pytest.mark.parametrize("shard", [None, "8KB"], ids=["single", "sharded"])
+def test_load_model_takes_a_variant_as_diffusers_does(tmp_path, shard):
+    root = tmp_path / "repo"
+    kw = {"max_shard_size": shard} if shard else {}
+    model(0).save_pretrained(root / "transformer", **kw)
+    model(1, torch.float16).save_pretrained(root / "transformer", variant="fp16", **kw)
+    for variant, dtype in (("fp16", torch.float16), (None, torch.float32)):
+        theirs = Tiny.from_pretrained(root, subfolder="transformer", variant=variant, torch_dtype=dtype).state_dict()
+        ours = diffsynth_c.load_model(Tiny, str(root), torch_dtype=dtype, subfolder="transformer", variant=variant)
+        got = ours.state_dict()
+        assert sorted(got) == sorted(theirs)
+        for k in theirs:
+            assert got[k].dtype == theirs[k].dtype and torch.equal(got[k], theirs[k]), (variant, k)
+        # a folder given directly, without subfolder, takes the variant too
+        direct = diffsynth_c.load_model(Tiny, str(root / "transformer"), torch_dtype=dtype, variant=variant).state_dict()
+        assert all(torch.equal(direct[k], theirs[k]) for k in theirs)

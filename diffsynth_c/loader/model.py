@@ -101,20 +101,21 @@ def load_model(
     device_map: Any = None,
     max_memory: dict | None = None,
     *,
+    variant: str | None = None,
     process_group: Any = None,
 ) -> Any:
     """DiffSynth's ``load_model`` (same arguments; ``torch_dtype`` defaults to bfloat16, None keeps
     the file's dtypes; ``quantize``: a QuantizeConfig of ``diffsynth.core.quant``). ``path``
-    may also be a model folder, with ``subfolder`` as diffusers takes it; ``device_map`` ("cuda",
+    may also be a model folder, with ``subfolder`` and ``variant`` as diffusers takes them; ``device_map`` ("cuda",
     "cpu", "auto", "balanced", a device or a dict) and ``max_memory`` place the model's blocks on
     several devices as diffusers does (see ``placement.py``), recorded in ``model.hf_device_map``.
     With a ``torch.distributed`` ``process_group`` each rank reads a share of the files and the
     ranks exchange the rest (``distributed.py``); DeepSpeed ZeRO-3 keeps DiffSynth's route."""
 
-    if subfolder is not None:
+    if subfolder is not None or variant is not None:
         from .folder import resolve
 
-        path = resolve(path, subfolder)
+        path = [f for p in (path if isinstance(path, (list, tuple)) else [path]) for f in resolve(p, subfolder, variant)]
     torch_dtype = _dtype(torch_dtype)
     if device_map is not None:
         return _load_with_device_map(model_class, path, config or {}, torch_dtype, state_dict_converter,
