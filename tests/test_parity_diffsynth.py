@@ -37,11 +37,6 @@ MODULES = {
     "diffsynth.core.vram.disk_map": "diffsynth_c.vram.disk_map",
 }
 MIRROR = {**PACKAGES, **MODULES}
-# names another part of issue 18 brings (the safe_open-compatible reader and its routes)
-ELSEWHERE = {
-    ("diffsynth.core.vram.disk_map", "SafetensorsCompatibleTensor"),
-    ("diffsynth.core.vram.disk_map", "SafetensorsCompatibleBinaryLoader"),
-}
 
 
 def _walked() -> list[tuple[str, str]]:
@@ -101,8 +96,6 @@ def _check_signature(theirs, ours, what: str) -> None:
 
 @pytest.mark.parametrize("ds_module,name", WALKED, ids=[f"{m}.{n}" for m, n in WALKED])
 def test_name_is_mirrored_with_a_compatible_signature(ds_module, name):
-    if (ds_module, name) in ELSEWHERE:
-        pytest.skip("brought by the safe_open part of issue 18")
     theirs = getattr(importlib.import_module(ds_module), name)
     ours_module = importlib.import_module(MIRROR[ds_module])
     assert hasattr(ours_module, name), f"{MIRROR[ds_module]} has no {name} ({ds_module} has)"
@@ -663,3 +656,27 @@ def test_parameters_with_attributes_survive_skip_model_initialization():
         build(original("diffsynth.core.vram.initialization", "skip_model_initialization"))
     m = build(diffsynth_c.skip_model_initialization)
     assert m.p.is_meta and m.p.tag == "kept" and m.p.requires_grad
+
+
+def test_safetensors_compatible_binary_loader_gives_diffsynths_answers(tmp_path, capsys):
+    from diffsynth.core.vram import disk_map as theirs_module
+
+    from diffsynth_c.vram import disk_map as ours_module
+
+    path = tmp_path / "m.bin"
+    g = torch.Generator().manual_seed(0)
+    torch.save({"a": torch.randn(3, 4, generator=g), "b": torch.arange(6).to(torch.bfloat16).view(2, 3)}, path)
+    theirs = theirs_module.SafetensorsCompatibleBinaryLoader(str(path), device="cpu")
+    printed_theirs = capsys.readouterr().out
+    ours = ours_module.SafetensorsCompatibleBinaryLoader(str(path), device="cpu")
+    assert capsys.readouterr().out == printed_theirs
+    assert list(ours.keys()) == list(theirs.keys())
+    for k in list(theirs.keys()):
+        a, b = ours.get_tensor(k), theirs.get_tensor(k)
+        assert a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+        assert ours.get_slice(k).get_shape() == theirs.get_slice(k).get_shape()
+        assert isinstance(ours.get_slice(k), ours_module.SafetensorsCompatibleTensor)
+    with pytest.raises(KeyError):
+        theirs.get_tensor("missing")
+    with pytest.raises(KeyError):
+        ours.get_tensor("missing")

@@ -19,8 +19,8 @@ from .. import _core
 from ..dlpack import to_torch
 from ..loader.folder import expand
 from ..loader.safetensors_file import SafetensorsFile
-from ..loader.settings import mode
-from ..loader.torchfile import _map, read_tree, tensor_of
+from ..loader.settings import mode, threads
+from ..loader.torchfile import _map, load_tree, read_tree, tensor_of
 
 _PREFETCH_THREADS = 4
 
@@ -99,6 +99,50 @@ class _TorchFile:
         if isinstance(ref, _core.TensorRef):
             return self._tensor(ref, name)
         return _map(ref, _core.TensorRef, lambda r: self._tensor(r, name))
+
+
+class SafetensorsCompatibleTensor:
+    """DiffSynth's wrapper giving a loaded tensor the one method of safetensors' slice that its
+    loaders call (``get_shape``)."""
+
+    def __init__(self, tensor: Any):
+        self.tensor = tensor
+
+    def get_shape(self) -> list[int]:
+        """The tensor's shape as a list, as safetensors' slice gives it."""
+        return list(self.tensor.shape)
+
+
+class SafetensorsCompatibleBinaryLoader:
+    """DiffSynth's safe_open-like view of a whole ``torch.save`` checkpoint: the file is read once
+    by our C reader (what ``torch.load(weights_only=True, map_location=device)`` gives; files the
+    reader does not take go to ``torch.load`` itself), with DiffSynth's message printed first."""
+
+    def __init__(self, path: Any, device: Any):
+        print(
+            "Detected non-safetensors files, which may cause slower loading. "
+            "It's recommended to convert it to a safetensors file."
+        )
+        import torch
+
+        value = load_tree(path, threads(), mode())
+        if value is None:
+            value = torch.load(path, weights_only=True, map_location=device)
+        elif torch.device(device) != torch.device("cpu"):
+            value = _map(value, torch.Tensor, lambda t: t.to(device))
+        self.state_dict = value
+
+    def keys(self) -> Iterable[Any]:
+        """The checkpoint's top-level keys, in the file's order."""
+        return self.state_dict.keys()
+
+    def get_tensor(self, name: Any) -> Any:
+        """The value saved under name (KeyError when there is none)."""
+        return self.state_dict[name]
+
+    def get_slice(self, name: Any) -> SafetensorsCompatibleTensor:
+        """The value under name, wrapped for ``get_shape()``."""
+        return SafetensorsCompatibleTensor(self.state_dict[name])
 
 
 def _same_file(f: Any, path: Any) -> bool:
