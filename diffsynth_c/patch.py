@@ -46,7 +46,10 @@ _TABLE = {
         for name in ("load_model", "load_model_with_disk_offload", "get_init_context")
     },
     ("diffsynth.core.loader.config", "ModelConfig"): ("diffsynth_c.loader.config", "ModelConfig"),
-    ("diffsynth.core.vram.disk_map", "DiskMap"): ("diffsynth_c.vram.disk_map", "DiskMap"),
+    **{
+        ("diffsynth.core.vram.disk_map", name): ("diffsynth_c.vram.disk_map", name)
+        for name in ("DiskMap", "SafetensorsCompatibleBinaryLoader", "SafetensorsCompatibleTensor")
+    },
     ("diffsynth.core.vram.initialization", "skip_model_initialization"): ("diffsynth_c.vram.initialization", "skip_model_initialization"),
     **{
         ("diffsynth.core.vram.layers", name): ("diffsynth_c.vram.layers", name)
