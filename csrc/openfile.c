@@ -23,6 +23,7 @@
 #include <string.h>
 
 #include "convert.h"
+#include "plan.h"
 #include "readinto.h"
 
 #define POPULATE_TASK ((size_t)8 << 20)
@@ -121,7 +122,7 @@ static PyObject *OpenFile_read_header(OpenFileObject *self, PyObject *unused) {
     err.input = -1;
     if (begin_read(self) < 0)
         return NULL;
-    Py_BEGIN_ALLOW_THREADS rc = bind_parse_header(&self->f, &h, &err);
+    Py_BEGIN_ALLOW_THREADS rc = plan_parse_header(&self->f, &h, &err);
     Py_END_ALLOW_THREADS end_read(self);
     if (rc)
         return bind_raise(PyType_GetModule(Py_TYPE(self)), &err, self->display);
