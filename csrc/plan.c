@@ -12,6 +12,7 @@
 
 #include "convert.h"
 #include "keyhash.h"
+#include "lastwins.h"
 #include "lease.h"
 
 /* Opens path and parses its safetensors header into h (file left open in f).
@@ -96,6 +97,11 @@ static int merged_cmp(const void *x, const void *y) {
     return a->file < b->file ? -1 : a->file > b->file;
 }
 
+static int merged_same(const void *x, const void *y) {
+    const merged_entry *a = x, *b = y;
+    return a->t->name_len == b->t->name_len && memcmp(a->t->name, b->t->name, a->t->name_len) == 0;
+}
+
 /* The hash of the union of several headers (a later file's entry replaces an
  * earlier one of the same name, as dict.update does). Runs without the GIL. */
 int plan_hash_headers(st_header *hs, size_t n_files, int with_shape, char hex[33], ds_error *err) {
@@ -116,20 +122,14 @@ int plan_hash_headers(st_header *hs, size_t n_files, int with_shape, char hex[33
             all[k].file = i;
             k++;
         }
-    if (n_files > 1 && total > 1)
-        qsort(all, total, sizeof *all, merged_cmp);
-    size_t n = 0;
-    for (size_t i = 0; i < total; i++) {
-        if (i + 1 < total && all[i].t->name_len == all[i + 1].t->name_len &&
-            memcmp(all[i].t->name, all[i + 1].t->name, all[i].t->name_len) == 0)
-            continue;
-        entries[n].key = all[i].t->name;
-        entries[n].key_len = all[i].t->name_len;
-        entries[n].ndim = all[i].t->ndim;
-        entries[n].shape = all[i].t->shape;
-        entries[n].nested = NULL;
-        entries[n].nested_len = 0;
-        n++;
+    size_t n = lw_sort_keep_last(all, total, sizeof *all, merged_cmp, merged_same);
+    for (size_t i = 0; i < n; i++) {
+        entries[i].key = all[i].t->name;
+        entries[i].key_len = all[i].t->name_len;
+        entries[i].ndim = all[i].t->ndim;
+        entries[i].shape = all[i].t->shape;
+        entries[i].nested = NULL;
+        entries[i].nested_len = 0;
     }
     char *s;
     size_t len;
