@@ -37,8 +37,7 @@ static PyObject *convert(PyObject *module, PyObject *args, PyObject *kwargs) {
     size_t in_size = st_dtype_bits(src) / 8, out_size = st_dtype_bits(dst) / 8;
     if ((size_t)view.len % in_size) {
         PyBuffer_Release(&view);
-        PyErr_Format(PyExc_ValueError, "%zd bytes is not a whole number of %s elements", view.len,
-                     st_dtype_name(src));
+        PyErr_Format(PyExc_ValueError, "%zd bytes is not a whole number of %s elements", view.len, st_dtype_name(src));
         return NULL;
     }
     size_t n = (size_t)view.len / in_size;
@@ -46,9 +45,13 @@ static PyObject *convert(PyObject *module, PyObject *args, PyObject *kwargs) {
     if (out) {
         char *o = PyBytes_AS_STRING(out);
         int by_rules = rules != Py_None;
-        Py_BEGIN_ALLOW_THREADS if (by_rules) cv_run_rules(src, dst, view.buf, o, n, nan, saturate);
-        else if (portable) cv_run_with(src, dst, view.buf, o, n, 0);
-        else cv_run(src, dst, view.buf, o, n);
+        Py_BEGIN_ALLOW_THREADS
+        if (by_rules)
+            cv_run_rules(src, dst, view.buf, o, n, nan, saturate);
+        else if (portable)
+            cv_run_with(src, dst, view.buf, o, n, 0);
+        else
+            cv_run(src, dst, view.buf, o, n);
         Py_END_ALLOW_THREADS
     }
     PyBuffer_Release(&view);
@@ -114,7 +117,8 @@ static PyObject *convert_into(PyObject *module, PyObject *args, PyObject *kwargs
         ds_error err;
         memset(&err, 0, sizeof err);
         size_t n_tasks = (job.n + PLAN_CONVERT_CHUNK - 1) / PLAN_CONVERT_CHUNK;
-        Py_BEGIN_ALLOW_THREADS io_run(n_tasks, threads < 1 ? 1 : threads, convert_task, &job, NULL, NULL, &err);
+        Py_BEGIN_ALLOW_THREADS
+        io_run(n_tasks, threads < 1 ? 1 : threads, convert_task, &job, NULL, NULL, &err);
         Py_END_ALLOW_THREADS
         result = Py_None;
         Py_INCREF(result);

@@ -40,8 +40,10 @@ static PyObject *cuda_device_count(PyObject *module, PyObject *unused) {
         return NULL;
     char why[512] = "";
     int n;
-    Py_BEGIN_ALLOW_THREADS n = api->device_count(why, sizeof why);
-    Py_END_ALLOW_THREADS return Py_BuildValue("(is)", n, why);
+    Py_BEGIN_ALLOW_THREADS
+    n = api->device_count(why, sizeof why);
+    Py_END_ALLOW_THREADS
+    return Py_BuildValue("(is)", n, why);
 }
 
 static int dsk_from_name(PyObject *name, int *out) {
@@ -146,15 +148,19 @@ static PyObject *cuda_cast(PyObject *module, PyObject *args, PyObject *kwargs) {
     char msg[512];
     int rc;
     dsk_rules rules = {nan, saturate};
-    Py_BEGIN_ALLOW_THREADS rc = api->cast(a.device, a.data, (dsk_dtype)s, b.data, (dsk_dtype)d, (size_t)a.numel, rules,
-                                          stream, msg, sizeof msg);
-    Py_END_ALLOW_THREADS if (rc) return raise_cuda(msg);
+    Py_BEGIN_ALLOW_THREADS
+    rc = api->cast(a.device, a.data, (dsk_dtype)s, b.data, (dsk_dtype)d, (size_t)a.numel, rules, stream, msg,
+                   sizeof msg);
+    Py_END_ALLOW_THREADS
+    if (rc)
+        return raise_cuda(msg);
     Py_RETURN_NONE;
 }
 
-PyDoc_STRVAR(cuda_norm_doc, "cuda_norm(layer, x, y, weight, bias, dtype, weight_dtype, eps, stream)\n\n"
-                            "RMS norm (layer=False) or layer norm over the last dimension of x into y (DLPack capsules;\n"
-                            "weight and bias may be None).");
+PyDoc_STRVAR(cuda_norm_doc,
+             "cuda_norm(layer, x, y, weight, bias, dtype, weight_dtype, eps, stream)\n\n"
+             "RMS norm (layer=False) or layer norm over the last dimension of x into y (DLPack capsules;\n"
+             "weight and bias may be None).");
 
 static PyObject *cuda_norm(PyObject *module, PyObject *args) {
     (void)module;
@@ -184,13 +190,17 @@ static PyObject *cuda_norm(PyObject *module, PyObject *args) {
     uint64_t rows = cols ? xv.numel / cols : 0;
     char msg[512];
     int rc;
-    Py_BEGIN_ALLOW_THREADS if (layer) rc =
-        api->layer_norm(xv.device, xv.data, yv.data, (dsk_dtype)t, w != Py_None ? wv.data : NULL,
-                        b != Py_None ? bv.data : NULL, (dsk_dtype)wt, (size_t)rows, (size_t)cols, (float)eps, stream,
-                        msg, sizeof msg);
-    else rc = api->rms_norm(xv.device, xv.data, yv.data, (dsk_dtype)t, w != Py_None ? wv.data : NULL, (dsk_dtype)wt,
-                            (size_t)rows, (size_t)cols, (float)eps, stream, msg, sizeof msg);
-    Py_END_ALLOW_THREADS if (rc) return raise_cuda(msg);
+    Py_BEGIN_ALLOW_THREADS
+    if (layer)
+        rc = api->layer_norm(xv.device, xv.data, yv.data, (dsk_dtype)t, w != Py_None ? wv.data : NULL,
+                             b != Py_None ? bv.data : NULL, (dsk_dtype)wt, (size_t)rows, (size_t)cols, (float)eps,
+                             stream, msg, sizeof msg);
+    else
+        rc = api->rms_norm(xv.device, xv.data, yv.data, (dsk_dtype)t, w != Py_None ? wv.data : NULL, (dsk_dtype)wt,
+                           (size_t)rows, (size_t)cols, (float)eps, stream, msg, sizeof msg);
+    Py_END_ALLOW_THREADS
+    if (rc)
+        return raise_cuda(msg);
     Py_RETURN_NONE;
 }
 
@@ -201,8 +211,8 @@ PyDoc_STRVAR(cuda_upload_doc,
              "A failed read raises RuntimeError(message, item index).");
 
 static PyObject *cuda_upload(PyObject *module, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"paths", "items", "device", "scratch", "scratch_bytes", "threads", "stream", "nan",
-                             "saturate", NULL};
+    static char *kwlist[] = {"paths",   "items",  "device", "scratch",  "scratch_bytes",
+                             "threads", "stream", "nan",    "saturate", NULL};
     module_state *st = state_of(module);
     PyObject *seq, *items_obj, *scratch_obj, *stream_obj, *result = NULL;
     int device, threads, nan = 1, saturate = 0;
@@ -246,7 +256,8 @@ static PyObject *cuda_upload(PyObject *module, PyObject *args, PyObject *kwargs)
     char msg[512] = "";
     size_t bad = (size_t)-1;
     int rc, cuda_rc = 0;
-    Py_BEGIN_ALLOW_THREADS rc = item_files_open(&f, &err);
+    Py_BEGIN_ALLOW_THREADS
+    rc = item_files_open(&f, &err);
     if (!rc) {
         for (Py_ssize_t i = 0; i < f.n_items; i++)
             items[i].fd = f.files[item_fi[i]].fd;
@@ -255,7 +266,9 @@ static PyObject *cuda_upload(PyObject *module, PyObject *args, PyObject *kwargs)
                               &bad, msg, sizeof msg);
     }
     item_files_close(&f);
-    Py_END_ALLOW_THREADS if (rc) item_files_raise(st, &f, &err);
+    Py_END_ALLOW_THREADS
+    if (rc)
+        item_files_raise(st, &f, &err);
     else if (cuda_rc) {
         PyObject *exc_args = Py_BuildValue("(sn)", msg, bad == (size_t)-1 ? (Py_ssize_t)-1 : (Py_ssize_t)bad);
         if (exc_args) {

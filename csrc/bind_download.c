@@ -44,13 +44,14 @@ static PyObject *http_get(PyObject *module, PyObject *args) {
         dn_reply reply;
         ds_error err;
         int rc;
-        Py_BEGIN_ALLOW_THREADS rc = dn_get(url, hs, (size_t)nh, (size_t)max_body, &reply, &err);
-        Py_END_ALLOW_THREADS if (rc) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = dn_get(url, hs, (size_t)nh, (size_t)max_body, &reply, &err);
+        Py_END_ALLOW_THREADS
+        if (rc) {
             /* a build without libcurl is not a network failure to retry */
             PyErr_Format(err.status == DS_ERR_UNSUPPORTED ? PyExc_RuntimeError : PyExc_ConnectionError, "%s: %s", url,
                          err.msg);
-        }
-        else {
+        } else {
             result = Py_BuildValue("(lsy#y#)", reply.status, reply.final_url, reply.headers,
                                    (Py_ssize_t)reply.headers_len, reply.body, (Py_ssize_t)reply.body_len);
             dn_reply_free(&reply);

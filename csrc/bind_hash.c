@@ -163,8 +163,10 @@ static PyObject *md5_hex(PyObject *module, PyObject *arg) {
     char hex[33];
     if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
         return NULL;
-    Py_BEGIN_ALLOW_THREADS kh_md5_hex(view.buf, (size_t)view.len, hex);
-    Py_END_ALLOW_THREADS PyBuffer_Release(&view);
+    Py_BEGIN_ALLOW_THREADS
+    kh_md5_hex(view.buf, (size_t)view.len, hex);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&view);
     return PyUnicode_FromString(hex);
 }
 

@@ -254,9 +254,10 @@ static void guard_notify(void) {
     PyErr_SetInterruptEx(SIGBUS);
 }
 
-PyDoc_STRVAR(guard_install_doc, "guard_install(notify=True) -> None\n\n"
-                                "Installs the SIGBUS handler that keeps a truncated file's mappings readable (as zeros).\n"
-                                "With notify, each guarded fault also makes Python run its own SIGBUS handler.");
+PyDoc_STRVAR(guard_install_doc,
+             "guard_install(notify=True) -> None\n\n"
+             "Installs the SIGBUS handler that keeps a truncated file's mappings readable (as zeros).\n"
+             "With notify, each guarded fault also makes Python run its own SIGBUS handler.");
 
 static PyObject *guard_install(PyObject *module, PyObject *args) {
     (void)module;
@@ -342,14 +343,18 @@ static PyObject *read_into(PyObject *module, PyObject *args, PyObject *kwargs) {
     ds_error err;
     err.input = -1;
     int rc;
-    Py_BEGIN_ALLOW_THREADS rc = item_files_open(&f, &err);
+    Py_BEGIN_ALLOW_THREADS
+    rc = item_files_open(&f, &err);
     for (Py_ssize_t i = 0; !rc && i < f.n_items; i++)
         items[i].fd = f.files[items[i].file].fd;
     if (!rc)
         rc = ri_run(items, (size_t)f.n_items, threads, &err);
     item_files_close(&f);
-    Py_END_ALLOW_THREADS if (rc) item_files_raise(st, &f, &err);
-    else result = Py_NewRef(Py_None);
+    Py_END_ALLOW_THREADS
+    if (rc)
+        item_files_raise(st, &f, &err);
+    else
+        result = Py_NewRef(Py_None);
 done:
     PyMem_Free(items);
     item_files_free(&f);
@@ -491,9 +496,10 @@ static PyObject *region_view(PyObject *module, PyObject *args) {
     ds_error err;
     err.input = -1;
     int rc = plan_add_byte_tasks(&plan, PLAN_POPULATE, 0, (char *)region->base + off, NULL, 0, (size_t)nbytes,
-                            threads > 1 ? PLAN_READ_CHUNK : PLAN_POPULATE_CHUNK, &err);
+                                 threads > 1 ? PLAN_READ_CHUNK : PLAN_POPULATE_CHUNK, &err);
     if (!rc) {
-        Py_BEGIN_ALLOW_THREADS rc = io_run(plan.n_tasks, threads, plan_run_task, &plan, NULL, NULL, &err);
+        Py_BEGIN_ALLOW_THREADS
+        rc = io_run(plan.n_tasks, threads, plan_run_task, &plan, NULL, NULL, &err);
         Py_END_ALLOW_THREADS
     }
     free(plan.tasks);

@@ -54,7 +54,8 @@ static PyObject *pk_to_py_new(py_walk *w, const pk_obj *o, int depth) {
                 Py_DECREF(r);
                 return NULL;
             }
-            PyObject **slot = o->kind == PK_TUPLE ? &PyTuple_GET_ITEM(r, (Py_ssize_t)i) : &PyList_GET_ITEM(r, (Py_ssize_t)i);
+            PyObject **slot =
+                o->kind == PK_TUPLE ? &PyTuple_GET_ITEM(r, (Py_ssize_t)i) : &PyList_GET_ITEM(r, (Py_ssize_t)i);
             Py_SETREF(*slot, v);
         }
         return r;
@@ -117,9 +118,7 @@ static PyObject *pk_to_py_new(py_walk *w, const pk_obj *o, int depth) {
         }
         return r;
     }
-    default:
-        PyErr_SetString(st->FormatError, "data.pkl holds a value this reader does not represent");
-        return NULL;
+    default: PyErr_SetString(st->FormatError, "data.pkl holds a value this reader does not represent"); return NULL;
     }
 }
 

@@ -56,8 +56,8 @@ static int module_exec(PyObject *m) {
     module_state *st = state_of(m);
     st->FormatError = PyErr_NewExceptionWithDoc(
         "diffsynth_c._core.FormatError",
-        "A model file breaks its format (the message names the file, the tensor and what is wrong).",
-        PyExc_ValueError, NULL);
+        "A model file breaks its format (the message names the file, the tensor and what is wrong).", PyExc_ValueError,
+        NULL);
     if (!st->FormatError || PyModule_AddObjectRef(m, "FormatError", st->FormatError) < 0)
         return -1;
     st->NotNativeError = PyErr_NewExceptionWithDoc(

@@ -77,7 +77,7 @@ static int header_task(void *ctx, size_t i, ds_error *err) {
  * failure the files opened so far stay open (opened[i] set) for the caller to
  * close, and err->input names the failing file. Runs without the GIL. */
 int plan_open_headers(const char *const *paths, size_t n, io_file *files, st_header *headers, int *opened, int threads,
-                        ds_error *err) {
+                      ds_error *err) {
     header_job job = {paths, files, headers, opened};
     return io_run(n, threads, header_task, &job, NULL, NULL, err);
 }
@@ -179,10 +179,16 @@ static int add_task(load_plan *plan, plan_task t, ds_error *err) {
 }
 
 int plan_add_byte_tasks(load_plan *plan, int kind, int file, const char *src, char *dst, uint64_t off, size_t len,
-                          size_t chunk, ds_error *err) {
+                        size_t chunk, ds_error *err) {
     for (size_t done = 0; done < len; done += chunk) {
-        plan_task t = {kind, file, src ? src + done : NULL, dst ? dst + done : NULL,
-                       len - done < chunk ? len - done : chunk, off + done, ST_U8, ST_U8};
+        plan_task t = {kind,
+                       file,
+                       src ? src + done : NULL,
+                       dst ? dst + done : NULL,
+                       len - done < chunk ? len - done : chunk,
+                       off + done,
+                       ST_U8,
+                       ST_U8};
         if (add_task(plan, t, err))
             return -1;
     }
@@ -259,7 +265,7 @@ static int protect_mapping(plan_file *lf) {
  * convert to target (0: none). Runs without the GIL. On failure sets
  * err->input to the failing file. */
 int plan_load(load_plan *plan, const char *const *paths, size_t n, int use_map, unsigned convert, st_dtype target,
-                     ds_error *err) {
+              ds_error *err) {
     plan->files = calloc(n ? n : 1, sizeof *plan->files);
     if (!plan->files)
         return ds_fail(err, DS_ERR_NOMEM, "out of memory");
@@ -349,8 +355,8 @@ int plan_load(load_plan *plan, const char *const *paths, size_t n, int use_map, 
         /* tasks: bytes first (populate or read), then conversions */
         if (lf->map) {
             if (!convert || !lf->conv) {
-                if (plan_add_byte_tasks(plan, PLAN_POPULATE, (int)i, data, NULL, 0, (size_t)h->data_len, PLAN_POPULATE_CHUNK,
-                                   err))
+                if (plan_add_byte_tasks(plan, PLAN_POPULATE, (int)i, data, NULL, 0, (size_t)h->data_len,
+                                        PLAN_POPULATE_CHUNK, err))
                     goto fail;
             } else {
                 /* populate only what is not converted (conversion faults its own source in) */
@@ -358,13 +364,13 @@ int plan_load(load_plan *plan, const char *const *paths, size_t n, int use_map, 
                     const st_tensor *t = &h->tensors[k];
                     if (lf->conv_off[k] == UINT64_MAX &&
                         plan_add_byte_tasks(plan, PLAN_POPULATE, (int)i, data + t->begin, NULL, 0,
-                                       (size_t)(t->end - t->begin), PLAN_POPULATE_CHUNK, err))
+                                            (size_t)(t->end - t->begin), PLAN_POPULATE_CHUNK, err))
                         goto fail;
                 }
             }
         } else {
             if (plan_add_byte_tasks(plan, PLAN_READ, (int)i, NULL, lf->copy, h->data_start, (size_t)h->data_len,
-                               PLAN_READ_CHUNK, err))
+                                    PLAN_READ_CHUNK, err))
                 goto fail;
         }
         /* a mapped file converts now (each task faults its own source in); a read one after its reads */

@@ -207,8 +207,7 @@ static int parse_offsets(parser *ps, const char *name, st_tensor *t) {
     int more;
     uint64_t v[2] = {0, 0};
     if (js_peek(c) != '[')
-        return js_error(c, "tensor '%.200s': data_offsets must be an array [begin, end], found %s", name,
-                        js_kind(c));
+        return js_error(c, "tensor '%.200s': data_offsets must be an array [begin, end], found %s", name, js_kind(c));
     if (js_enter(c, '['))
         return -1;
     for (;;) {
@@ -250,8 +249,9 @@ static int parse_tensor(parser *ps, const char *name, st_tensor *t) {
                 return -1;
         }
         if (i != 3)
-            return js_error(c, "tensor '%.200s': the array form must hold dtype, shape and data_offsets, found %zu "
-                               "elements",
+            return js_error(c,
+                            "tensor '%.200s': the array form must hold dtype, shape and data_offsets, found %zu "
+                            "elements",
                             name, i);
         return 0;
     }
@@ -281,7 +281,9 @@ static int parse_tensor(parser *ps, const char *name, st_tensor *t) {
         if (seen[f])
             return js_error(c, "tensor '%.200s': duplicate field \"%s\"", name, fields[f]);
         seen[f] = 1;
-        int r = f == 0 ? parse_dtype(ps, name, &t->dtype) : f == 1 ? parse_shape(ps, name, t) : parse_offsets(ps, name, t);
+        int r = f == 0   ? parse_dtype(ps, name, &t->dtype)
+                : f == 1 ? parse_shape(ps, name, t)
+                         : parse_offsets(ps, name, t);
         if (r)
             return -1;
     }
@@ -429,17 +431,16 @@ static int validate(st_header *h, uint64_t file_size, ds_error *err) {
             goto done;
         }
         if (bits % 8) {
-            ds_fail(err, DS_ERR_FORMAT, "tensor '%.200s': shape %s of dtype %s is not a whole number of bytes",
-                    t->name, shp, DTYPES[t->dtype].name);
+            ds_fail(err, DS_ERR_FORMAT, "tensor '%.200s': shape %s of dtype %s is not a whole number of bytes", t->name,
+                    shp, DTYPES[t->dtype].name);
             goto done;
         }
         if (t->end - t->begin != bits / 8) {
             ds_fail(err, DS_ERR_FORMAT,
                     "tensor '%.200s': dtype %s and shape %s need %llu bytes, but data_offsets [%llu, %llu) "
                     "hold %llu",
-                    t->name, DTYPES[t->dtype].name, shp, (unsigned long long)(bits / 8),
-                    (unsigned long long)t->begin, (unsigned long long)t->end,
-                    (unsigned long long)(t->end - t->begin));
+                    t->name, DTYPES[t->dtype].name, shp, (unsigned long long)(bits / 8), (unsigned long long)t->begin,
+                    (unsigned long long)t->end, (unsigned long long)(t->end - t->begin));
             goto done;
         }
     }

@@ -29,24 +29,48 @@ static DLDataType export_dtype(st_dtype d) {
     switch (d) {
     case ST_BOOL: t.code = DL_BOOL; break;
     case ST_I8: t.code = DL_INT; break;
-    case ST_I16: t.code = DL_INT; t.bits = 16; break;
+    case ST_I16:
+        t.code = DL_INT;
+        t.bits = 16;
+        break;
     case ST_U16: t.bits = 16; break;
-    case ST_I32: t.code = DL_INT; t.bits = 32; break;
+    case ST_I32:
+        t.code = DL_INT;
+        t.bits = 32;
+        break;
     case ST_U32: t.bits = 32; break;
-    case ST_I64: t.code = DL_INT; t.bits = 64; break;
+    case ST_I64:
+        t.code = DL_INT;
+        t.bits = 64;
+        break;
     case ST_U64: t.bits = 64; break;
-    case ST_F16: t.code = DL_FLOAT; t.bits = 16; break;
-    case ST_BF16: t.code = DL_BFLOAT; t.bits = 16; break;
-    case ST_F32: t.code = DL_FLOAT; t.bits = 32; break;
-    case ST_F64: t.code = DL_FLOAT; t.bits = 64; break;
-    case ST_C64: t.code = DL_COMPLEX; t.bits = 64; break;
+    case ST_F16:
+        t.code = DL_FLOAT;
+        t.bits = 16;
+        break;
+    case ST_BF16:
+        t.code = DL_BFLOAT;
+        t.bits = 16;
+        break;
+    case ST_F32:
+        t.code = DL_FLOAT;
+        t.bits = 32;
+        break;
+    case ST_F64:
+        t.code = DL_FLOAT;
+        t.bits = 64;
+        break;
+    case ST_C64:
+        t.code = DL_COMPLEX;
+        t.bits = 64;
+        break;
     default: break; /* U8, F8_*, F4, F6: bytes */
     }
     return t;
 }
 
-PyObject *tensor_new(module_state *st, PyObject *owner, char *data, st_dtype dtype, int ndim,
-                            const uint64_t *shape, uint64_t nbytes) {
+PyObject *tensor_new(module_state *st, PyObject *owner, char *data, st_dtype dtype, int ndim, const uint64_t *shape,
+                     uint64_t nbytes) {
     int export_ndim = dtype == ST_F6_E2M3 || dtype == ST_F6_E3M2 ? 1 : ndim;
     TensorObject *t = PyObject_NewVar(TensorObject, st->TensorType, ndim + export_ndim);
     if (!t)
@@ -129,8 +153,8 @@ static PyObject *Tensor_dlpack(TensorObject *self, PyObject *args, PyObject *kwa
     PyObject *region = region_new(st, mem, (size_t)self->nbytes, 0);
     if (!region)
         return NULL;
-    PyObject *cap = dl_capsule(region, mem, self->export, self->export_ndim, shape, versioned,
-                               versioned ? DL_FLAG_IS_COPIED : 0);
+    PyObject *cap =
+        dl_capsule(region, mem, self->export, self->export_ndim, shape, versioned, versioned ? DL_FLAG_IS_COPIED : 0);
     Py_DECREF(region);
     return cap;
 }
