@@ -161,8 +161,8 @@ static int finish_job(slot *s, CURLcode rc, int retries, ds_error *err) {
         return ds_fail_os(err, s->write_failed_errno, "cannot write: %s", strerror(s->write_failed_errno));
     /* A range that got all its bytes is done even when the connection then
      * failed (a Content-Length that promised more than the range). */
-    int complete = !s->too_long && !job->ignored_range &&
-                   (job->end >= 0 ? job->start + job->done == job->end : rc == CURLE_OK);
+    int complete =
+        !s->too_long && !job->ignored_range && (job->end >= 0 ? job->start + job->done == job->end : rc == CURLE_OK);
     if (complete) {
         job->state = DN_DONE;
         return 0;

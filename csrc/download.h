@@ -23,10 +23,10 @@ typedef struct {
     int64_t done;    /* in: bytes of the range already on disk; out: bytes written */
     /* out */
     dn_state state;
-    long status;         /* last HTTP status, 0 when no reply */
-    int attempts;        /* requests made */
-    int ignored_range;   /* the server answered 200 to a range that starts past 0 */
-    char msg[256];       /* why the job failed */
+    long status;       /* last HTTP status, 0 when no reply */
+    int attempts;      /* requests made */
+    int ignored_range; /* the server answered 200 to a range that starts past 0 */
+    char msg[256];     /* why the job failed */
     /* private */
     double retry_at;
     int64_t written_now; /* bytes this request wrote */
@@ -47,9 +47,9 @@ int dn_fetch(dn_job *jobs, size_t n_jobs, const char *const *headers, size_t n_h
 
 typedef struct {
     long status;
-    char *headers;   /* raw header lines of the last reply (after redirects); caller frees */
+    char *headers; /* raw header lines of the last reply (after redirects); caller frees */
     size_t headers_len;
-    char *body;      /* caller frees */
+    char *body; /* caller frees */
     size_t body_len;
     char *final_url; /* caller frees */
 } dn_reply;

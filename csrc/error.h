@@ -21,8 +21,8 @@ typedef enum {
 
 typedef struct {
     ds_status status;
-    int errnum;    /* errno for DS_ERR_OS, else 0 */
-    int input;     /* which input (file) the error belongs to, when a task knows; else -1 */
+    int errnum;     /* errno for DS_ERR_OS, else 0 */
+    int input;      /* which input (file) the error belongs to, when a task knows; else -1 */
     char msg[1024]; /* what is wrong, with key and values; no file name */
 } ds_error;
 

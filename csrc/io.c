@@ -65,8 +65,8 @@ int io_pread(int fd, void *dst, size_t len, uint64_t off, ds_error *err) {
         if (r < 0) {
             if (errno == EINTR)
                 continue;
-            return ds_fail_os(err, errno, "read of %zu bytes at offset %llu failed: %s", len,
-                              (unsigned long long)off, strerror(errno));
+            return ds_fail_os(err, errno, "read of %zu bytes at offset %llu failed: %s", len, (unsigned long long)off,
+                              strerror(errno));
         }
         if (r == 0) {
             /* the end is not off itself: the file may have shrunk to well before this task's range */
@@ -92,8 +92,8 @@ int io_pwrite(int fd, const void *src, size_t len, uint64_t off, ds_error *err) 
         if (r < 0) {
             if (errno == EINTR)
                 continue;
-            return ds_fail_os(err, errno, "write of %zu bytes at offset %llu failed: %s", len,
-                              (unsigned long long)off, strerror(errno));
+            return ds_fail_os(err, errno, "write of %zu bytes at offset %llu failed: %s", len, (unsigned long long)off,
+                              strerror(errno));
         }
         p += r;
         len -= (size_t)r;
@@ -122,8 +122,7 @@ int io_cpu_count(void) {
 
 void *io_map_file(int fd, uint64_t size, ds_error *err) {
     if (size > SIZE_MAX) {
-        ds_fail(err, DS_ERR_UNSUPPORTED, "file of %llu bytes does not fit the address space",
-                (unsigned long long)size);
+        ds_fail(err, DS_ERR_UNSUPPORTED, "file of %llu bytes does not fit the address space", (unsigned long long)size);
         return NULL;
     }
     void *p = mmap(NULL, (size_t)size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
@@ -268,8 +267,7 @@ static void *worker(void *arg) {
     return NULL;
 }
 
-int io_run(size_t n_tasks, int n_threads, io_task_fn fn, void *ctx, io_poll_fn poll, void *poll_ctx,
-           ds_error *err) {
+int io_run(size_t n_tasks, int n_threads, io_task_fn fn, void *ctx, io_poll_fn poll, void *poll_ctx, ds_error *err) {
     run_state rs;
     memset(&rs, 0, sizeof rs);
     rs.fn = fn;

@@ -76,7 +76,6 @@ typedef int (*io_poll_fn)(void *poll_ctx);
  * Tasks are taken in order from a shared counter. Stops early on the first
  * failing task (its err is reported) or when poll cancels (then err's status
  * is DS_ERR_INTERRUPTED). Returns 0 or -1. */
-int io_run(size_t n_tasks, int n_threads, io_task_fn fn, void *ctx, io_poll_fn poll, void *poll_ctx,
-           ds_error *err);
+int io_run(size_t n_tasks, int n_threads, io_task_fn fn, void *ctx, io_poll_fn poll, void *poll_ctx, ds_error *err);
 
 #endif

@@ -98,17 +98,16 @@ int js_error(js_cursor *c, const char *fmt, ...) {
     va_start(ap, fmt);
     vsnprintf(what, sizeof what, fmt, ap);
     va_end(ap);
-    return ds_fail(c->err, DS_ERR_FORMAT, "invalid JSON in %s at byte %zu: %s", c->doc,
-                   (size_t)(c->p - c->start), what);
+    return ds_fail(c->err, DS_ERR_FORMAT, "invalid JSON in %s at byte %zu: %s", c->doc, (size_t)(c->p - c->start),
+                   what);
 }
 
 /* Bytes that end a run of plain string content: '"', '\\' and controls. */
 static const uint8_t STRING_STOP[256] = {
-    [0x00] = 1, [0x01] = 1, [0x02] = 1, [0x03] = 1, [0x04] = 1, [0x05] = 1, [0x06] = 1, [0x07] = 1,
-    [0x08] = 1, [0x09] = 1, [0x0A] = 1, [0x0B] = 1, [0x0C] = 1, [0x0D] = 1, [0x0E] = 1, [0x0F] = 1,
-    [0x10] = 1, [0x11] = 1, [0x12] = 1, [0x13] = 1, [0x14] = 1, [0x15] = 1, [0x16] = 1, [0x17] = 1,
-    [0x18] = 1, [0x19] = 1, [0x1A] = 1, [0x1B] = 1, [0x1C] = 1, [0x1D] = 1, [0x1E] = 1, [0x1F] = 1,
-    ['"'] = 1,  ['\\'] = 1,
+    [0x00] = 1, [0x01] = 1, [0x02] = 1, [0x03] = 1, [0x04] = 1, [0x05] = 1, [0x06] = 1, [0x07] = 1, [0x08] = 1,
+    [0x09] = 1, [0x0A] = 1, [0x0B] = 1, [0x0C] = 1, [0x0D] = 1, [0x0E] = 1, [0x0F] = 1, [0x10] = 1, [0x11] = 1,
+    [0x12] = 1, [0x13] = 1, [0x14] = 1, [0x15] = 1, [0x16] = 1, [0x17] = 1, [0x18] = 1, [0x19] = 1, [0x1A] = 1,
+    [0x1B] = 1, [0x1C] = 1, [0x1D] = 1, [0x1E] = 1, [0x1F] = 1, ['"'] = 1,  ['\\'] = 1,
 };
 
 static void skip_ws(js_cursor *c) {
@@ -223,9 +222,7 @@ static size_t put_utf8(char *o, unsigned cp) {
     return 4;
 }
 
-static int nomem(js_cursor *c) {
-    return ds_fail(c->err, DS_ERR_NOMEM, "out of memory while parsing the %s", c->doc);
-}
+static int nomem(js_cursor *c) { return ds_fail(c->err, DS_ERR_NOMEM, "out of memory while parsing the %s", c->doc); }
 
 int js_string(js_cursor *c, js_buf *out) {
     if (js_peek(c) != '"')
@@ -278,8 +275,8 @@ int js_string(js_cursor *c, js_buf *out) {
             if (cp >= 0xDC00 && cp <= 0xDFFF)
                 return js_error(c, "lone trailing surrogate \\u%04x", cp);
             if (cp >= 0xD800 && cp <= 0xDBFF) {
-                if (c->end - c->p < 12 || c->p[6] != '\\' || c->p[7] != 'u' || hex4(c->p + 8, &lo) ||
-                    lo < 0xDC00 || lo > 0xDFFF)
+                if (c->end - c->p < 12 || c->p[6] != '\\' || c->p[7] != 'u' || hex4(c->p + 8, &lo) || lo < 0xDC00 ||
+                    lo > 0xDFFF)
                     return js_error(c, "lone leading surrogate \\u%04x", cp);
                 cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
                 c->p += 6;

@@ -138,11 +138,11 @@ typedef struct {
 #define MD5_G(x, y, z) ((y) ^ ((z) & ((x) ^ (y))))
 #define MD5_H(x, y, z) ((x) ^ (y) ^ (z))
 #define MD5_I(x, y, z) ((y) ^ ((x) | ~(z)))
-#define MD5_STEP(f, a, b, c, d, m, k, s)                                                                             \
-    do {                                                                                                            \
-        (a) += f((b), (c), (d)) + (m) + (k);                                                                        \
-        (a) = ((a) << (s)) | ((a) >> (32 - (s)));                                                                   \
-        (a) += (b);                                                                                                 \
+#define MD5_STEP(f, a, b, c, d, m, k, s)                                                                               \
+    do {                                                                                                               \
+        (a) += f((b), (c), (d)) + (m) + (k);                                                                           \
+        (a) = ((a) << (s)) | ((a) >> (32 - (s)));                                                                      \
+        (a) += (b);                                                                                                    \
     } while (0)
 
 static void md5_block(md5_state *st, const unsigned char *p) {

@@ -1,7 +1,15 @@
-/* module.h: binding helpers that module.c defines for the other binding files (openfile.c).
+/* module.h: what the binding files of diffsynth_c._core share.
  *
- * Each takes the module object, whose state holds the exception and type objects; every
- * function that returns a PyObject * returns a new reference, or NULL with an exception set. */
+ * The binding is split the way python-zstandard splits its own: module.c holds the module
+ * definition alone; each Python type has a file (region.c, tensor.c, tensorref.c, openfile.c);
+ * each concern's functions have a binding file (bind_load.c, bind_hash.c, bind_convert.c,
+ * bind_torch.c, bind_write.c, bind_download.c, bind_cuda.c); the helpers they share live in
+ * bind.c and are declared here. The logic under them is plain C without Python (plan.c, writer.c,
+ * the parsers, io.c, ...).
+ *
+ * Module state holds every Python object the core keeps (exceptions, types, OrderedDict): no
+ * global PyObject *. Every function here that returns a PyObject * returns a new reference, or
+ * NULL with an exception set; those that return int return 0, or -1 with an exception set. */
 #ifndef DS_MODULE_H
 #define DS_MODULE_H
 
@@ -13,29 +21,129 @@
 #include "io.h"
 #include "safetensors.h"
 
+#ifndef DS_VERSION
+#define DS_VERSION "0.0.0"
+#endif
+
+/* ---- module state ------------------------------------------------------------------------- */
+
+typedef struct {
+    PyObject *FormatError;
+    PyObject *NotNativeError;
+    PyTypeObject *RegionType;
+    PyTypeObject *TensorType;
+    PyTypeObject *TensorRefType;
+    PyObject *OrderedDict;
+} module_state;
+
+static inline module_state *state_of(PyObject *module) { return (module_state *)PyModule_GetState(module); }
+
+/* ---- errors and arguments (bind.c) -------------------------------------------------------- */
+
 /* Raises the exception for err (OSError, MemoryError, FormatError, KeyboardInterrupt), prefixing
  * the file's name when path (a str) is not NULL. Returns NULL. */
+PyObject *raise_ds(module_state *st, const ds_error *err, PyObject *path);
+
+/* raise_ds for a caller that holds the module object (openfile.c). */
 PyObject *bind_raise(PyObject *module, const ds_error *err, PyObject *path);
+
+/* The safetensors dtype a str names; ValueError otherwise. */
+int dtype_from_name(PyObject *name, st_dtype *out);
+int bind_dtype_from_name(PyObject *name, st_dtype *out);
+
+/* A tuple of ndim ints. */
+PyObject *shape_tuple(int ndim, const uint64_t *shape);
+
+/* A file path argument: str, bytes or os.PathLike. */
+typedef struct {
+    PyObject *display; /* str, for messages */
+    PyObject *fs;      /* bytes, for open() */
+} path_arg;
+
+/* The bytes to hand to open(). */
+static inline const char *path_fs(const path_arg *p) { return PyBytes_AS_STRING(p->fs); }
+
+/* The "O&" converter of a path_arg (*out must start zeroed). Supports cleanup: the argument parser
+ * releases it when a later argument fails; otherwise the caller releases it with path_clear. */
+int path_converter(PyObject *obj, void *out);
+void path_clear(path_arg *p);
+
+/* A sequence of paths (caller frees with paths_free), and its open() names (caller frees the
+ * array with PyMem_Free; the strings belong to the paths). */
+path_arg *paths_from(PyObject *seq, Py_ssize_t *n_out);
+void paths_free(path_arg *p, Py_ssize_t n);
+const char **paths_fs(const path_arg *p, Py_ssize_t n);
+
+/* What poll_signals needs: the thread state saved when the GIL was released. */
+typedef struct {
+    PyThreadState **ts;
+} poll_ctx;
+
+/* An io_run/pk poll callback: takes the GIL for a moment to check for Ctrl-C. Returns nonzero to
+ * stop (the exception stays set). */
+int poll_signals(void *arg);
+
+/* The files named by `paths` and the item tuples that point into them (read_into, cuda_upload). */
+typedef struct {
+    path_arg *paths;
+    Py_ssize_t n_paths;
+    PyObject *items; /* PySequence_Fast of the item tuples */
+    Py_ssize_t n_items;
+    io_file *files;
+    int *opened;
+} item_files;
+
+int item_files_init(item_files *f, PyObject *seq, PyObject *items_obj);
+void item_files_free(item_files *f);
+/* Item i's file index, checked against the paths (IndexError). */
+int item_file(item_files *f, Py_ssize_t i, int file, const char *what);
+/* Opens every file; runs without the GIL. err->input names the file that failed. */
+int item_files_open(item_files *f, ds_error *err);
+void item_files_close(item_files *f);
+PyObject *item_files_raise(module_state *st, item_files *f, const ds_error *err);
+
+/* ---- types ---------------------------------------------------------------------------------- */
+
+/* region.c: memory that tensors point into. */
+typedef struct {
+    PyObject_HEAD
+    void *base;
+    size_t len;
+    int file_backed; /* a private mapping of a file, else anonymous memory */
+} RegionObject;
 
 /* A Region owning [base, base+len) (a file mapping when file_backed, else io_alloc memory); takes
  * ownership of base, released on failure too. */
+PyObject *region_new(module_state *st, void *base, size_t len, int file_backed);
 PyObject *bind_region_new(PyObject *module, void *base, size_t len, int file_backed);
+int region_exec(PyObject *module);
 
-/* A Tensor of dtype and shape over nbytes at data, keeping owner (a Region) alive. */
+/* tensor.c: a Tensor of dtype and shape over nbytes at data, keeping owner (a Region) alive. */
+PyObject *tensor_new(module_state *st, PyObject *owner, char *data, st_dtype dtype, int ndim, const uint64_t *shape,
+                     uint64_t nbytes);
 PyObject *bind_tensor_new(PyObject *module, PyObject *owner, char *data, st_dtype dtype, int ndim,
                           const uint64_t *shape, uint64_t nbytes);
+int tensor_exec(PyObject *module);
 
-/* The safetensors dtype a str names. Returns 0, or -1 with ValueError set. */
-int bind_dtype_from_name(PyObject *name, st_dtype *out);
+/* tensorref.c: the TensorRef struct sequence of torch_read. */
+int tensorref_exec(PyObject *module);
 
-/* Parses the safetensors header of an open file into h (caller frees with st_free). Runs without
- * the GIL. Returns 0, or -1 with err. */
-int bind_parse_header(const io_file *f, st_header *h, ds_error *err);
+/* openfile.c: the OpenFile type. */
+int openfile_add_type(PyObject *module);
+
+/* ---- shared by bind_load.c and openfile.c ----------------------------------------------------- */
 
 /* (header_len, data_start, tensors, metadata) of a parsed header, as read_header returns it. */
 PyObject *bind_header_tuple(const st_header *h);
 
-/* Adds the OpenFile type (openfile.c) to the module. Returns 0, or -1 with an exception set. */
-int openfile_add_type(PyObject *module);
+/* ---- each concern's functions: added to the module by module_exec ------------------------------- */
+
+extern PyMethodDef bind_load_methods[];     /* bind_load.c */
+extern PyMethodDef bind_hash_methods[];     /* bind_hash.c */
+extern PyMethodDef bind_convert_methods[];  /* bind_convert.c */
+extern PyMethodDef bind_torch_methods[];    /* bind_torch.c */
+extern PyMethodDef bind_write_methods[];    /* bind_write.c */
+extern PyMethodDef bind_download_methods[]; /* bind_download.c */
+extern PyMethodDef bind_cuda_methods[];     /* bind_cuda.c */
 
 #endif

@@ -23,6 +23,7 @@
 #include <string.h>
 
 #include "convert.h"
+#include "plan.h"
 #include "readinto.h"
 
 #define POPULATE_TASK ((size_t)8 << 20)
@@ -56,7 +57,7 @@ static void end_read(OpenFileObject *self) {
 typedef struct {
     char *base;
     size_t len;
-    int fd;          /* >= 0: pread [offset, offset+len) of fd into base instead of populating */
+    int fd; /* >= 0: pread [offset, offset+len) of fd into base instead of populating */
     uint64_t offset;
 } populate_job;
 
@@ -88,8 +89,10 @@ static PyObject *OpenFile_new(PyTypeObject *type, PyObject *args, PyObject *kwar
     ds_error err;
     err.input = -1;
     int rc;
-    Py_BEGIN_ALLOW_THREADS rc = io_open(PyBytes_AS_STRING(fs), &self->f, &err);
-    Py_END_ALLOW_THREADS if (rc) {
+    Py_BEGIN_ALLOW_THREADS
+    rc = io_open(PyBytes_AS_STRING(fs), &self->f, &err);
+    Py_END_ALLOW_THREADS
+    if (rc) {
         bind_raise(PyType_GetModule(type), &err, self->display);
         goto error;
     }
@@ -121,8 +124,10 @@ static PyObject *OpenFile_read_header(OpenFileObject *self, PyObject *unused) {
     err.input = -1;
     if (begin_read(self) < 0)
         return NULL;
-    Py_BEGIN_ALLOW_THREADS rc = bind_parse_header(&self->f, &h, &err);
-    Py_END_ALLOW_THREADS end_read(self);
+    Py_BEGIN_ALLOW_THREADS
+    rc = plan_parse_header(&self->f, &h, &err);
+    Py_END_ALLOW_THREADS
+    end_read(self);
     if (rc)
         return bind_raise(PyType_GetModule(Py_TYPE(self)), &err, self->display);
     PyObject *result = bind_header_tuple(&h);
@@ -143,8 +148,10 @@ static PyObject *OpenFile_map(OpenFileObject *self, PyObject *unused) {
     if (begin_read(self) < 0)
         return NULL;
     uint64_t size = self->f.size;
-    Py_BEGIN_ALLOW_THREADS map = size ? io_map_file(self->f.fd, size, &err) : NULL;
-    Py_END_ALLOW_THREADS end_read(self);
+    Py_BEGIN_ALLOW_THREADS
+    map = size ? io_map_file(self->f.fd, size, &err) : NULL;
+    Py_END_ALLOW_THREADS
+    end_read(self);
     if (size && !map)
         return bind_raise(module, &err, self->display);
     return bind_region_new(module, map, (size_t)size, 1);
@@ -175,7 +182,8 @@ static PyObject *OpenFile_map_range(OpenFileObject *self, PyObject *args, PyObje
     size_t lead = 0, len = 0;
     int rc = 0;
     int mapped = 0;
-    Py_BEGIN_ALLOW_THREADS if (nbytes) {
+    Py_BEGIN_ALLOW_THREADS
+    if (nbytes) {
         base = io_map_range(self->f.fd, off, nbytes, &lead, &err);
         len = lead + (size_t)nbytes;
         mapped = base != NULL;
@@ -189,16 +197,16 @@ static PyObject *OpenFile_map_range(OpenFileObject *self, PyObject *args, PyObje
         rc = !base;
         if (!rc && populate) {
             populate_job job = {base + lead, (size_t)nbytes, mapped ? -1 : self->f.fd, off};
-            rc = io_run(((size_t)nbytes + POPULATE_TASK - 1) / POPULATE_TASK, threads, populate_task, &job, NULL,
-                        NULL, &err);
+            rc = io_run(((size_t)nbytes + POPULATE_TASK - 1) / POPULATE_TASK, threads, populate_task, &job, NULL, NULL,
+                        &err);
         }
-    }
-    else {
+    } else {
         base = io_alloc(0, &err); /* an empty tensor still needs an address */
         len = 1;
         rc = !base;
     }
-    Py_END_ALLOW_THREADS end_read(self);
+    Py_END_ALLOW_THREADS
+    end_read(self);
     if (rc) {
         if (base)
             io_release(base, len);
@@ -273,8 +281,10 @@ static PyObject *OpenFile_read_into(OpenFileObject *self, PyObject *args, PyObje
     ds_error err;
     err.input = -1;
     int rc;
-    Py_BEGIN_ALLOW_THREADS rc = ri_run(items, (size_t)n, threads, &err);
-    Py_END_ALLOW_THREADS end_read(self);
+    Py_BEGIN_ALLOW_THREADS
+    rc = ri_run(items, (size_t)n, threads, &err);
+    Py_END_ALLOW_THREADS
+    end_read(self);
     if (rc)
         bind_raise(PyType_GetModule(Py_TYPE(self)), &err, self->display);
     else
@@ -285,7 +295,8 @@ done:
     return result;
 }
 
-PyDoc_STRVAR(close_doc, "close()\n\nCloses the descriptor (once reads in flight end). Tensors already made stay valid.");
+PyDoc_STRVAR(close_doc,
+             "close()\n\nCloses the descriptor (once reads in flight end). Tensors already made stay valid.");
 
 static PyObject *OpenFile_close(OpenFileObject *self, PyObject *unused) {
     (void)unused;

@@ -11,12 +11,12 @@
 
 typedef struct {
     int fd;
-    int file;        /* index reported in err->input on failure */
-    st_dtype src;    /* dtype in the file */
-    st_dtype dst;    /* dtype written; equal to src for a plain copy */
-    uint64_t offset; /* absolute file offset */
-    uint64_t nbytes; /* bytes in the file */
-    void *out;       /* nbytes / size(src) * size(dst) bytes */
+    int file;         /* index reported in err->input on failure */
+    st_dtype src;     /* dtype in the file */
+    st_dtype dst;     /* dtype written; equal to src for a plain copy */
+    uint64_t offset;  /* absolute file offset */
+    uint64_t nbytes;  /* bytes in the file */
+    void *out;        /* nbytes / size(src) * size(dst) bytes */
     const char *name; /* tensor key, for messages */
 } ri_item;
 

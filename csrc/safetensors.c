@@ -11,6 +11,7 @@
 #include "safetensors.h"
 
 #include "arena.h"
+#include "lastwins.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -206,8 +207,7 @@ static int parse_offsets(parser *ps, const char *name, st_tensor *t) {
     int more;
     uint64_t v[2] = {0, 0};
     if (js_peek(c) != '[')
-        return js_error(c, "tensor '%.200s': data_offsets must be an array [begin, end], found %s", name,
-                        js_kind(c));
+        return js_error(c, "tensor '%.200s': data_offsets must be an array [begin, end], found %s", name, js_kind(c));
     if (js_enter(c, '['))
         return -1;
     for (;;) {
@@ -249,8 +249,9 @@ static int parse_tensor(parser *ps, const char *name, st_tensor *t) {
                 return -1;
         }
         if (i != 3)
-            return js_error(c, "tensor '%.200s': the array form must hold dtype, shape and data_offsets, found %zu "
-                               "elements",
+            return js_error(c,
+                            "tensor '%.200s': the array form must hold dtype, shape and data_offsets, found %zu "
+                            "elements",
                             name, i);
         return 0;
     }
@@ -280,7 +281,9 @@ static int parse_tensor(parser *ps, const char *name, st_tensor *t) {
         if (seen[f])
             return js_error(c, "tensor '%.200s': duplicate field \"%s\"", name, fields[f]);
         seen[f] = 1;
-        int r = f == 0 ? parse_dtype(ps, name, &t->dtype) : f == 1 ? parse_shape(ps, name, t) : parse_offsets(ps, name, t);
+        int r = f == 0   ? parse_dtype(ps, name, &t->dtype)
+                : f == 1 ? parse_shape(ps, name, t)
+                         : parse_offsets(ps, name, t);
         if (r)
             return -1;
     }
@@ -338,6 +341,16 @@ static int entry_by_name(const void *x, const void *y) {
     if (r)
         return r;
     return a->seq < b->seq ? -1 : a->seq > b->seq;
+}
+
+static int entry_same_name(const void *x, const void *y) {
+    const entry *a = x, *b = y;
+    return a->t.name_len == b->t.name_len && memcmp(a->t.name, b->t.name, a->t.name_len) == 0;
+}
+
+static int meta_same_key(const void *x, const void *y) {
+    const meta_entry *a = x, *b = y;
+    return a->m.key_len == b->m.key_len && memcmp(a->m.key, b->m.key, a->m.key_len) == 0;
 }
 
 static int meta_by_key(const void *x, const void *y) {
@@ -418,17 +431,16 @@ static int validate(st_header *h, uint64_t file_size, ds_error *err) {
             goto done;
         }
         if (bits % 8) {
-            ds_fail(err, DS_ERR_FORMAT, "tensor '%.200s': shape %s of dtype %s is not a whole number of bytes",
-                    t->name, shp, DTYPES[t->dtype].name);
+            ds_fail(err, DS_ERR_FORMAT, "tensor '%.200s': shape %s of dtype %s is not a whole number of bytes", t->name,
+                    shp, DTYPES[t->dtype].name);
             goto done;
         }
         if (t->end - t->begin != bits / 8) {
             ds_fail(err, DS_ERR_FORMAT,
                     "tensor '%.200s': dtype %s and shape %s need %llu bytes, but data_offsets [%llu, %llu) "
                     "hold %llu",
-                    t->name, DTYPES[t->dtype].name, shp, (unsigned long long)(bits / 8),
-                    (unsigned long long)t->begin, (unsigned long long)t->end,
-                    (unsigned long long)(t->end - t->begin));
+                    t->name, DTYPES[t->dtype].name, shp, (unsigned long long)(bits / 8), (unsigned long long)t->begin,
+                    (unsigned long long)t->end, (unsigned long long)(t->end - t->begin));
             goto done;
         }
     }
@@ -521,37 +533,23 @@ int st_parse(const uint8_t *json, size_t json_len, uint64_t file_size, st_header
     if (js_finish(c))
         goto done;
 
-    /* Names: sorted bytewise; a repeated name keeps its last entry. Writers
-     * usually list tensors in name order already: check before sorting. */
-    int sorted = 1;
-    for (size_t k = 1; k < ps.n_entries && sorted; k++)
-        sorted = entry_by_name(&ps.entries[k - 1], &ps.entries[k]) < 0;
-    if (!sorted)
-        qsort(ps.entries, ps.n_entries, sizeof(entry), entry_by_name);
-    h->tensors = malloc((ps.n_entries ? ps.n_entries : 1) * sizeof(st_tensor));
+    /* Names: sorted bytewise; a repeated name keeps its last entry (lastwins.h). */
+    size_t n_tensors = lw_sort_keep_last(ps.entries, ps.n_entries, sizeof(entry), entry_by_name, entry_same_name);
+    h->tensors = malloc((n_tensors ? n_tensors : 1) * sizeof(st_tensor));
     if (!h->tensors) {
         nomem(&ps);
         goto done;
     }
-    for (size_t k = 0; k < ps.n_entries; k++) {
-        if (k + 1 < ps.n_entries && ps.entries[k].t.name_len == ps.entries[k + 1].t.name_len &&
-            memcmp(ps.entries[k].t.name, ps.entries[k + 1].t.name, ps.entries[k].t.name_len) == 0)
-            continue;
+    for (size_t k = 0; k < n_tensors; k++)
         h->tensors[h->n_tensors++] = ps.entries[k].t;
-    }
-    if (ps.n_meta > 1)
-        qsort(ps.meta, ps.n_meta, sizeof(meta_entry), meta_by_key);
-    h->meta = malloc((ps.n_meta ? ps.n_meta : 1) * sizeof(st_meta));
+    size_t n_meta = lw_sort_keep_last(ps.meta, ps.n_meta, sizeof(meta_entry), meta_by_key, meta_same_key);
+    h->meta = malloc((n_meta ? n_meta : 1) * sizeof(st_meta));
     if (!h->meta) {
         nomem(&ps);
         goto done;
     }
-    for (size_t k = 0; k < ps.n_meta; k++) {
-        if (k + 1 < ps.n_meta && ps.meta[k].m.key_len == ps.meta[k + 1].m.key_len &&
-            memcmp(ps.meta[k].m.key, ps.meta[k + 1].m.key, ps.meta[k].m.key_len) == 0)
-            continue;
+    for (size_t k = 0; k < n_meta; k++)
         h->meta[h->n_meta++] = ps.meta[k].m;
-    }
     h->arena = ps.arena;
     ps.arena = NULL;
     if (validate(h, file_size, err))

@@ -57,8 +57,7 @@ static int check_tensor(const pk_tensor *t, uint64_t storage_bytes, size_t which
 
 /* Checks every tensor reachable from o once (seen: one mark per object id); containers nested
  * deeper than 1000 are refused. */
-static int check_tree(const pk_obj *o, const tf_checkpoint *c, uint8_t *seen, size_t *count, int depth,
-                      ds_error *err) {
+static int check_tree(const pk_obj *o, const tf_checkpoint *c, uint8_t *seen, size_t *count, int depth, ds_error *err) {
     if (seen[o->id])
         return 0;
     seen[o->id] = 1;
@@ -129,8 +128,8 @@ int tf_open(const char *path, const pk_options *opt, tf_checkpoint *c, ds_error 
         goto fail;
     }
     if (pkl->method != 0) {
-        ds_fail(err, DS_ERR_FORMAT, "zip entry '%.200s' is compressed (method %d): torch never compresses",
-                pkl->name, pkl->method);
+        ds_fail(err, DS_ERR_FORMAT, "zip entry '%.200s' is compressed (method %d): torch never compresses", pkl->name,
+                pkl->method);
         goto fail;
     }
     if (pkl->size > TF_MAX_PICKLE) {
@@ -166,14 +165,15 @@ int tf_open(const char *path, const pk_options *opt, tf_checkpoint *c, ds_error 
             goto fail;
         }
         if (e->method != 0) {
-            ds_fail(err, DS_ERR_FORMAT, "zip entry '%.200s' is compressed (method %d): torch never compresses",
-                    e->name, e->method);
+            ds_fail(err, DS_ERR_FORMAT, "zip entry '%.200s' is compressed (method %d): torch never compresses", e->name,
+                    e->method);
             goto fail;
         }
         uint64_t es = pk_dtype_size(s->dtype);
         if (s->numel > UINT64_MAX / es || s->numel * es > e->size) {
-            ds_fail(err, DS_ERR_FORMAT, "storage '%.100s' claims %llu elements of %llu bytes but its entry holds %llu bytes",
-                    s->key, (unsigned long long)s->numel, (unsigned long long)es, (unsigned long long)e->size);
+            ds_fail(err, DS_ERR_FORMAT,
+                    "storage '%.100s' claims %llu elements of %llu bytes but its entry holds %llu bytes", s->key,
+                    (unsigned long long)s->numel, (unsigned long long)es, (unsigned long long)e->size);
             goto fail;
         }
         c->storage_offset[i] = e->offset;

@@ -31,10 +31,9 @@ typedef struct {
     uint64_t *storage_nbytes; /* bytes the storage holds */
 } tf_checkpoint;
 
-/* opt (may be NULL) goes to the pickle machine. Returns 0, or -1 with err: DS_ERR_UNSUPPORTED when the file is not a zip checkpoint (legacy
- * format) or uses what the reader does not represent; DS_ERR_FORMAT when it is malformed or names
- * a refused global; DS_ERR_INTERRUPTED when opt's poll asked to stop. The file stays open in c->f
- * on success. */
+/* opt (may be NULL) goes to the pickle machine. Returns 0, or -1 with err: DS_ERR_UNSUPPORTED when the file is not a
+ * zip checkpoint (legacy format) or uses what the reader does not represent; DS_ERR_FORMAT when it is malformed or
+ * names a refused global; DS_ERR_INTERRUPTED when opt's poll asked to stop. The file stays open in c->f on success. */
 int tf_open(const char *path, const pk_options *opt, tf_checkpoint *c, ds_error *err);
 void tf_close(tf_checkpoint *c);
 

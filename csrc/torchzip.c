@@ -16,7 +16,9 @@
 #define MAX_ENTRIES (1u << 24)
 
 static uint16_t rd16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
-static uint32_t rd32(const uint8_t *p) { return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24); }
+static uint32_t rd32(const uint8_t *p) {
+    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
+}
 static uint64_t rd64(const uint8_t *p) { return (uint64_t)rd32(p) | ((uint64_t)rd32(p + 4) << 32); }
 
 void tz_free(tz_archive *a) {
@@ -196,13 +198,14 @@ int tz_open(int fd, uint64_t size, tz_archive *a, ds_error *err) {
                        "(%llu bytes): truncated?",
                        (unsigned long long)cd_off, (unsigned long long)cd_size, (unsigned long long)size);
     if (n > MAX_ENTRIES || n * 46 > cd_size)
-        return ds_fail(err, DS_ERR_FORMAT, "the zip directory claims %llu entries in %llu bytes",
-                       (unsigned long long)n, (unsigned long long)cd_size);
+        return ds_fail(err, DS_ERR_FORMAT, "the zip directory claims %llu entries in %llu bytes", (unsigned long long)n,
+                       (unsigned long long)cd_size);
     uint8_t *cd = malloc(cd_size ? (size_t)cd_size : 1);
     a->entries = calloc(n ? (size_t)n : 1, sizeof *a->entries);
     if (!cd || !a->entries) {
         free(cd);
-        return ds_fail(err, DS_ERR_NOMEM, "out of memory for a zip directory of %llu bytes", (unsigned long long)cd_size);
+        return ds_fail(err, DS_ERR_NOMEM, "out of memory for a zip directory of %llu bytes",
+                       (unsigned long long)cd_size);
     }
     if (io_pread(fd, cd, (size_t)cd_size, cd_off, err)) {
         free(cd);

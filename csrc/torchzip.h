@@ -23,7 +23,7 @@ typedef struct {
     uint64_t offset; /* of the entry's first byte in the file */
     uint64_t size;
     uint64_t end; /* one past the entry's last stored byte in the file */
-    int method; /* 0: stored */
+    int method;   /* 0: stored */
 } tz_entry;
 
 typedef struct {
@@ -31,7 +31,7 @@ typedef struct {
     size_t n;
     char *prefix; /* the archive's top folder with its '/', e.g. "model/" ("" when there is none) */
     size_t prefix_len;
-    size_t *index; /* open addressing over entries by name: entry number + 1, 0 when empty */
+    size_t *index;    /* open addressing over entries by name: entry number + 1, 0 when empty */
     size_t index_cap; /* a power of two */
 } tz_archive;
 

@@ -35,7 +35,7 @@ enum {
     G_REBUILD_PARAMETER,
     G_REBUILD_PARAMETER_STATE,
     G_CODECS_ENCODE,
-    G_STORAGE, /* + st_dtype, or + ST_NDTYPES for UntypedStorage */
+    G_STORAGE,                            /* + st_dtype, or + ST_NDTYPES for UntypedStorage */
     G_DTYPE = G_STORAGE + ST_NDTYPES + 1, /* + st_dtype */
     G_END = G_DTYPE + ST_NDTYPES,
 };
@@ -44,8 +44,8 @@ static const struct {
     const char *name;
     int dtype;
 } storage_names[] = {
-    {"FloatStorage", ST_F32}, {"DoubleStorage", ST_F64}, {"HalfStorage", ST_F16}, {"BFloat16Storage", ST_BF16},
-    {"LongStorage", ST_I64},  {"IntStorage", ST_I32},    {"ShortStorage", ST_I16}, {"CharStorage", ST_I8},
+    {"FloatStorage", ST_F32}, {"DoubleStorage", ST_F64}, {"HalfStorage", ST_F16},         {"BFloat16Storage", ST_BF16},
+    {"LongStorage", ST_I64},  {"IntStorage", ST_I32},    {"ShortStorage", ST_I16},        {"CharStorage", ST_I8},
     {"ByteStorage", ST_U8},   {"BoolStorage", ST_BOOL},  {"ComplexFloatStorage", ST_C64},
 };
 
@@ -54,52 +54,145 @@ static const struct {
     int dtype;
 } dtype_names[] = {
     /* str(dtype) only, as torch's weights-only unpickler (it refuses aliases such as torch.half) */
-    {"float32", ST_F32},         {"float64", ST_F64},         {"float16", ST_F16},     {"bfloat16", ST_BF16},
-    {"int64", ST_I64},           {"int32", ST_I32},           {"int16", ST_I16},       {"int8", ST_I8},
-    {"uint8", ST_U8},            {"bool", ST_BOOL},           {"uint16", ST_U16},      {"uint32", ST_U32},
-    {"uint64", ST_U64},          {"complex64", ST_C64},       {"float8_e4m3fn", ST_F8_E4M3},
-    {"float8_e5m2", ST_F8_E5M2}, {"float8_e8m0fnu", ST_F8_E8M0}, {"float8_e4m3fnuz", ST_F8_E4M3FNUZ},
+    {"float32", ST_F32},
+    {"float64", ST_F64},
+    {"float16", ST_F16},
+    {"bfloat16", ST_BF16},
+    {"int64", ST_I64},
+    {"int32", ST_I32},
+    {"int16", ST_I16},
+    {"int8", ST_I8},
+    {"uint8", ST_U8},
+    {"bool", ST_BOOL},
+    {"uint16", ST_U16},
+    {"uint32", ST_U32},
+    {"uint64", ST_U64},
+    {"complex64", ST_C64},
+    {"float8_e4m3fn", ST_F8_E4M3},
+    {"float8_e5m2", ST_F8_E5M2},
+    {"float8_e8m0fnu", ST_F8_E8M0},
+    {"float8_e4m3fnuz", ST_F8_E4M3FNUZ},
     {"float8_e5m2fnuz", ST_F8_E5M2FNUZ},
 };
 
 /* Globals torch's weights-only unpickler accepts (its _get_allowed_globals, torch 2.14) that this
  * machine does not represent: they send the file to torch.load. Sorted, for bsearch. */
 static const char *const torch_only[] = {
-    "builtins.bytearray", "builtins.complex", "builtins.set", "collections.Counter", "torch.BFloat16Tensor",
-    "torch.BoolTensor", "torch.ByteTensor", "torch.CharTensor", "torch.ComplexDoubleStorage", "torch.DoubleTensor",
-    "torch.FloatTensor", "torch.HalfTensor", "torch.IntTensor", "torch.LongTensor", "torch.QInt32Storage",
-    "torch.QInt8Storage", "torch.QUInt2x4Storage", "torch.QUInt4x2Storage", "torch.QUInt8Storage", "torch.ShortTensor",
-    "torch.Size", "torch.Tensor", "torch._tensor._rebuild_from_type_v2",
-    "torch._utils._rebuild_device_tensor_from_cpu_tensor", "torch._utils._rebuild_device_tensor_from_numpy",
-    "torch._utils._rebuild_meta_tensor_no_storage", "torch._utils._rebuild_nested_tensor",
-    "torch._utils._rebuild_qtensor", "torch._utils._rebuild_sparse_tensor", "torch._utils._rebuild_wrapper_subclass",
-    "torch.bcomplex32", "torch.bits16", "torch.bits1x8", "torch.bits2x4", "torch.bits4x2", "torch.bits8",
-    "torch.complex128", "torch.complex32", "torch.cuda.BFloat16Storage", "torch.cuda.BFloat16Tensor",
-    "torch.cuda.BoolStorage", "torch.cuda.BoolTensor", "torch.cuda.ByteStorage", "torch.cuda.ByteTensor",
-    "torch.cuda.CharStorage", "torch.cuda.CharTensor", "torch.cuda.ComplexDoubleStorage",
-    "torch.cuda.ComplexFloatStorage", "torch.cuda.DoubleStorage", "torch.cuda.DoubleTensor", "torch.cuda.FloatStorage",
-    "torch.cuda.FloatTensor", "torch.cuda.HalfStorage", "torch.cuda.HalfTensor", "torch.cuda.IntStorage",
-    "torch.cuda.IntTensor", "torch.cuda.LongStorage", "torch.cuda.LongTensor", "torch.cuda.ShortStorage",
-    "torch.cuda.ShortTensor", "torch.cuda.sparse.BFloat16Tensor", "torch.cuda.sparse.ByteTensor",
-    "torch.cuda.sparse.CharTensor", "torch.cuda.sparse.DoubleTensor", "torch.cuda.sparse.FloatTensor",
-    "torch.cuda.sparse.HalfTensor", "torch.cuda.sparse.IntTensor", "torch.cuda.sparse.LongTensor",
-    "torch.cuda.sparse.ShortTensor", "torch.device", "torch.float4_e2m1fn_x2", "torch.int1", "torch.int2",
-    "torch.int3", "torch.int4", "torch.int5", "torch.int6", "torch.int7", "torch.nn.parameter.Parameter",
-    "torch.per_channel_affine", "torch.per_channel_affine_float_qparams", "torch.per_channel_symmetric",
-    "torch.per_tensor_affine", "torch.per_tensor_symmetric", "torch.qint32", "torch.qint8", "torch.quint2x4",
-    "torch.quint4x2", "torch.quint8", "torch.serialization._get_layout", "torch.sparse.BFloat16Tensor",
-    "torch.sparse.ByteTensor", "torch.sparse.CharTensor", "torch.sparse.DoubleTensor", "torch.sparse.FloatTensor",
-    "torch.sparse.HalfTensor", "torch.sparse.IntTensor", "torch.sparse.LongTensor", "torch.sparse.ShortTensor",
-    "torch.storage.TypedStorage", "torch.uint1", "torch.uint2", "torch.uint3", "torch.uint4", "torch.uint5",
-    "torch.uint6", "torch.uint7",
+    "builtins.bytearray",
+    "builtins.complex",
+    "builtins.set",
+    "collections.Counter",
+    "torch.BFloat16Tensor",
+    "torch.BoolTensor",
+    "torch.ByteTensor",
+    "torch.CharTensor",
+    "torch.ComplexDoubleStorage",
+    "torch.DoubleTensor",
+    "torch.FloatTensor",
+    "torch.HalfTensor",
+    "torch.IntTensor",
+    "torch.LongTensor",
+    "torch.QInt32Storage",
+    "torch.QInt8Storage",
+    "torch.QUInt2x4Storage",
+    "torch.QUInt4x2Storage",
+    "torch.QUInt8Storage",
+    "torch.ShortTensor",
+    "torch.Size",
+    "torch.Tensor",
+    "torch._tensor._rebuild_from_type_v2",
+    "torch._utils._rebuild_device_tensor_from_cpu_tensor",
+    "torch._utils._rebuild_device_tensor_from_numpy",
+    "torch._utils._rebuild_meta_tensor_no_storage",
+    "torch._utils._rebuild_nested_tensor",
+    "torch._utils._rebuild_qtensor",
+    "torch._utils._rebuild_sparse_tensor",
+    "torch._utils._rebuild_wrapper_subclass",
+    "torch.bcomplex32",
+    "torch.bits16",
+    "torch.bits1x8",
+    "torch.bits2x4",
+    "torch.bits4x2",
+    "torch.bits8",
+    "torch.complex128",
+    "torch.complex32",
+    "torch.cuda.BFloat16Storage",
+    "torch.cuda.BFloat16Tensor",
+    "torch.cuda.BoolStorage",
+    "torch.cuda.BoolTensor",
+    "torch.cuda.ByteStorage",
+    "torch.cuda.ByteTensor",
+    "torch.cuda.CharStorage",
+    "torch.cuda.CharTensor",
+    "torch.cuda.ComplexDoubleStorage",
+    "torch.cuda.ComplexFloatStorage",
+    "torch.cuda.DoubleStorage",
+    "torch.cuda.DoubleTensor",
+    "torch.cuda.FloatStorage",
+    "torch.cuda.FloatTensor",
+    "torch.cuda.HalfStorage",
+    "torch.cuda.HalfTensor",
+    "torch.cuda.IntStorage",
+    "torch.cuda.IntTensor",
+    "torch.cuda.LongStorage",
+    "torch.cuda.LongTensor",
+    "torch.cuda.ShortStorage",
+    "torch.cuda.ShortTensor",
+    "torch.cuda.sparse.BFloat16Tensor",
+    "torch.cuda.sparse.ByteTensor",
+    "torch.cuda.sparse.CharTensor",
+    "torch.cuda.sparse.DoubleTensor",
+    "torch.cuda.sparse.FloatTensor",
+    "torch.cuda.sparse.HalfTensor",
+    "torch.cuda.sparse.IntTensor",
+    "torch.cuda.sparse.LongTensor",
+    "torch.cuda.sparse.ShortTensor",
+    "torch.device",
+    "torch.float4_e2m1fn_x2",
+    "torch.int1",
+    "torch.int2",
+    "torch.int3",
+    "torch.int4",
+    "torch.int5",
+    "torch.int6",
+    "torch.int7",
+    "torch.nn.parameter.Parameter",
+    "torch.per_channel_affine",
+    "torch.per_channel_affine_float_qparams",
+    "torch.per_channel_symmetric",
+    "torch.per_tensor_affine",
+    "torch.per_tensor_symmetric",
+    "torch.qint32",
+    "torch.qint8",
+    "torch.quint2x4",
+    "torch.quint4x2",
+    "torch.quint8",
+    "torch.serialization._get_layout",
+    "torch.sparse.BFloat16Tensor",
+    "torch.sparse.ByteTensor",
+    "torch.sparse.CharTensor",
+    "torch.sparse.DoubleTensor",
+    "torch.sparse.FloatTensor",
+    "torch.sparse.HalfTensor",
+    "torch.sparse.IntTensor",
+    "torch.sparse.LongTensor",
+    "torch.sparse.ShortTensor",
+    "torch.storage.TypedStorage",
+    "torch.uint1",
+    "torch.uint2",
+    "torch.uint3",
+    "torch.uint4",
+    "torch.uint5",
+    "torch.uint6",
+    "torch.uint7",
 };
 
 /* pickle's compatibility mapping (Lib/_compat_pickle.py) for the Python 2 names a protocol-2 GLOBAL
  * may carry, as torch's weights-only unpickler applies it: these names first, then any other
  * __builtin__ name moves to builtins (and copy_reg to copyreg). */
 static const char *const compat_names[][3] = {
-    {"xrange", "builtins", "range"}, {"reduce", "functools", "reduce"}, {"intern", "sys", "intern"},
-    {"unichr", "builtins", "chr"},   {"unicode", "builtins", "str"},    {"long", "builtins", "int"},
+    {"xrange", "builtins", "range"},   {"reduce", "functools", "reduce"}, {"intern", "sys", "intern"},
+    {"unichr", "builtins", "chr"},     {"unicode", "builtins", "str"},    {"long", "builtins", "int"},
     {"basestring", "builtins", "str"},
 };
 
@@ -167,7 +260,7 @@ typedef struct {
     struct memo_slot {
         uint64_t idx; /* memo index + 1; 0: empty */
         pk_obj *obj;
-    } *memo; /* open addressing: pickle memo indexes are 32-bit and may be sparse */
+    } * memo; /* open addressing: pickle memo indexes are 32-bit and may be sparse */
     size_t memo_cap, memo_n;
     pk_obj **storage_index; /* open addressing over r->storages by key */
     size_t storage_index_cap, storages_cap;
@@ -460,9 +553,10 @@ static pk_obj *call(vm *m, pk_obj *fn, pk_obj *args) {
         int64_t rg;
         size_t want = fn->u.global == G_REBUILD_PARAMETER ? 3 : 4;
         if (n != want || args->u.seq.v[0]->kind != PK_TENSOR) {
-            bad(m, fn->u.global == G_REBUILD_PARAMETER ? "_rebuild_parameter is not given (tensor, requires_grad, hooks)"
-                                                       : "_rebuild_parameter_with_state is not given (tensor, "
-                                                         "requires_grad, hooks, state)");
+            bad(m, fn->u.global == G_REBUILD_PARAMETER
+                       ? "_rebuild_parameter is not given (tensor, requires_grad, hooks)"
+                       : "_rebuild_parameter_with_state is not given (tensor, "
+                         "requires_grad, hooks, state)");
             return NULL;
         }
         pk_tensor *t = arena_alloc(m->arena, sizeof *t);
@@ -513,9 +607,7 @@ static pk_obj *call(vm *m, pk_obj *fn, pk_obj *args) {
         }
         return make_str(m, PK_BYTES, b, k);
     }
-    default:
-        bad(m, "a storage class or dtype is called");
-        return NULL;
+    default: bad(m, "a storage class or dtype is called"); return NULL;
     }
 }
 
@@ -637,15 +729,15 @@ static const char *refused_opcode(uint8_t op) {
         uint8_t op;
         const char *name;
     } names[] = {
-        {0x95, "FRAME"},     {'0', "POP"},          {'1', "POP_MARK"},         {'2', "DUP"},
-        {0x93, "STACK_GLOBAL"}, {0x94, "MEMOIZE"},  {0x8d, "BINUNICODE8"},     {0x8c, "SHORT_BINUNICODE"},
-        {'T', "BINSTRING"},  {'B', "BINBYTES"},     {'C', "SHORT_BINBYTES"},   {0x8e, "BINBYTES8"},
-        {'i', "INST"},       {'o', "OBJ"},          {0x92, "NEWOBJ_EX"},       {'I', "INT"},
-        {'L', "LONG"},       {'F', "FLOAT"},        {'S', "STRING"},           {'V', "UNICODE"},
-        {'p', "PUT"},        {'g', "GET"},          {'P', "PERSID"},           {0x82, "EXT1"},
-        {0x83, "EXT2"},      {0x84, "EXT4"},        {0x8b, "LONG4"},           {0x90, "ADDITEMS"},
-        {0x91, "FROZENSET"}, {0x96, "BYTEARRAY8"},  {0x97, "NEXT_BUFFER"},     {0x98, "READONLY_BUFFER"},
-        {'l', "LIST"},       {'d', "DICT"},
+        {0x95, "FRAME"},        {'0', "POP"},         {'1', "POP_MARK"},       {'2', "DUP"},
+        {0x93, "STACK_GLOBAL"}, {0x94, "MEMOIZE"},    {0x8d, "BINUNICODE8"},   {0x8c, "SHORT_BINUNICODE"},
+        {'T', "BINSTRING"},     {'B', "BINBYTES"},    {'C', "SHORT_BINBYTES"}, {0x8e, "BINBYTES8"},
+        {'i', "INST"},          {'o', "OBJ"},         {0x92, "NEWOBJ_EX"},     {'I', "INT"},
+        {'L', "LONG"},          {'F', "FLOAT"},       {'S', "STRING"},         {'V', "UNICODE"},
+        {'p', "PUT"},           {'g', "GET"},         {'P', "PERSID"},         {0x82, "EXT1"},
+        {0x83, "EXT2"},         {0x84, "EXT4"},       {0x8b, "LONG4"},         {0x90, "ADDITEMS"},
+        {0x91, "FROZENSET"},    {0x96, "BYTEARRAY8"}, {0x97, "NEXT_BUFFER"},   {0x98, "READONLY_BUFFER"},
+        {'l', "LIST"},          {'d', "DICT"},
     };
     for (size_t i = 0; i < sizeof names / sizeof *names; i++)
         if (names[i].op == op)
@@ -908,7 +1000,8 @@ static int run(vm *m) {
             if (!fn)
                 return -1;
             if (op == 0x81 && (fn->kind != PK_GLOBAL || fn->u.global != G_ORDERED_DICT))
-                return ds_fail(m->err, DS_ERR_UNSUPPORTED, "data.pkl: NEWOBJ of a class this reader does not represent");
+                return ds_fail(m->err, DS_ERR_UNSUPPORTED,
+                               "data.pkl: NEWOBJ of a class this reader does not represent");
             pk_obj *o = op == 0x81 ? new_obj(m, PK_ODICT) : call(m, fn, args);
             if (!o || push(m, o))
                 return -1;
@@ -958,8 +1051,8 @@ static int run(vm *m) {
                                "data.pkl: pickle opcode %s at byte %zu, which torch's weights-only unpickler refuses "
                                "too (torch.save never writes it)",
                                name, at(m) - 1);
-            return ds_fail(m->err, DS_ERR_UNSUPPORTED, "data.pkl: pickle opcode 0x%02x at byte %zu is not supported", op,
-                           at(m) - 1);
+            return ds_fail(m->err, DS_ERR_UNSUPPORTED, "data.pkl: pickle opcode 0x%02x at byte %zu is not supported",
+                           op, at(m) - 1);
         }
         }
     }

@@ -32,7 +32,7 @@ typedef enum {
     PK_BYTES,
     PK_TUPLE,
     PK_LIST,
-    PK_DICT, /* items: key, value, key, value, ... in insertion order */
+    PK_DICT,  /* items: key, value, key, value, ... in insertion order */
     PK_ODICT, /* the same, built by collections.OrderedDict() */
     PK_GLOBAL,
     PK_STORAGE,
@@ -60,15 +60,15 @@ typedef struct {
     uint64_t size[PK_MAX_DIMS];
     uint64_t stride[PK_MAX_DIMS];
     int requires_grad;
-    int parameter;     /* came through _rebuild_parameter(_with_state) */
-    pk_obj *metadata;  /* _rebuild_tensor_v2/v3's metadata ({'conj': True}, {'neg': True}), or NULL */
-    pk_obj *state;     /* _rebuild_parameter_with_state's state (Python attributes), or NULL */
+    int parameter;    /* came through _rebuild_parameter(_with_state) */
+    pk_obj *metadata; /* _rebuild_tensor_v2/v3's metadata ({'conj': True}, {'neg': True}), or NULL */
+    pk_obj *state;    /* _rebuild_parameter_with_state's state (Python attributes), or NULL */
 } pk_tensor;
 
 struct pk_obj {
     pk_kind kind;
-    size_t id;      /* 0, 1, 2, ... in order of creation: index for a walk's visited marks */
-    pk_obj *state;  /* ODICT: the dict BUILD gave it (e.g. {'_metadata': ...}), or NULL */
+    size_t id;     /* 0, 1, 2, ... in order of creation: index for a walk's visited marks */
+    pk_obj *state; /* ODICT: the dict BUILD gave it (e.g. {'_metadata': ...}), or NULL */
     union {
         int64_t i; /* INT, BOOL */
         double f;
@@ -79,13 +79,12 @@ struct pk_obj {
         struct {
             pk_obj **v;
             size_t n, cap;
-        } seq; /* TUPLE, LIST, DICT */
+        } seq;      /* TUPLE, LIST, DICT */
         int global; /* GLOBAL: an entry of the allow-list (unpickle.c) */
         pk_storage storage;
         pk_tensor *tensor;
     } u;
 };
-
 
 typedef struct {
     pk_obj *root;

@@ -1,6 +1,8 @@
-# Type stub of the C extension diffsynth_c._core (csrc/module.c). Every entry of module_methods, the
-# types and the constants it adds in module_exec are listed here; tests/test_api_docs.py checks that
-# this file and dir(diffsynth_c._core) name the same things. The friendly API is the Python package.
+# Type stub of the C extension diffsynth_c._core (csrc/module.c and the files it assembles: the
+# method tables of csrc/bind_*.c, the types of region.c, tensor.c, tensorref.c, openfile.c, the
+# constants of module_exec). Every function, type and constant is listed here; tests/test_api_docs.py
+# checks that this file and dir(diffsynth_c._core) name the same things. The friendly API is the
+# Python package.
 
 from collections.abc import Callable, Sequence
 from os import PathLike

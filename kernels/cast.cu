@@ -54,12 +54,12 @@ struct cast_launch {
         int aligned = (uintptr_t)src % in_align == 0 && (uintptr_t)dst % out_align == 0;
         if (aligned) {
             unsigned blocks = dsk_blocks(n / CAST_VEC, CAST_THREADS);
-            cast_vec_kernel<S, D><<<blocks < max_blocks ? blocks : max_blocks, CAST_THREADS, 0, stream>>>(
-                (const in_t *)src, (out_t *)dst, n, r);
+            blocks = blocks < max_blocks ? blocks : max_blocks; /* a bare `<` inside <<<>>> trips clang-format */
+            cast_vec_kernel<S, D><<<blocks, CAST_THREADS, 0, stream>>>((const in_t *)src, (out_t *)dst, n, r);
         } else {
             unsigned blocks = dsk_blocks(n, CAST_THREADS);
-            cast_scalar_kernel<S, D><<<blocks < max_blocks ? blocks : max_blocks, CAST_THREADS, 0, stream>>>(
-                (const in_t *)src, (out_t *)dst, n, r);
+            blocks = blocks < max_blocks ? blocks : max_blocks;
+            cast_scalar_kernel<S, D><<<blocks, CAST_THREADS, 0, stream>>>((const in_t *)src, (out_t *)dst, n, r);
         }
     }
 };
@@ -92,20 +92,21 @@ extern "C" int dsk_cast(int device, const void *src, dsk_dtype src_t, void *dst,
 #define PIECE_TILE 4096 /* elements per block */
 
 template <int S, int D>
-__device__ __forceinline__ static void piece_range(const uint8_t *src, void *dst, size_t begin, size_t end, dsk_rules r) {
+__device__ __forceinline__ static void piece_range(const uint8_t *src, void *dst, size_t begin, size_t end,
+                                                   dsk_rules r) {
     const typename dsk_elem<S>::type *in = (const typename dsk_elem<S>::type *)src;
     typename dsk_elem<D>::type *out = (typename dsk_elem<D>::type *)dst;
     for (size_t i = begin + threadIdx.x; i < end; i += blockDim.x)
         out[i] = dsk_convert<S, D>(in[i], r);
 }
 
-#define PIECE_CASE_D(S)                                                                                              \
-    switch (p.dst_t) {                                                                                               \
-    case DSK_F32: piece_range<S, DSK_F32>(in, p.dst, begin, end, r); break;                                          \
-    case DSK_F16: piece_range<S, DSK_F16>(in, p.dst, begin, end, r); break;                                          \
-    case DSK_BF16: piece_range<S, DSK_BF16>(in, p.dst, begin, end, r); break;                                        \
-    case DSK_E4M3: piece_range<S, DSK_E4M3>(in, p.dst, begin, end, r); break;                                        \
-    case DSK_E5M2: piece_range<S, DSK_E5M2>(in, p.dst, begin, end, r); break;                                        \
+#define PIECE_CASE_D(S)                                                                                                \
+    switch (p.dst_t) {                                                                                                 \
+    case DSK_F32: piece_range<S, DSK_F32>(in, p.dst, begin, end, r); break;                                            \
+    case DSK_F16: piece_range<S, DSK_F16>(in, p.dst, begin, end, r); break;                                            \
+    case DSK_BF16: piece_range<S, DSK_BF16>(in, p.dst, begin, end, r); break;                                          \
+    case DSK_E4M3: piece_range<S, DSK_E4M3>(in, p.dst, begin, end, r); break;                                          \
+    case DSK_E5M2: piece_range<S, DSK_E5M2>(in, p.dst, begin, end, r); break;                                          \
     }
 
 /* One block per tile of PIECE_TILE elements; tile_begin (ascending) says where each piece's tiles

@@ -28,30 +28,33 @@ template <> struct dsk_elem<DSK_E5M2> { typedef uint8_t type; };
 static inline size_t dsk_size(int t) { return t == DSK_F32 ? 4 : (t == DSK_F16 || t == DSK_BF16) ? 2 : 1; }
 
 template <int S, int D>
-__host__ __device__ __forceinline__ static typename dsk_elem<D>::type dsk_convert(typename dsk_elem<S>::type v, dsk_rules r) {
+__host__ __device__ __forceinline__ static typename dsk_elem<D>::type dsk_convert(typename dsk_elem<S>::type v,
+                                                                                  dsk_rules r) {
     return (typename dsk_elem<D>::type)ds_convert_any(S, D, (uint32_t)v, (ds_nan)r.nan, r.saturate);
 }
 
 /* Element of dtype T as F32 bits (the norms read their inputs this way). */
-template <int T> __host__ __device__ __forceinline__ static uint32_t dsk_to_f32(typename dsk_elem<T>::type v, dsk_rules r) {
+template <int T>
+__host__ __device__ __forceinline__ static uint32_t dsk_to_f32(typename dsk_elem<T>::type v, dsk_rules r) {
     return ds_any_to_f32(T, (uint32_t)v, (ds_nan)r.nan);
 }
 
-template <int T> __host__ __device__ __forceinline__ static typename dsk_elem<T>::type dsk_from_f32(uint32_t x, dsk_rules r) {
+template <int T>
+__host__ __device__ __forceinline__ static typename dsk_elem<T>::type dsk_from_f32(uint32_t x, dsk_rules r) {
     return (typename dsk_elem<T>::type)ds_f32_to_any(T, x, (ds_nan)r.nan, r.saturate);
 }
 
 /* Calls f.template operator()<S, D>() for the runtime pair (s, d); returns 0, or -1 for a pair
  * outside the five types. */
 template <typename F> static int dsk_dispatch(int s, int d, F &&f) {
-#define DSK_D(S)                                                                                                      \
-    switch (d) {                                                                                                      \
-    case DSK_F32: f.template operator()<S, DSK_F32>(); return 0;                                                      \
-    case DSK_F16: f.template operator()<S, DSK_F16>(); return 0;                                                      \
-    case DSK_BF16: f.template operator()<S, DSK_BF16>(); return 0;                                                    \
-    case DSK_E4M3: f.template operator()<S, DSK_E4M3>(); return 0;                                                    \
-    case DSK_E5M2: f.template operator()<S, DSK_E5M2>(); return 0;                                                    \
-    default: return -1;                                                                                               \
+#define DSK_D(S)                                                                                                       \
+    switch (d) {                                                                                                       \
+    case DSK_F32: f.template operator()<S, DSK_F32>(); return 0;                                                       \
+    case DSK_F16: f.template operator()<S, DSK_F16>(); return 0;                                                       \
+    case DSK_BF16: f.template operator()<S, DSK_BF16>(); return 0;                                                     \
+    case DSK_E4M3: f.template operator()<S, DSK_E4M3>(); return 0;                                                     \
+    case DSK_E5M2: f.template operator()<S, DSK_E5M2>(); return 0;                                                     \
+    default: return -1;                                                                                                \
     }
     switch (s) {
     case DSK_F32: DSK_D(DSK_F32)

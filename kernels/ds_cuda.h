@@ -39,17 +39,17 @@ DSK_API int dsk_abi_version(void);
 DSK_API int dsk_device_count(char *err, size_t errlen);
 
 /* dst[i] = src[i] converted, n elements, both contiguous memory of CUDA device `device`. */
-DSK_API int dsk_cast(int device, const void *src, dsk_dtype src_t, void *dst, dsk_dtype dst_t, size_t n, dsk_rules rules,
-             void *stream, char *err, size_t errlen);
+DSK_API int dsk_cast(int device, const void *src, dsk_dtype src_t, void *dst, dsk_dtype dst_t, size_t n,
+                     dsk_rules rules, void *stream, char *err, size_t errlen);
 
 /* Over the last dimension (cols) of rows x cols contiguous elements: y = x / sqrt(mean(x^2) + eps) * w
  * (w may be NULL), accumulated in F32. x and y share dtype t, w has dtype w_t. */
-DSK_API int dsk_rms_norm(int device, const void *x, void *y, dsk_dtype t, const void *w, dsk_dtype w_t, size_t rows, size_t cols,
-                 float eps, void *stream, char *err, size_t errlen);
+DSK_API int dsk_rms_norm(int device, const void *x, void *y, dsk_dtype t, const void *w, dsk_dtype w_t, size_t rows,
+                         size_t cols, float eps, void *stream, char *err, size_t errlen);
 
 /* y = (x - mean) / sqrt(var + eps) * w + b over the last dimension (w and b may be NULL). */
-DSK_API int dsk_layer_norm(int device, const void *x, void *y, dsk_dtype t, const void *w, const void *b, dsk_dtype w_t, size_t rows,
-                   size_t cols, float eps, void *stream, char *err, size_t errlen);
+DSK_API int dsk_layer_norm(int device, const void *x, void *y, dsk_dtype t, const void *w, const void *b, dsk_dtype w_t,
+                           size_t rows, size_t cols, float eps, void *stream, char *err, size_t errlen);
 
 /* One tensor of a GPU load: nbytes at file offset of file fd, landing at dst (device memory) as
  * dst_t. src_t < 0 means "copy the bytes as they are" (any dtype; dst_t ignored). */
@@ -71,7 +71,7 @@ typedef struct {
  * On failure (short read, CUDA error) nothing is left running; *failed_item is the index of the
  * item whose read failed, or (size_t)-1 when the failure is not one item's. */
 DSK_API int dsk_upload(int device, const dsk_item *items, size_t n, void *scratch, size_t scratch_bytes, int threads,
-               dsk_rules rules, void *stream, size_t *failed_item, char *err, size_t errlen);
+                       dsk_rules rules, void *stream, size_t *failed_item, char *err, size_t errlen);
 
 #ifdef __cplusplus
 }

@@ -27,7 +27,8 @@ template <int T> __device__ __forceinline__ static float ld(const void *p, size_
 }
 
 /* Calls f(i, x[i]) for every element of a row, 8 at a time with vector loads when vec is set. */
-template <int T, typename F> __device__ __forceinline__ static void for_row(const void *row, size_t cols, int vec, F f) {
+template <int T, typename F>
+__device__ __forceinline__ static void for_row(const void *row, size_t cols, int vec, F f) {
     typedef typename dsk_elem<T>::type e;
     if (vec) {
         for (size_t g = threadIdx.x; g < cols / 8; g += blockDim.x) {

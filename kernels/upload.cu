@@ -99,8 +99,8 @@ struct job {
     pthread_mutex_t mu;
     pthread_cond_t cv;
     size_t next_unit;
-    size_t released;                /* chunks whose slot may be refilled: chunk k may start when k < released + nslots */
-    std::vector<uint64_t> filled;  /* bytes read per chunk */
+    size_t released;              /* chunks whose slot may be refilled: chunk k may start when k < released + nslots */
+    std::vector<uint64_t> filled; /* bytes read per chunk */
     int failed;
     size_t bad_item;
     char msg[512];
@@ -131,7 +131,8 @@ static int plan(job &j, size_t n, char *err, size_t errlen) {
         while (done < it.nbytes) {
             uint64_t start = conv ? align_up(cur.data_bytes, 16) : cur.data_bytes;
             uint64_t table = conv ? (uint64_t)(cur.n_convert + 1) * tentry : (uint64_t)cur.n_convert * tentry;
-            uint64_t room = j.slot_bytes > start + align_up(table, 256) ? j.slot_bytes - start - align_up(table, 256) : 0;
+            uint64_t room =
+                j.slot_bytes > start + align_up(table, 256) ? j.slot_bytes - start - align_up(table, 256) : 0;
             room -= room % es;
             if (room < es || (room < (64u << 10) && room < it.nbytes - done)) { /* too little left: next slot */
                 if (!cur.n_pieces)
@@ -256,9 +257,9 @@ static int submit_chunk(job &j, size_t c, uint8_t *scratch, cudaStream_t s, dsk_
         }
         if (dsk_check(cudaMemcpyAsync(dev, host, ch.data_bytes, cudaMemcpyHostToDevice, s), "load: cudaMemcpyAsync",
                       err, errlen) ||
-            dsk_check(cudaMemcpyAsync(dev + j.slot_bytes - ch.table_bytes, table, ch.table_bytes,
-                                      cudaMemcpyHostToDevice, s),
-                      "load: cudaMemcpyAsync", err, errlen) ||
+            dsk_check(
+                cudaMemcpyAsync(dev + j.slot_bytes - ch.table_bytes, table, ch.table_bytes, cudaMemcpyHostToDevice, s),
+                "load: cudaMemcpyAsync", err, errlen) ||
             dsk_launch_pieces((const dsk_piece *)(dev + j.slot_bytes - ch.table_bytes), k, tiles, dev, rules, s, err,
                               errlen))
             return -1;
@@ -268,9 +269,9 @@ static int submit_chunk(job &j, size_t c, uint8_t *scratch, cudaStream_t s, dsk_
         if (pc.convert)
             continue;
         const dsk_item &it = j.items[pc.item];
-        if (dsk_check(cudaMemcpyAsync((uint8_t *)it.dst + pc.in_off, host + pc.stage_off, pc.len,
-                                      cudaMemcpyHostToDevice, s),
-                      "load: cudaMemcpyAsync", err, errlen))
+        if (dsk_check(
+                cudaMemcpyAsync((uint8_t *)it.dst + pc.in_off, host + pc.stage_off, pc.len, cudaMemcpyHostToDevice, s),
+                "load: cudaMemcpyAsync", err, errlen))
             return -1;
     }
     return 0;
@@ -346,7 +347,8 @@ extern "C" int dsk_upload(int device, const dsk_item *items, size_t n, void *scr
     int nslots = scratch_bytes >= ((size_t)64 << 20) ? 4 : 2;
     size_t slot_bytes = scratch_bytes / nslots / 4096 * 4096;
     if (slot_bytes < ((size_t)1 << 20))
-        return dsk_fail(err, errlen, "load: %zu bytes of staging is too little (1 MiB per slot at least)", scratch_bytes);
+        return dsk_fail(err, errlen, "load: %zu bytes of staging is too little (1 MiB per slot at least)",
+                        scratch_bytes);
     int rc;
     try {
         job j;

@@ -11,6 +11,7 @@ need_apt=()
 command -v cc >/dev/null 2>&1 || need_apt+=(build-essential)
 command -v c++ >/dev/null 2>&1 || need_apt+=(g++)  # tests/cuda_fake builds the GPU load's host logic
 command -v make >/dev/null 2>&1 || need_apt+=(make)
+command -v clang-format >/dev/null 2>&1 || need_apt+=(clang-format)  # scripts/test.sh checks the C layout
 [ -f /usr/include/curl/curl.h ] || [ -f /usr/include/x86_64-linux-gnu/curl/curl.h ] || need_apt+=(libcurl4-openssl-dev)  # csrc/download.c
 "$py" -c 'import sysconfig, os, sys; sys.exit(0 if os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")) else 1)' \
   || need_apt+=(python3-dev)

@@ -19,7 +19,7 @@ if [ -z "$cc" ] || ! "$cc" -fsanitize=fuzzer -x c /dev/null -o /dev/null -Wl,--u
 fi
 out=$root/build/fuzz
 mkdir -p "$out/bin"
-sources=$(for f in safetensors json arena torchzip unpickle torchfile io error guard lease; do echo "$root/csrc/$f.c"; done)
+sources=$(for f in safetensors json arena lastwins torchzip unpickle torchfile io error guard lease; do echo "$root/csrc/$f.c"; done)
 harnesses=${*:-fuzz_safetensors fuzz_torchzip fuzz_unpickle fuzz_torchfile}
 for h in $harnesses; do
   "$cc" -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -std=c11 \
