@@ -180,13 +180,12 @@ static PyObject *fetch(PyObject *module, PyObject *args) {
      * how far each partial file got. A stop by the progress callback's exception (or Ctrl-C)
      * leaves that exception set: it is put aside while the results are built (no Python call may
      * run with an exception set) and raised after, winning over a failure to build them. */
-    PyObject *stop_type, *stop_value, *stop_tb;
-    PyErr_Fetch(&stop_type, &stop_value, &stop_tb);
+    PyObject *stop = bind_error_take();
     int built = append_results(out, jobs, n);
-    if (stop_type) {
+    if (stop) {
         if (built < 0)
             PyErr_Clear();
-        PyErr_Restore(stop_type, stop_value, stop_tb);
+        bind_error_give(stop);
         goto done;
     }
     if (built < 0)

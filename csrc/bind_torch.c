@@ -238,12 +238,9 @@ static PyObject *torch_read(PyObject *module, PyObject *args, PyObject *kwargs) 
         result = PyTuple_Pack(2, obj, stor);
     else if (PyErr_ExceptionMatches(st->FormatError)) {
         /* name the file */
-        PyObject *type, *value, *tb;
-        PyErr_Fetch(&type, &value, &tb);
+        PyObject *value = bind_error_take();
         PyErr_Format(st->FormatError, "%U: %S", path.display, value ? value : Py_None);
-        Py_XDECREF(type);
         Py_XDECREF(value);
-        Py_XDECREF(tb);
     }
 done:
     for (size_t i = 0; w.built && i < w.n; i++)

@@ -63,6 +63,34 @@ typedef struct {
 /* The bytes to hand to open(). */
 static inline const char *path_fs(const path_arg *p) { return PyBytes_AS_STRING(p->fs); }
 
+/* The pending exception, taken out of the thread state (new reference; NULL when none is set), and
+ * put back (the reference is stolen). PyErr_Fetch/PyErr_Restore are deprecated from Python 3.12,
+ * which would break a -Werror build there; its single-object calls replace them. */
+static inline PyObject *bind_error_take(void) {
+#if PY_VERSION_HEX >= 0x030C0000
+    return PyErr_GetRaisedException();
+#else
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    if (!type)
+        return NULL;
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb && value)
+        PyException_SetTraceback(value, tb);
+    Py_DECREF(type);
+    Py_XDECREF(tb);
+    return value;
+#endif
+}
+
+static inline void bind_error_give(PyObject *exc) {
+#if PY_VERSION_HEX >= 0x030C0000
+    PyErr_SetRaisedException(exc);
+#else
+    PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(exc)), exc, PyException_GetTraceback(exc));
+#endif
+}
+
 /* The "O&" converter of a path_arg (*out must start zeroed). Supports cleanup: the argument parser
  * releases it when a later argument fails; otherwise the caller releases it with path_clear. */
 int path_converter(PyObject *obj, void *out);

@@ -16,7 +16,8 @@ asan=$(gcc -print-file-name=libasan.so)
 ubsan=$(gcc -print-file-name=libubsan.so)
 default_tests=""
 for t in safetensors_format errors load_state_dict dlpack hash convert torch_checkpoint folders fuzz_regressions \
-         fuzz_parsers reliability; do
+         fuzz_parsers reliability torch_fidelity torch_serialization_ported safetensors_ported parser_cost safe_open \
+         disk_map; do
   default_tests="$default_tests $root/tests/test_$t.py"
 done
 tests=${*:-$default_tests}
@@ -24,6 +25,6 @@ tests=${*:-$default_tests}
 # pytest append the checkout (--import-mode=append), so the sanitized package is the one imported
 cd "$out/pkg"
 timeout --kill-after=30 "${DIFFSYNTH_C_TEST_TIMEOUT:-1200}" env PYTHONPATH="$out/pkg" LD_PRELOAD="$asan $ubsan" \
-  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:allow_user_segv_handler=1 \
+  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:allow_user_segv_handler=1:allocator_may_return_null=1 \
   UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 DIFFSYNTH_C_EXPECT_SANITIZED=1 \
   "$venv/bin/python" -m pytest -q -p no:cacheprovider --import-mode=append --rootdir "$root" -c "$root/pyproject.toml" $tests
