@@ -78,7 +78,11 @@ def layout_tensors(layout: list[tuple[str, tuple[int, ...]]], dtype):
     for i, (key, shape) in enumerate(layout):
         n = math.prod(shape)
         start = (i * 7919) % (pool.numel() // 2)
-        t = pool[start : start + n].clone() if n <= pool.numel() - start else pool.repeat(n // pool.numel() + 1)[:n].clone()
+        t = (
+            pool[start : start + n].clone()
+            if n <= pool.numel() - start
+            else pool.repeat(n // pool.numel() + 1)[:n].clone()
+        )
         yield key, t.reshape(shape)
 
 
@@ -90,7 +94,9 @@ def generate_model(name: str, size_gib: float, shards: int, dtype_name: str = "b
 
     dtype = getattr(torch, dtype_name)
     folder = os.path.join(bench_dir(), f"{name}-{size_gib:g}GiB-{shards}x-{dtype_name}")
-    paths = [os.path.join(folder, f"diffusion_pytorch_model-{i + 1:05d}-of-{shards:05d}.safetensors") for i in range(shards)]
+    paths = [
+        os.path.join(folder, f"diffusion_pytorch_model-{i + 1:05d}-of-{shards:05d}.safetensors") for i in range(shards)
+    ]
     done = os.path.join(folder, ".complete")
     if os.path.exists(done):
         return paths
@@ -117,7 +123,9 @@ def sparse_full_size_qwen_image(shards: int = 9) -> list[str]:
     """Qwen-Image's full DiT (20.4B parameters, 1933 tensors, 9 shards) with real headers and
     sparse data sections: enough for hashing, which reads headers only, at no disk cost."""
     folder = os.path.join(bench_dir(), f"qwen-image-dit-sparse-{shards}x")
-    paths = [os.path.join(folder, f"diffusion_pytorch_model-{i + 1:05d}-of-{shards:05d}.safetensors") for i in range(shards)]
+    paths = [
+        os.path.join(folder, f"diffusion_pytorch_model-{i + 1:05d}-of-{shards:05d}.safetensors") for i in range(shards)
+    ]
     if os.path.exists(os.path.join(folder, ".complete")):
         return paths
     os.makedirs(folder, exist_ok=True)
@@ -224,7 +232,9 @@ def _cpu_and_ram() -> tuple[str, float]:
 
 def machine() -> str:
     cpu, mem = _cpu_and_ram()
-    return f"{os.cpu_count()} x {cpu}, {mem:.0f} GiB RAM, Linux {platform.release()}, Python {platform.python_version()}"
+    return (
+        f"{os.cpu_count()} x {cpu}, {mem:.0f} GiB RAM, Linux {platform.release()}, Python {platform.python_version()}"
+    )
 
 
 def machine_info() -> dict:

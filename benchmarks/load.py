@@ -47,7 +47,9 @@ def available_loaders() -> list[str]:
     return [OURS] + [p for p in available_peers() if p != OURS]
 
 
-def measure(loaders: list[str], paths: list[str], dtype: str | None, cold: bool, repeat: int) -> dict[str, list[Result]]:
+def measure(
+    loaders: list[str], paths: list[str], dtype: str | None, cold: bool, repeat: int
+) -> dict[str, list[Result]]:
     results: dict[str, list[Result]] = {name: [] for name in loaders}
     for r in range(repeat):
         order = loaders if r % 2 == 0 else list(reversed(loaders))  # no loader always goes first
@@ -58,7 +60,11 @@ def measure(loaders: list[str], paths: list[str], dtype: str | None, cold: bool,
             results[name].append(res)
             print(
                 f"  {name:22s} {'cold' if cold else 'warm'} {dtype or '-':9s} run {r + 1}: "
-                + (f"{res.total_s:7.3f} s  {res.gbps:6.2f} GB/s  peak +{res.peak_rss_mib:7.0f} MiB" if res.total_s else f"failed: {res.error}")
+                + (
+                    f"{res.total_s:7.3f} s  {res.gbps:6.2f} GB/s  peak +{res.peak_rss_mib:7.0f} MiB"
+                    if res.total_s
+                    else f"failed: {res.error}"
+                )
                 + ("" if res.ok is None else f"  identical={res.ok}{' (' + res.error + ')' if res.error else ''}"),
                 flush=True,
             )
@@ -126,7 +132,11 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"loaders: {', '.join(loaders)}")
     bf16 = generate_model("qwen-image-dit", args.size_gib, args.shards, "bfloat16")
-    f32 = generate_model("qwen-image-dit", args.size_gib, args.shards, "float32") if "f32-to-bf16" in args.scenarios else None
+    f32 = (
+        generate_model("qwen-image-dit", args.size_gib, args.shards, "float32")
+        if "f32-to-bf16" in args.scenarios
+        else None
+    )
     size = sum(os.path.getsize(p) for p in bf16)
     prepare(loaders, bf16 + (f32 or []))
     print(f"model: {len(bf16)} shards, {size / 2**30:.2f} GiB (Qwen-Image DiT names and shapes, bf16)")

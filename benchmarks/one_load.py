@@ -50,7 +50,11 @@ def verify_bin(sd: dict, paths: list[str], dtype) -> tuple[bool, str]:
         return False, "different keys or order"
     for k, r in ref.items():
         r = r.to(dtype) if dtype is not None else r
-        if sd[k].dtype != r.dtype or sd[k].shape != r.shape or not torch.equal(sd[k].reshape(-1).view(torch.uint8), r.reshape(-1).view(torch.uint8)):
+        if (
+            sd[k].dtype != r.dtype
+            or sd[k].shape != r.shape
+            or not torch.equal(sd[k].reshape(-1).view(torch.uint8), r.reshape(-1).view(torch.uint8))
+        ):
             return False, f"{k} differs"
     return True, ""
 
@@ -83,7 +87,9 @@ def verify(sd: dict, paths: list[str], dtype, check_order: bool) -> tuple[bool, 
                 got = sd[k]
                 if got.dtype != ref.dtype or got.shape != ref.shape:
                     return False, f"{k}: {got.dtype} {tuple(got.shape)} vs {ref.dtype} {tuple(ref.shape)}"
-                if ref.numel() and not torch.equal(got.reshape(-1).view(torch.uint8), ref.reshape(-1).view(torch.uint8)):
+                if ref.numel() and not torch.equal(
+                    got.reshape(-1).view(torch.uint8), ref.reshape(-1).view(torch.uint8)
+                ):
                     return False, f"{k}: different bits"
     return True, ""
 
@@ -122,7 +128,11 @@ def main() -> None:
             ok, why = verify_bin(sd, paths, dtype)
         else:
             ok, why = verify(sd, paths, dtype, check_order=name in ("diffsynth_c", "diffsynth"))
-    print(json.dumps({"call_s": t1 - t0, "total_s": t2 - t0, "peak_rss_mib": peak, "bytes": nbytes, "ok": ok, "error": why}))
+    print(
+        json.dumps(
+            {"call_s": t1 - t0, "total_s": t2 - t0, "peak_rss_mib": peak, "bytes": nbytes, "ok": ok, "error": why}
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -49,8 +49,11 @@ def main() -> int:
     out = os.path.join(bench_dir(), "save-out")
     print(machine())
     print(f"{size / 2**30:.2f} GiB, {len(sd)} tensors, {len(plan)} shards of at most {args.shard_size}")
-    times: dict[str, list[float]] = {"diffsynth_c.save_state_dict (fsync)": [], "safetensors.save_file": [],
-                                     "safetensors.save_file + fsync": []}
+    times: dict[str, list[float]] = {
+        "diffsynth_c.save_state_dict (fsync)": [],
+        "safetensors.save_file": [],
+        "safetensors.save_file + fsync": [],
+    }
     for r in range(args.repeat):
         shutil.rmtree(out, ignore_errors=True)
         t = time.perf_counter()
@@ -70,8 +73,15 @@ def main() -> int:
         print(f"  run {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()))
     shutil.rmtree(out, ignore_errors=True)
     ours = statistics.median(times["diffsynth_c.save_state_dict (fsync)"])
-    rows = [[k, f"{statistics.median(v):.2f}", f"{size / statistics.median(v) / 1e9:.2f}",
-             f"{statistics.median(v) / ours:.2f}x"] for k, v in times.items()]
+    rows = [
+        [
+            k,
+            f"{statistics.median(v):.2f}",
+            f"{size / statistics.median(v) / 1e9:.2f}",
+            f"{statistics.median(v) / ours:.2f}x",
+        ]
+        for k, v in times.items()
+    ]
     header = ["saver", "s (median)", "GB/s", "time vs diffsynth_c"]
     print(table(rows, header))
     title = f"save_state_dict, {size / 2**30:.2f} GiB in {len(plan)} shards of at most {args.shard_size}"

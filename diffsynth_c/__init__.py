@@ -43,7 +43,6 @@ __all__ = [
 ]
 
 
-
 def __getattr__(name: str):  # the VRAM-managed layers import torch: only when asked for
     if name in _LAYER_NAMES:
         from .vram import layers

@@ -50,7 +50,10 @@ _TABLE = {
         ("diffsynth.core.vram.disk_map", name): ("diffsynth_c.vram.disk_map", name)
         for name in ("DiskMap", "SafetensorsCompatibleBinaryLoader", "SafetensorsCompatibleTensor")
     },
-    ("diffsynth.core.vram.initialization", "skip_model_initialization"): ("diffsynth_c.vram.initialization", "skip_model_initialization"),
+    ("diffsynth.core.vram.initialization", "skip_model_initialization"): (
+        "diffsynth_c.vram.initialization",
+        "skip_model_initialization",
+    ),
     **{
         ("diffsynth.core.vram.layers", name): ("diffsynth_c.vram.layers", name)
         for name in (
@@ -161,7 +164,9 @@ def _functions(module: Any) -> Iterator[Any]:
 
     seen = set()
     for value in list(vars(module).values()):
-        inner = list(vars(value).values()) if isinstance(value, type) and value.__module__ == module.__name__ else [value]
+        inner = (
+            list(vars(value).values()) if isinstance(value, type) and value.__module__ == module.__name__ else [value]
+        )
         for f in inner:
             f = getattr(f, "__func__", f)  # staticmethod, classmethod
             if isinstance(f, types.FunctionType) and f.__module__ == module.__name__ and id(f) not in seen:
@@ -193,7 +198,9 @@ def _convert_defaults(classes: dict[type, type]) -> list[tuple[Any, str, Any]]:
                 f.__defaults__ = tuple(_converted(v, classes) if type(v) in classes else v for v in f.__defaults__)
             if f.__kwdefaults__ and any(type(v) in classes for v in f.__kwdefaults__.values()):
                 changed.append((f, "__kwdefaults__", f.__kwdefaults__))
-                f.__kwdefaults__ = {k: _converted(v, classes) if type(v) in classes else v for k, v in f.__kwdefaults__.items()}
+                f.__kwdefaults__ = {
+                    k: _converted(v, classes) if type(v) in classes else v for k, v in f.__kwdefaults__.items()
+                }
     return changed
 
 

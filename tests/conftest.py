@@ -92,7 +92,9 @@ def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
 def assert_same_state_dict(ours: dict, ref: dict) -> None:
     assert list(ours) == list(ref), "key order differs"
     for k in ref:
-        assert same_tensor(ours[k], ref[k]), f"tensor {k!r} differs: {ours[k].dtype} {tuple(ours[k].shape)} vs {ref[k].dtype} {tuple(ref[k].shape)}"
+        assert same_tensor(ours[k], ref[k]), (
+            f"tensor {k!r} differs: {ours[k].dtype} {tuple(ours[k].shape)} vs {ref[k].dtype} {tuple(ref[k].shape)}"
+        )
 
 
 def run_python(code: str, timeout: int = 120) -> subprocess.CompletedProcess:

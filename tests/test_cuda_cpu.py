@@ -16,8 +16,13 @@ from diffsynth_c.loader.conversion import _probe
 
 from .conftest import random_tensor, same_tensor
 
-KDTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+KDTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
 WORD = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
 
 
@@ -83,7 +88,11 @@ def test_cpu_rules_equal_the_loader_conversion():
 @pytest.mark.parametrize(
     "call, exc, words",
     [
-        (lambda: kernels.cast(torch.zeros(4), torch.zeros(4, dtype=torch.bfloat16)), ValueError, "not on a CUDA device"),
+        (
+            lambda: kernels.cast(torch.zeros(4), torch.zeros(4, dtype=torch.bfloat16)),
+            ValueError,
+            "not on a CUDA device",
+        ),
         (lambda: kernels.cast("x", torch.zeros(4)), TypeError, "expected a torch.Tensor"),
         (lambda: kernels.rms_norm(torch.zeros(2, 4), None), ValueError, "not on a CUDA device"),
         (lambda: kernels.layer_norm(torch.zeros(2, 4).t(), None), ValueError, "not on a CUDA device"),
@@ -123,8 +132,10 @@ def _read_into_all(path, dtype_for=lambda d: d):
     outs, items = {}, []
     for name, dtype, shape, b, e in tensors:
         out_dtype = dtype_for(dtype)
-        t = torch.empty(shape, dtype=getattr(torch, {"F32": "float32", "F16": "float16", "BF16": "bfloat16",
-                                                      "I64": "int64"}[out_dtype]))
+        t = torch.empty(
+            shape,
+            dtype=getattr(torch, {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64"}[out_dtype]),
+        )
         outs[name] = t
         items.append((0, start + b, e - b, dtype, out_dtype, t.data_ptr(), name))
     _core.read_into([path], items, 4)

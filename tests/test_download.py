@@ -82,7 +82,9 @@ def test_folder_pattern_and_all(hub, env):
     assert (env / "org/model/empty.txt").read_bytes() == b""
 
 
-@pytest.mark.parametrize("fault", ["reset", "500", "429", "wrong", "short", "redirect", "ignore_range", "long", "extra"])
+@pytest.mark.parametrize(
+    "fault", ["reset", "500", "429", "wrong", "short", "redirect", "ignore_range", "long", "extra"]
+)
 def test_fault_recovers(hub, env, fault, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "secret")  # the redirect to another host must drop it
     monkeypatch.setenv("MODELSCOPE_API_TOKEN", "secret")
@@ -259,7 +261,11 @@ def test_benchmark_runs_from_anywhere(tmp_path):
     env["DIFFSYNTH_C_BENCH_DIR"] = str(tmp_path)
     r = subprocess.run(
         [sys.executable, os.path.join(root, "benchmarks", "download.py"), "--size-mib", "6", "--clients", "ours,curl"],
-        cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300,
+        cwd=str(tmp_path),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "unshaped" in r.stdout and "ours" in r.stdout
@@ -309,7 +315,9 @@ def test_files_complete_early_are_sealed_while_others_transfer(hub, env, monkeyp
         assert (env / "org/model" / rel).read_bytes() == data
     during = {name for name, busy in sealed_during if busy}
     assert "model-00001.safetensors.incomplete" in during, sealed_during  # done long before the big one
-    assert sorted(name for name, _ in sealed_during) == sorted(f"{os.path.basename(r)}.incomplete" for r in hub.repos["org/model"])
+    assert sorted(name for name, _ in sealed_during) == sorted(
+        f"{os.path.basename(r)}.incomplete" for r in hub.repos["org/model"]
+    )
 
 
 CONCURRENT = """
@@ -342,8 +350,14 @@ def test_two_downloads_of_one_file_into_one_folder(hub, env, how):
     if how == "processes":
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         children = [
-            subprocess.Popen([sys.executable, "-c", CONCURRENT, str(base)], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, cwd=root, env=dict(os.environ, PYTHONPATH=root))
+            subprocess.Popen(
+                [sys.executable, "-c", CONCURRENT, str(base)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                cwd=root,
+                env=dict(os.environ, PYTHONPATH=root),
+            )
             for _ in range(2)
         ]
         outs = [c.communicate(timeout=120) for c in children]

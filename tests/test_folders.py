@@ -170,16 +170,22 @@ def test_convert_bin_to_shards_keeps_the_hash(tmp_path):
     src = str(tmp_path / "model.bin")
     sd = state_dict()
     torch.save(sd, src)
-    r = run_python(f"import sys; from diffsynth_c.__main__ import main; sys.exit(main(['convert', {src!r}, {str(tmp_path / 'out')!r}, '--max-shard-size', '20KB']))")
+    r = run_python(
+        f"import sys; from diffsynth_c.__main__ import main; sys.exit(main(['convert', {src!r}, {str(tmp_path / 'out')!r}, '--max-shard-size', '20KB']))"
+    )
     assert r.returncode == 0, r.stderr
     assert diffsynth_c.hash_model_file(str(tmp_path / "out")) == ds_hash_model_file(src)
     got = diffsynth_c.load_state_dict(str(tmp_path / "out"))
     assert all(same_tensor(got[k], sd[k]) for k in sd)
-    r = run_python(f"import sys; from diffsynth_c.__main__ import main; sys.exit(main(['hash', {str(tmp_path / 'out')!r}]))")
+    r = run_python(
+        f"import sys; from diffsynth_c.__main__ import main; sys.exit(main(['hash', {str(tmp_path / 'out')!r}]))"
+    )
     assert r.stdout.strip() == ds_hash_model_file(src)
     nested = str(tmp_path / "nested.pt")
     torch.save({"a": torch.ones(1), "n": {"b": torch.ones(1)}}, nested)
-    r = run_python(f"import sys; from diffsynth_c.__main__ import main; sys.exit(main(['convert', {nested!r}, {str(tmp_path / 'o2')!r}]))")
+    r = run_python(
+        f"import sys; from diffsynth_c.__main__ import main; sys.exit(main(['convert', {nested!r}, {str(tmp_path / 'o2')!r}]))"
+    )
     assert r.returncode == 1 and "nested dicts" in r.stderr
 
 
@@ -297,8 +303,13 @@ def test_a_save_killed_half_way_never_loads_as_a_mix(tmp_path, where):
     folder = tmp_path / "m"
     save_state_dict(versioned(1.0), folder, max_shard_size="20KB")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    child = subprocess.Popen([sys.executable, "-c", SAVE_KILLED, where, str(folder)], stdout=subprocess.PIPE,
-                             text=True, cwd=root, env=dict(os.environ, PYTHONPATH=root))
+    child = subprocess.Popen(
+        [sys.executable, "-c", SAVE_KILLED, where, str(folder)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=root,
+        env=dict(os.environ, PYTHONPATH=root),
+    )
     try:
         assert child.stdout.readline().strip() == "paused"
     finally:
@@ -369,4 +380,6 @@ def test_a_save_that_fails_while_renaming_leaves_the_folder_refused_then_repaire
         diffsynth_c.load_state_dict(str(folder))
     save_state_dict(versioned(3.0), folder, max_shard_size="20KB")
     got = diffsynth_c.load_state_dict(str(folder))
-    assert all(same_tensor(got[k], versioned(3.0)[k]) for k in got) and not [f for f in os.listdir(folder) if ".saving" in f]
+    assert all(same_tensor(got[k], versioned(3.0)[k]) for k in got) and not [
+        f for f in os.listdir(folder) if ".saving" in f
+    ]

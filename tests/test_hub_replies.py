@@ -16,12 +16,23 @@ SHA = "ab" * 32
 
 def modelscope_replies():
     revisions = {"Code": 200, "Data": {"RevisionMap": {"Branches": [{"Revision": "master"}], "Tags": []}}}
-    files = {"Code": 200, "Data": {"Files": [
-        {"Path": "model.safetensors", "Name": "model.safetensors", "Type": "blob", "Size": 10, "Sha256": SHA,
-         "Revision": "c0ffee"},
-        {"Path": "text_encoder", "Type": "tree", "Size": 0},
-        {"Path": "text_encoder/config.json", "Type": "blob", "Size": "7", "Sha256": SHA.upper()},
-    ]}}
+    files = {
+        "Code": 200,
+        "Data": {
+            "Files": [
+                {
+                    "Path": "model.safetensors",
+                    "Name": "model.safetensors",
+                    "Type": "blob",
+                    "Size": 10,
+                    "Sha256": SHA,
+                    "Revision": "c0ffee",
+                },
+                {"Path": "text_encoder", "Type": "tree", "Size": 0},
+                {"Path": "text_encoder/config.json", "Type": "blob", "Size": "7", "Sha256": SHA.upper()},
+            ]
+        },
+    }
     return [revisions, files]
 
 
@@ -68,7 +79,9 @@ def set_first_path(source, replies, path):
 
 
 @pytest.mark.parametrize("source", HUBS)
-@pytest.mark.parametrize("path", ["../evil", "a/../../evil", "/etc/evil", "a//b", "./a", "a\\..\\b", "a\0b", "", None, 7])
+@pytest.mark.parametrize(
+    "path", ["../evil", "a/../../evil", "/etc/evil", "a//b", "./a", "a\\..\\b", "a\0b", "", None, 7]
+)
 def test_a_path_outside_the_model_folder_is_refused(monkeypatch, source, path):
     replies = HUBS[source][1]()
     set_first_path(source, replies, path)
@@ -78,8 +91,15 @@ def test_a_path_outside_the_model_folder_is_refused(monkeypatch, source, path):
 
 @pytest.mark.parametrize("source", HUBS)
 def test_bad_sizes_and_hashes_are_refused(monkeypatch, source):
-    for field, value in (("size", -1), ("size", "ten"), ("size", None), ("size", True), ("hash", "abc"),
-                         ("hash", "z" * 64), ("hash", 12)):
+    for field, value in (
+        ("size", -1),
+        ("size", "ten"),
+        ("size", None),
+        ("size", True),
+        ("hash", "abc"),
+        ("hash", "z" * 64),
+        ("hash", 12),
+    ):
         replies = HUBS[source][1]()
         entry = replies[1]["Data"]["Files"][0] if source == "modelscope" else replies[1][0]
         if field == "size":

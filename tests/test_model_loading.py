@@ -109,10 +109,18 @@ def dm_files(tmp_path):
     from safetensors.torch import save_file
 
     a, b, c = str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), str(tmp_path / "c.bin")
-    save_file({"z.w": random_tensor((8, 8), torch.float32, 1), "m.b": random_tensor((8,), torch.bfloat16, 2),
-               "ids": torch.arange(5)}, a)
+    save_file(
+        {
+            "z.w": random_tensor((8, 8), torch.float32, 1),
+            "m.b": random_tensor((8,), torch.bfloat16, 2),
+            "ids": torch.arange(5),
+        },
+        a,
+    )
     save_file({"b.only": random_tensor((3, 4), torch.float16, 3), "z.w": random_tensor((8, 8), torch.float32, 4)}, b)
-    torch.save({"bin.w": random_tensor((6,), torch.float32, 5), "bin.t": random_tensor((4, 2), torch.bfloat16, 6).t()}, c)
+    torch.save(
+        {"bin.w": random_tensor((6,), torch.float32, 5), "bin.t": random_tensor((4, 2), torch.bfloat16, 6).t()}, c
+    )
     return a, b, c
 
 
@@ -129,7 +137,10 @@ def test_disk_map_equals_diffsynth(dm_files, dtype):
 
 def test_disk_map_renames_like_diffsynth(dm_files):
     conv = lambda sd: {("renamed." + k): v for k, v in sd.items()}  # noqa: E731
-    ours, theirs = DiskMap(list(dm_files[:2]), "cpu", state_dict_converter=conv), DsDiskMap(list(dm_files[:2]), "cpu", state_dict_converter=conv)
+    ours, theirs = (
+        DiskMap(list(dm_files[:2]), "cpu", state_dict_converter=conv),
+        DsDiskMap(list(dm_files[:2]), "cpu", state_dict_converter=conv),
+    )
     assert list(ours) == list(theirs) and "renamed.z.w" in ours
     assert same_tensor(ours["renamed.z.w"], theirs["renamed.z.w"])
 
@@ -239,7 +250,9 @@ def test_load_model_errors_name_the_file(tmp_path):
     with ds_skip():
         keys = list(cls().state_dict())
     missing = write_model_file(tmp_path / "missing.safetensors", cls, drop=(keys[0],))
-    with pytest.raises(RuntimeError, match=r"(?s)missing\.safetensors: Error\(s\) in loading state_dict.*Missing key\(s\)"):
+    with pytest.raises(
+        RuntimeError, match=r"(?s)missing\.safetensors: Error\(s\) in loading state_dict.*Missing key\(s\)"
+    ):
         load_model(cls, missing)
     extra = write_model_file(tmp_path / "extra.safetensors", cls, add={"not.in.model": torch.ones(1)})
     with pytest.raises(RuntimeError, match=r"(?s)extra\.safetensors: .*Unexpected key\(s\).*not\.in\.model"):
@@ -308,8 +321,7 @@ def test_unpatch_restores_modules_imported_while_patched():
 
 def test_auto_import_and_environment_patch():
     code = (
-        "import diffsynth.core.loader.file as f, diffsynth_c\n"
-        "print(f.load_state_dict is diffsynth_c.load_state_dict)\n"
+        "import diffsynth.core.loader.file as f, diffsynth_c\nprint(f.load_state_dict is diffsynth_c.load_state_dict)\n"
     )
     r = run_python("import diffsynth.core\nimport diffsynth_c.auto\n" + code)
     assert r.returncode == 0 and r.stdout.strip() == "True", r.stderr
@@ -340,7 +352,9 @@ def test_detect_and_auto_load(tmp_path):
     assert list(a) == list(b) and all(same_tensor(a[k], b[k]) for k in a)
     assert not diffsynth_c.patch.is_patched()
     other = write_model_file(tmp_path / "other.safetensors", model_class())
-    assert diffsynth_c.detect_model(other) == [] or all(c["model_class"] == MODEL_CLASS for c in diffsynth_c.detect_model(other))
+    assert diffsynth_c.detect_model(other) == [] or all(
+        c["model_class"] == MODEL_CLASS for c in diffsynth_c.detect_model(other)
+    )
 
 
 @pytest.mark.parametrize(

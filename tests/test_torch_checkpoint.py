@@ -208,7 +208,9 @@ def tensor_pickle(obj) -> bytes:
 
 def test_crafted_checkpoint_loads(tmp_path):
     s = _Storage("0", torch.FloatStorage, 6)
-    p = craft(tmp_path / "ok.bin", tensor_pickle({"t": _Tensor(s, 1, (2, 2), (2, 1))}), {"0": struct.pack("<6f", *range(6))})
+    p = craft(
+        tmp_path / "ok.bin", tensor_pickle({"t": _Tensor(s, 1, (2, 2), (2, 1))}), {"0": struct.pack("<6f", *range(6))}
+    )
     got = ours_file.load_state_dict_from_bin(p)
     assert torch.equal(got["t"], torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
 
@@ -230,7 +232,14 @@ def _refused(path, *words):
 )
 def test_refused_globals_run_nothing(tmp_path, module, name):
     marker = tmp_path / "pwned"
-    pkl = b"\x80\x02c" + f"{module}\n{name}\n".encode() + b"X" + struct.pack("<I", len(f"touch {marker}")) + f"touch {marker}".encode() + b"\x85R."
+    pkl = (
+        b"\x80\x02c"
+        + f"{module}\n{name}\n".encode()
+        + b"X"
+        + struct.pack("<I", len(f"touch {marker}"))
+        + f"touch {marker}".encode()
+        + b"\x85R."
+    )
     p = craft(tmp_path / "evil.bin", pkl)
     _refused(p, f"{module}.{name}", "refused")
     assert not marker.exists()

@@ -113,8 +113,9 @@ def _field(obj: Any, name: str, kind: type, what: str, default: Any = _MISSING) 
     if value is None and default is not _MISSING:
         return default
     if not isinstance(value, kind) or isinstance(value, bool):
-        raise DownloadError(f"{what}: unexpected reply: {name!r} is {type(value).__name__}, not {kind.__name__}:"
-                            f" {str(obj)[:200]}")
+        raise DownloadError(
+            f"{what}: unexpected reply: {name!r} is {type(value).__name__}, not {kind.__name__}: {str(obj)[:200]}"
+        )
     return value
 
 
@@ -494,8 +495,7 @@ def download_files(
         # Seal the other complete files on the same threads.
         try:
             futures = [
-                early[rel] if rel in early else sealer.submit(_seal, fd, part, f)
-                for rel, part, fd, f in complete
+                early[rel] if rel in early else sealer.submit(_seal, fd, part, f) for rel, part, fd, f in complete
             ]
             sealed = [fut.result() for fut in futures]
         finally:
@@ -505,7 +505,9 @@ def download_files(
                 _discard(part)
                 todo[rel] -= 1
                 if todo[rel] <= 0:
-                    failures.append(f"{rel}: {got or 'the size differs from the listing'} after {HASH_RETRIES} downloads")
+                    failures.append(
+                        f"{rel}: {got or 'the size differs from the listing'} after {HASH_RETRIES} downloads"
+                    )
                     todo.pop(rel)
                 continue
             os.replace(part, os.path.join(folder, rel))

@@ -126,7 +126,9 @@ def load_state_dict(
     if process_group is not None:
         if variant is not None:
             file_path = _as_list(file_path, "load_state_dict", variant)
-        return _load_in_group(file_path, torch_dtype, device, pin_memory, verbose, process_group, node_local, bucket_mib)
+        return _load_in_group(
+            file_path, torch_dtype, device, pin_memory, verbose, process_group, node_local, bucket_mib
+        )
     if isinstance(file_path, (list, tuple)) and not file_path:
         return {}  # DiffSynth's merge of no files
     paths = _as_list(file_path, "load_state_dict", variant)
@@ -188,8 +190,16 @@ def _size_of(path: PathLike) -> int:
         return 0
 
 
-def _load_in_group(file_path: Any, torch_dtype: Any, device: Any, pin_memory: bool, verbose: int, group: Any,
-                   node_local: bool, bucket_mib: int) -> dict[str, Any]:
+def _load_in_group(
+    file_path: Any,
+    torch_dtype: Any,
+    device: Any,
+    pin_memory: bool,
+    verbose: int,
+    group: Any,
+    node_local: bool,
+    bucket_mib: int,
+) -> dict[str, Any]:
     """load_state_dict across a process group: safetensors files read once across the ranks, torch
     checkpoints by every rank; merged in file order as without a group. A rank that cannot find
     its files makes every rank raise (no rank is left waiting in a collective)."""
@@ -208,8 +218,10 @@ def _load_in_group(file_path: Any, torch_dtype: Any, device: Any, pin_memory: bo
     agree(group, dist.get_rank(group), error, "finding the files")
     kinds = all_ranks(group, [_is_safetensors(p) for p in paths])
     if any(k != kinds[0] for k in kinds):  # every rank must walk the same collectives
-        raise RuntimeError("distributed load: the ranks were given different file lists (count or formats): "
-                           + "; ".join(f"rank {r}: {len(k)} files" for r, k in enumerate(kinds)))
+        raise RuntimeError(
+            "distributed load: the ranks were given different file lists (count or formats): "
+            + "; ".join(f"rank {r}: {len(k)} files" for r, k in enumerate(kinds))
+        )
     displays = [os.fsdecode(p) for p in paths]
     single = not isinstance(file_path, (list, tuple)) and len(paths) == 1
 
@@ -222,7 +234,9 @@ def _load_in_group(file_path: Any, torch_dtype: Any, device: Any, pin_memory: bo
         state_dict = {}
         for p, d in zip(paths, displays):
             if _is_safetensors(p):
-                state_dict.update(load_safetensors_distributed([p], [d], torch_dtype, device, group, node_local, bucket_mib))
+                state_dict.update(
+                    load_safetensors_distributed([p], [d], torch_dtype, device, group, node_local, bucket_mib)
+                )
             else:
                 sd = load_state_dict_from_bin(p, torch_dtype=torch_dtype, device=device)
                 if single:

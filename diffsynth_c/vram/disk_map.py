@@ -81,11 +81,15 @@ class _TorchFile:
         try:
             view = tensor_of(ref, raw)
         except (ValueError, RuntimeError) as e:  # a view outside its storage, a dtype torch lacks
-            raise _core.FormatError(f"{where} at offset {ref.offset} does not fit its storage of {nbytes} bytes: {e}") from None
+            raise _core.FormatError(
+                f"{where} at offset {ref.offset} does not fit its storage of {nbytes} bytes: {e}"
+            ) from None
         try:
             return view.clone()
         except RuntimeError as e:  # a zero-stride view too large to copy out (DiffSynth's clone fails alike)
-            raise type(e)(f"{where}: its {view.numel()} elements do not fit in memory as a tensor of their own: {e}") from None
+            raise type(e)(
+                f"{where}: its {view.numel()} elements do not fit in memory as a tensor of their own: {e}"
+            ) from None
 
     def read(self, name: Any, torch_dtype: Any) -> Any:
         """The value under name: a tensor, or (a nested dict such as IP-adapters' ``image_proj``)
@@ -248,7 +252,12 @@ class DiskMap:
             param = self._read_shared(name, owner)
         else:
             param = self.files[self.name_map[name]].read(name, self.torch_dtype if on_cpu else None)
-        if on_cpu and self.torch_dtype is not None and isinstance(param, torch.Tensor) and param.dtype != self.torch_dtype:
+        if (
+            on_cpu
+            and self.torch_dtype is not None
+            and isinstance(param, torch.Tensor)
+            and param.dtype != self.torch_dtype
+        ):
             param = param.to(self.torch_dtype)
         if isinstance(param, torch.Tensor) and not on_cpu:
             param = param.to(self.device)

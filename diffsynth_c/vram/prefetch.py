@@ -140,8 +140,13 @@ def _cast_on_cpu(src: Any, dtype: Any) -> Any:
         return None
     out = torch.empty(src.shape, dtype=dtype)
     if src.numel():
-        _core.convert_into(s, d, src.reshape(-1).view(torch.uint8).numpy(), out.reshape(-1).view(torch.uint8).numpy(),
-                           threads(per_cpu=1) if src.numel() >= (1 << 20) else 1)
+        _core.convert_into(
+            s,
+            d,
+            src.reshape(-1).view(torch.uint8).numpy(),
+            out.reshape(-1).view(torch.uint8).numpy(),
+            threads(per_cpu=1) if src.numel() >= (1 << 20) else 1,
+        )
     return out
 
 
@@ -449,7 +454,10 @@ class CudaTransport:
     def _stage_from_disk(self, need: Need) -> tuple[Any, Any, list]:
         """On a reader thread: the layer's tensors read into a pinned staging slab (page cache to
         pinned memory, one copy), then its upload started."""
-        tensors = [s.detach().cpu() if s is not None else read_stored(need.disk_map, k) for s, k in zip(need.sources, need.keys)]
+        tensors = [
+            s.detach().cpu() if s is not None else read_stored(need.disk_map, k)
+            for s, k in zip(need.sources, need.keys)
+        ]
         offsets, size = slab_layout(tensors)
         slab = self._staging_slab(size)
         layout = []
