@@ -22,7 +22,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import generate_model, machine, run_one, sparse_full_size_qwen_image, table, warm_cache  # noqa: E402
+from common import generate_model, machine, run_one, sparse_full_size_qwen_image, table, warm_cache
 
 
 def main() -> None:
@@ -82,9 +82,10 @@ def main() -> None:
         table(rows, ["loader", "seconds", "GB/s", "peak RSS MiB", "time vs diffsynth_c", "same tensors as DiffSynth"])
     )
 
-    import diffsynth_c
     from diffsynth.configs.model_configs import MODEL_CONFIGS
     from diffsynth.core import hash_model_file as ds_hash_model_file
+
+    import diffsynth_c
 
     print("\nModel hashes (DiffSynth identifies models by them):\n")
     hash_rows = []

@@ -24,7 +24,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import ROOT, drop_cache, generate_model, machine, report, table_record, warm_cache, write_json  # noqa: E402
+from common import ROOT, drop_cache, generate_model, machine, report, table_record, warm_cache, write_json
 
 
 def _rchar() -> int:
@@ -35,9 +35,9 @@ def _rchar() -> int:
 def _rank(rank: int, world: int, store: str, paths: list, grouped: bool, out: str) -> None:
     sys.path.insert(0, ROOT)
     import torch.distributed as dist
+    from common import touch
 
     import diffsynth_c
-    from common import touch
     from diffsynth_c.loader import distributed
 
     dist.init_process_group(

@@ -73,7 +73,7 @@ def main() -> None:
     size = args.size_mib << 20
     clients = args.clients.split(",")
     rows = []
-    for label, rate in (("capped %g MiB/s/conn" % args.cap_mib, args.cap_mib * 2**20), ("unshaped", 0.0)):
+    for label, rate in ((f"capped {args.cap_mib:g} MiB/s/conn", args.cap_mib * 2**20), ("unshaped", 0.0)):
         hub, url = serve(size, args.files, rate)
         try:
             for client in clients:

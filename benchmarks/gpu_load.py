@@ -24,9 +24,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-
-from common import generate_model, machine, table, table_record, warm_cache, write_json  # noqa: E402
+import torch
+from common import generate_model, machine, table, table_record, warm_cache, write_json
 
 OURS = "diffsynth_c"
 
@@ -60,8 +59,9 @@ def device_time(fn, repeat: int = 10) -> float:
 
 
 def loaders() -> dict[str, object]:
-    import diffsynth_c
     from peers import GPU_PEERS, UNAVAILABLE, available_peers
+
+    import diffsynth_c
 
     def ours(paths, torch_dtype=None):
         sd = diffsynth_c.load_state_dict(paths, torch_dtype=torch_dtype, device="cuda")
@@ -80,8 +80,8 @@ def loaders() -> dict[str, object]:
 def same(a: dict, b: dict) -> bool:
     if list(a) != list(b) and sorted(a) != sorted(b):
         return False
-    for k in b:
-        x, y = a[k], b[k]
+    for k, y in b.items():
+        x = a[k]
         if x.dtype != y.dtype or x.shape != y.shape:
             return False
         if x.numel() and not torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)):
@@ -136,9 +136,9 @@ def bench_kernels() -> tuple[list[list[str]], dict[str, float]]:
     ):
         a = x.to(src)
         out = torch.empty(n, dtype=dst, device="cuda")
-        s = device_time(lambda: k.cast(a, out))
+        s = device_time(lambda a=a, out=out: k.cast(a, out))
         bw = n * (a.element_size() + out.element_size()) / s / 1e9
-        torch_s = device_time(lambda: out.copy_(a))
+        torch_s = device_time(lambda a=a, out=out: out.copy_(a))
         name = f"cast {str(src)[6:]}->{str(dst)[6:]}"
         rows.append(
             [
@@ -155,8 +155,8 @@ def bench_kernels() -> tuple[list[list[str]], dict[str, float]]:
         w = torch.randn(cols, device="cuda", dtype=torch.bfloat16)
         b = torch.randn(cols, device="cuda", dtype=torch.bfloat16)
         for kind, fn in (
-            ("rms_norm", lambda: k.rms_norm(a, w, 1e-6)),
-            ("layer_norm", lambda: k.layer_norm(a, w, b, 1e-5)),
+            ("rms_norm", lambda a=a, w=w: k.rms_norm(a, w, 1e-6)),
+            ("layer_norm", lambda a=a, w=w, b=b: k.layer_norm(a, w, b, 1e-5)),
         ):
             s = device_time(fn)
             bw = 2 * a.nbytes / s / 1e9

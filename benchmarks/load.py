@@ -21,7 +21,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (  # noqa: E402
+from common import (
     Result,
     drop_cache,
     generate_model,
@@ -35,7 +35,7 @@ from common import (  # noqa: E402
     warm_cache,
     write_json,
 )
-from peers import UNAVAILABLE, files_read_by, prepare  # noqa: E402
+from peers import UNAVAILABLE, files_read_by, prepare
 
 OURS = "diffsynth_c"
 REFERENCE = "diffsynth"
@@ -170,10 +170,14 @@ def main() -> None:
 
     report = [
         f"Measured {datetime.date.today()} on {machine()}.",
-        f"Model: {len(bf16)} shards, {size / 2**30:.2f} GiB, Qwen-Image DiT names and shapes; median of {args.repeat} runs, "
-        "each in a fresh process, timed until every 4 KiB page of every tensor was read.",
-        f"Ceilings on the same files: pread into pre-faulted memory {ceil_warm:.2f} GB/s; into fresh memory {ceil_fresh:.2f} GB/s; "
-        f"memcpy {ceil_copy:.2f} GB/s; cold pread {ceil_cold:.2f} GB/s.",
+        (
+            f"Model: {len(bf16)} shards, {size / 2**30:.2f} GiB, Qwen-Image DiT names and shapes; median of {args.repeat} runs, "
+            "each in a fresh process, timed until every 4 KiB page of every tensor was read."
+        ),
+        (
+            f"Ceilings on the same files: pread into pre-faulted memory {ceil_warm:.2f} GB/s; into fresh memory {ceil_fresh:.2f} GB/s; "
+            f"memcpy {ceil_copy:.2f} GB/s; cold pread {ceil_cold:.2f} GB/s."
+        ),
         "Command: `python benchmarks/load.py " + " ".join(sys.argv[1:]) + "`",
         "",
         *[s + "\n" for s in sections],

@@ -24,7 +24,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import ROOT, generate_model, machine, table, table_record, warm_cache, write_json  # noqa: E402
+from common import ROOT, generate_model, machine, table, table_record, warm_cache, write_json
 
 CHILD = r"""
 import json, sys, time, torch
@@ -63,6 +63,7 @@ def run_child(which: str, disk: bool, paths: list[str], layers: int) -> dict:
         text=True,
         env=env,
         timeout=3600,
+        check=False,
     )
     line = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
     if r.returncode or not line.startswith("{"):

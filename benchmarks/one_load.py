@@ -19,14 +19,14 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import torch  # noqa: E402
-
-from common import bench_dir, drop_cache, peak_rss_mib, reset_peak_rss, rss_mib, touch  # noqa: E402
+import torch
+from common import bench_dir, drop_cache, peak_rss_mib, reset_peak_rss, rss_mib, touch
 
 
 def loaders():
-    import diffsynth_c
     from peers import PEERS
+
+    import diffsynth_c
 
     table = {"diffsynth_c": lambda paths, dtype: diffsynth_c.load_state_dict(paths, torch_dtype=dtype)}
     table.update(PEERS)
@@ -65,7 +65,7 @@ def reference_order(paths: list[str]) -> list[str]:
     order: dict[str, None] = {}
     for p in paths:
         with safe_open(p, "pt") as f:
-            for k in f.keys():
+            for k in f.keys():  # noqa: SIM118  safe_open handles have keys() but are not iterable
                 order[k] = None
     return list(order)
 
@@ -80,7 +80,7 @@ def verify(sd: dict, paths: list[str], dtype, check_order: bool) -> tuple[bool, 
         return False, "different key order"
     for p in paths:
         with safe_open(p, "pt") as f:
-            for k in f.keys():
+            for k in f.keys():  # noqa: SIM118  safe_open handles have keys() but are not iterable
                 ref = f.get_tensor(k)
                 if dtype is not None:
                     ref = ref.to(dtype)

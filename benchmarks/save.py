@@ -21,7 +21,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import bench_dir, generate_model, machine, table, table_record, write_json  # noqa: E402
+from common import bench_dir, generate_model, machine, table, table_record, write_json
 
 
 def fsync_all(paths: list[str]) -> None:
@@ -38,9 +38,10 @@ def main() -> int:
     ap.add_argument("--shard-size", default="2GB")
     ap.add_argument("--json", default=None, help="also write the figures to this file (for benchmarks/report.py)")
     args = ap.parse_args()
+    from safetensors.torch import save_file
+
     import diffsynth_c
     from diffsynth_c.loader.folder import parse_size, plan_shards
-    from safetensors.torch import save_file
 
     paths = generate_model("qwen-image-dit", args.size_gib, 4, "bfloat16")
     sd = {k: v.clone() for k, v in diffsynth_c.load_state_dict(paths).items()}  # in anonymous memory

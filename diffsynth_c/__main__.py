@@ -123,7 +123,7 @@ def inspect(paths: list[str], limit: int, as_json: bool) -> str:
         width = max((len(n) for n, *_ in shown), default=0)
         for name, dtype, shape, nbytes in shown:
             size = _human(nbytes) if nbytes is not None else "?"
-            out.append(f"  {name.ljust(width)}  {dtype:<8} {str(shape):<20} {size}")
+            out.append(f"  {name.ljust(width)}  {dtype:<8} {shape!s:<20} {size}")
         if len(shown) < len(r["tensors"]):
             out.append(f"  ... {len(r['tensors']) - len(shown)} more (--limit 0 shows all)")
     out.append(f"model hash: {model_hash}")

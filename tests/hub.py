@@ -87,7 +87,7 @@ class Hub:
     def other_url(self) -> str:
         return f"http://localhost:{self.server.server_address[1]}"
 
-    def start(self) -> "Hub":
+    def start(self) -> Hub:
         hub = self
 
         class Handler(_Handler):

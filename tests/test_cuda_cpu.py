@@ -163,7 +163,7 @@ def test_read_into_truncated_names_file_and_tensor(tmp_path):
 
     p = str(tmp_path / "t.safetensors")
     save_file({"a": random_tensor((1024,), torch.float32, 1)}, p)
-    _hl, start, tensors, _m = _core.read_header(p)
+    _hl, start, _tensors, _m = _core.read_header(p)
     os.truncate(p, os.path.getsize(p) - 100)
     out = torch.empty(1024)
     with pytest.raises((OSError, ValueError)) as info:

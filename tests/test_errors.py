@@ -3,6 +3,8 @@ never a crash, never a hang."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from safetensors.torch import save_file

@@ -54,6 +54,7 @@ def test_fuzzer_finding_stays_fixed(harness, name):
         capture_output=True,
         text=True,
         timeout=120,
+        check=False,
     )
     assert r.returncode == 0, f"{harness}/{name}: exit {r.returncode}\n{r.stderr[-2000:]}"
     assert r.stdout.startswith(("accepted", "refused:"))

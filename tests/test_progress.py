@@ -88,6 +88,7 @@ def test_convert_shows_bars_only_when_forced(tmp_path):
             text=True,
             env=env,
             timeout=300,
+            check=False,
         )
 
     shown = convert("shown", "1")

@@ -18,6 +18,7 @@ import safetensors.torch
 import torch
 
 import diffsynth_c
+
 from .conftest import sparse_safetensors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,6 +33,7 @@ def child(code: str, *args: str, timeout: int = 300) -> subprocess.CompletedProc
         timeout=timeout,
         cwd=ROOT,
         env=dict(os.environ, PYTHONPATH=ROOT),
+        check=False,
     )
 
 

@@ -136,11 +136,13 @@ CASES: dict[str, tuple[bytes, bytes]] = {
     "nesting 128": (b'{"a":{' + T.encode() + b',"z":' + b"[" * 126 + b"]" * 126 + b"}}", D8),
     "nesting 400": (b'{"a":{' + T.encode() + b',"z":' + b"[" * 400 + b"]" * 400 + b"}}", D8),
     "every dtype": (
-        b'{"b":{"dtype":"BOOL","shape":[],"data_offsets":[0,1]},"u8":{"dtype":"U8","shape":[1],"data_offsets":[1,2]},'
-        b'"f4":{"dtype":"F4","shape":[2],"data_offsets":[2,3]},"f6":{"dtype":"F6_E2M3","shape":[4],"data_offsets":[3,6]},'
-        b'"f6b":{"dtype":"F6_E3M2","shape":[4],"data_offsets":[6,9]},"e8":{"dtype":"F8_E8M0","shape":[1],"data_offsets":[9,10]},'
-        b'"fz":{"dtype":"F8_E4M3FNUZ","shape":[1],"data_offsets":[10,11]},"gz":{"dtype":"F8_E5M2FNUZ","shape":[1],"data_offsets":[11,12]},'
-        b'"c":{"dtype":"C64","shape":[1],"data_offsets":[12,20]}}',
+        (
+            b'{"b":{"dtype":"BOOL","shape":[],"data_offsets":[0,1]},"u8":{"dtype":"U8","shape":[1],"data_offsets":[1,2]},'
+            b'"f4":{"dtype":"F4","shape":[2],"data_offsets":[2,3]},"f6":{"dtype":"F6_E2M3","shape":[4],"data_offsets":[3,6]},'
+            b'"f6b":{"dtype":"F6_E3M2","shape":[4],"data_offsets":[6,9]},"e8":{"dtype":"F8_E8M0","shape":[1],"data_offsets":[9,10]},'
+            b'"fz":{"dtype":"F8_E4M3FNUZ","shape":[1],"data_offsets":[10,11]},"gz":{"dtype":"F8_E5M2FNUZ","shape":[1],"data_offsets":[11,12]},'
+            b'"c":{"dtype":"C64","shape":[1],"data_offsets":[12,20]}}'
+        ),
         b"\1" * 20,
     ),
     "F4 0-d": (b'{"a":{"dtype":"F4","shape":[],"data_offsets":[0,0]}}', b""),

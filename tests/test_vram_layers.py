@@ -13,9 +13,12 @@ from __future__ import annotations
 import copy
 import importlib
 
+import diffsynth.core.vram.layers as DL
 import pytest
 import safetensors.torch
 import torch
+from diffsynth.configs.vram_management_module_maps import VRAM_MANAGEMENT_MODULE_MAPS
+from diffsynth.models.wan_video_dit import WanModel, sinusoidal_embedding_1d
 
 import diffsynth_c
 from diffsynth_c.patch import original
@@ -24,24 +27,20 @@ from diffsynth_c.vram.prefetch import Scheduler
 
 from .conftest import run_python
 
-import diffsynth.core.vram.layers as DL
-from diffsynth.configs.vram_management_module_maps import VRAM_MANAGEMENT_MODULE_MAPS
-from diffsynth.models.wan_video_dit import WanModel, sinusoidal_embedding_1d
-
 BF16, F8 = torch.bfloat16, torch.float8_e4m3fn
-WAN = dict(
-    dim=256,
-    in_dim=16,
-    ffn_dim=512,
-    out_dim=16,
-    text_dim=32,
-    freq_dim=32,
-    eps=1e-6,
-    patch_size=(1, 2, 2),
-    num_heads=2,
-    num_layers=2,
-    has_image_input=False,
-)
+WAN = {
+    "dim": 256,
+    "in_dim": 16,
+    "ffn_dim": 512,
+    "out_dim": 16,
+    "text_dim": 32,
+    "freq_dim": 32,
+    "eps": 1e-6,
+    "patch_size": (1, 2, 2),
+    "num_heads": 2,
+    "num_layers": 2,
+    "has_image_input": False,
+}
 
 
 def _cls(dotted: str) -> type:
@@ -196,7 +195,7 @@ def test_prefetch_off_gives_the_same_results(wan_file, monkeypatch):
 
 def test_a_changed_order_is_relearned_never_miscomputed(wan_file):
     theirs, ours = load_both(wan_file, GUIDE["fp8_storage"], 0)
-    x, t, ctx = _inputs()
+    x, t, _ctx = _inputs()
     passes(ours, n=2)
     # another branch: only the first block, then the head twice
     with torch.no_grad():

@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Union
+from typing import Any
 
 from .. import _core
 from ..progress import Progress
@@ -45,12 +45,12 @@ class RemoteFile:
 
     path: str
     size: int
-    sha256: Optional[str]
+    sha256: str | None
     url: str
     blob: str | None = None  # git blob id (Hugging Face, files kept in git rather than LFS)
 
 
-def _env_true(name: str) -> Optional[bool]:
+def _env_true(name: str) -> bool | None:
     value = os.environ.get(name)
     if value is None:
         return None
@@ -68,7 +68,7 @@ def matches(path: str, pattern: str) -> bool:
 # ---- the hubs ------------------------------------------------------------------------------
 
 
-def _header_value(raw: bytes, name: str) -> Optional[str]:
+def _header_value(raw: bytes, name: str) -> str | None:
     for line in raw.decode("latin-1").split("\r\n"):
         key, sep, value = line.partition(":")
         if sep and key.strip().lower() == name.lower():
@@ -245,7 +245,7 @@ def _write_manifest(folder: str, manifest: dict) -> None:
     os.replace(tmp, path)
 
 
-def _stamp(path: str) -> Optional[list]:
+def _stamp(path: str) -> list | None:
     try:
         st = os.stat(path)
     except OSError:
@@ -325,7 +325,7 @@ class _Progress:
     def __init__(self, total: int, label: str) -> None:
         self.bar = Progress(total, label, min_total=8 << 20)
         self.base = 0
-        self.on_finished: Optional[Callable[[tuple], None]] = None
+        self.on_finished: Callable[[tuple], None] | None = None
 
     def __call__(self, done: int, finished: tuple = ()) -> None:
         self.bar.set(self.base + done)
@@ -389,7 +389,7 @@ def _discard(part: str) -> None:
 
 
 def download_files(
-    folder: str, files: list[RemoteFile], headers: list[str], what: str, connections: Optional[int] = None
+    folder: str, files: list[RemoteFile], headers: list[str], what: str, connections: int | None = None
 ) -> None:
     """Downloads files into folder (by their paths), in parallel, resuming partial files; each
     is verified (size, SHA-256) under a temporary name and then renamed into place."""
@@ -424,9 +424,18 @@ def download_files(
             left = Counter(rel for rel, _ in owner)
             results: list = []
 
-            def seal_early(finished: tuple) -> None:
+            def seal_early(
+                finished: tuple,
+                *,
+                owner: list = owner,
+                left: Counter = left,
+                fds: dict = fds,
+                early: dict = early,
+                sealer: ThreadPoolExecutor = sealer,
+            ) -> None:
                 """A file whose ranges have all arrived is sealed (fsync, SHA-256) on the sealer's
-                threads while the other files still transfer; the others when the transfer ends."""
+                threads while the other files still transfer; the others when the transfer ends.
+                This round's state is bound as defaults: the closure must not see a later round's."""
                 for j in finished:
                     rel, part = owner[j]
                     left[rel] -= 1
@@ -556,12 +565,12 @@ _download_tips_printed = False
 class ModelConfig:
     """Where a model's files are, or which hub files to download (DiffSynth's fields)."""
 
-    path: Union[str, list, None] = None
-    model_id: Optional[str] = None
-    origin_file_pattern: Union[str, list, None] = None
-    download_source: Optional[str] = None
-    local_model_path: Optional[str] = None
-    skip_download: Optional[bool] = None
+    path: str | list | None = None
+    model_id: str | None = None
+    origin_file_pattern: str | list | None = None
+    download_source: str | None = None
+    local_model_path: str | None = None
+    skip_download: bool | None = None
     offload_device: Any = None
     offload_dtype: Any = None
     onload_device: Any = None
@@ -571,7 +580,7 @@ class ModelConfig:
     computation_device: Any = None
     computation_dtype: Any = None
     clear_parameters: bool = False
-    state_dict: Optional[Dict[str, Any]] = None
+    state_dict: dict[str, Any] | None = None
     quantize: Any = None
 
     def check_input(self) -> None:
@@ -597,7 +606,7 @@ class ModelConfig:
             return self.download_source.lower()
         return os.environ.get("DIFFSYNTH_DOWNLOAD_SOURCE", "modelscope").lower()
 
-    def parse_skip_download(self) -> Optional[bool]:
+    def parse_skip_download(self) -> bool | None:
         """skip_download, else DIFFSYNTH_SKIP_DOWNLOAD ("true"/"false"), else False."""
         if self.skip_download is not None:
             return self.skip_download
@@ -624,7 +633,7 @@ class ModelConfig:
         pattern = self.parse_original_file_pattern()
         source = self.parse_download_source()
         if source == "modelscope":
-            hub: Union[ModelScope, HuggingFace] = ModelScope()
+            hub: ModelScope | HuggingFace = ModelScope()
         elif source == "huggingface":
             hub = HuggingFace()
         else:

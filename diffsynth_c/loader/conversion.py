@@ -11,7 +11,7 @@ torch, after the C core has read the bytes, so results stay identical on any tor
 from __future__ import annotations
 
 import warnings
-from functools import lru_cache
+from functools import cache
 
 from .. import _core
 from ..dlpack import torch_dtype_of
@@ -85,7 +85,7 @@ def _probe(src: str):
     return words.view(torch.float32)
 
 
-@lru_cache(maxsize=None)
+@cache
 def c_converts(src: str, dst: str) -> bool:
     """True when the C core's src -> dst conversion equals torch's on every probe value."""
     import torch

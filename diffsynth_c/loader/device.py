@@ -173,7 +173,6 @@ def _pin(x: Any) -> Any:
 
 def load_pinned(paths: list, displays: list[str], torch_dtype: Any) -> list[dict[str, Any]]:
     """One dict per file, tensors in pinned CPU memory that the C core read (and converted) into."""
-    import torch
 
     headers = _headers(paths, displays)
     target = safetensors_name_of(torch_dtype) if torch_dtype is not None else None

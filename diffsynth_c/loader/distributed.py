@@ -27,7 +27,6 @@ in the list are read by every rank (their storages can be shared between tensors
 from __future__ import annotations
 
 import hashlib
-import os
 import socket
 from typing import Any
 

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from .. import _core, progress
 from ..dlpack import safetensors_name_of, to_torch
 from .conversion import c_sources_for
-from .settings import mode, threads
 from .device import load_pinned, load_to_cuda
+from .settings import mode, threads
 from .torchfile import _map, load_tree, read_tree
 
 PathLike = str | os.PathLike

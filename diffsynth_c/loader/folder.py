@@ -308,16 +308,18 @@ def save_state_dict(
     # the bar moves (on this thread) once a shard is written and durable
     label = f"Saving {os.path.basename(os.path.normpath(folder))}"
     try:
-        with progress.Progress(sum(s for _, s in sizes), label, min_total=progress.LOAD_MIN_BYTES) as bar:
-            with ThreadPoolExecutor(workers) as pool:
-                jobs = [pool.submit(write_shard, t, k) for t, k in zip(temps, shards or [[]])]
-                try:
-                    for job in jobs:
-                        bar.update(job.result())
-                except BaseException:
-                    for job in jobs:
-                        job.cancel()  # shards not started are not written; running ones finish or clean up
-                    raise
+        with (
+            progress.Progress(sum(s for _, s in sizes), label, min_total=progress.LOAD_MIN_BYTES) as bar,
+            ThreadPoolExecutor(workers) as pool,
+        ):
+            jobs = [pool.submit(write_shard, t, k) for t, k in zip(temps, shards or [[]])]
+            try:
+                for job in jobs:
+                    bar.update(job.result())
+            except BaseException:
+                for job in jobs:
+                    job.cancel()  # shards not started are not written; running ones finish or clean up
+                raise
     except BaseException:
         for t in temps:
             _remove(t)

@@ -106,9 +106,9 @@ def test_cast_bad_arguments(make, exc, words):
 
 
 TOL = {
-    torch.float32: dict(rtol=1.3e-6, atol=1e-5),
-    torch.float16: dict(rtol=1e-3, atol=1e-3),
-    torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2),
+    torch.float32: {"rtol": 1.3e-6, "atol": 1e-5},
+    torch.float16: {"rtol": 1e-3, "atol": 1e-3},
+    torch.bfloat16: {"rtol": 1.6e-2, "atol": 1e-2},
 }
 
 

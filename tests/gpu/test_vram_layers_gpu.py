@@ -51,16 +51,16 @@ MODULE_MAP = {
 def config(stored, preparing=None):
     dtype, device = stored
     p_dtype, p_device = preparing or stored
-    return dict(
-        offload_dtype=dtype,
-        offload_device=device,
-        onload_dtype=dtype,
-        onload_device=device,
-        preparing_dtype=p_dtype,
-        preparing_device=p_device,
-        computation_dtype=BF16,
-        computation_device="cuda",
-    )
+    return {
+        "offload_dtype": dtype,
+        "offload_device": device,
+        "onload_dtype": dtype,
+        "onload_device": device,
+        "preparing_dtype": p_dtype,
+        "preparing_device": p_device,
+        "computation_dtype": BF16,
+        "computation_device": "cuda",
+    }
 
 
 @pytest.fixture
