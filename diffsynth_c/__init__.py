@@ -11,9 +11,9 @@ from .kernels import cuda_available
 from .loader import hash_model_file, hash_state_dict_keys, load_keys_dict, load_state_dict
 from .loader.config import DownloadError, ModelConfig
 from .loader.folder import save_state_dict
-from .loader.model import detect_model, load_model, load_model_auto
+from .loader.model import detect_model, load_model
 from .loader.safetensors_file import safe_open
-from .patch import patch_diffsynth, unpatch_diffsynth
+from .patch import load_model_auto, patch_diffsynth, unpatch_diffsynth
 from .vram import LAYER_NAMES as _LAYER_NAMES
 from .vram import DiskMap, skip_model_initialization
 

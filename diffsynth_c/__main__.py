@@ -65,10 +65,10 @@ def _bits(dtype: str) -> int:
 def describe(path: str) -> dict:
     """What inspect prints for one file: format, tensors (name, dtype, shape, bytes), metadata."""
     from . import _core
-    from .loader.file import _is_safetensors
-    from .loader.torchfile import read_tree
+    from .core.formats import is_safetensors
+    from .core.torchfile import read_tree
 
-    if _is_safetensors(path):
+    if is_safetensors(path):
         _hl, _start, tensors, meta = _core.read_header(path)
         rows = [(name, dtype, list(shape), end - begin) for name, dtype, shape, begin, end in tensors]
         return {"file": path, "format": "safetensors", "tensors": rows, "metadata": dict(meta or {})}

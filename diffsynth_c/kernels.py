@@ -117,9 +117,9 @@ def _launch_cast(src: Any, dst: Any, s: str, d: str, rules: tuple[int, int], str
 
 
 def _probe_values(name: str, device: Any) -> Any:
-    from .loader.conversion import _probe
+    from .core.conversion import probe
 
-    return _probe(name).to(device)
+    return probe(name).to(device)
 
 
 @cache

@@ -118,8 +118,8 @@ def routed_torch_load(original: Any) -> Any:
         )
         if plain:
             from . import _core
-            from .loader.settings import mode, threads
-            from .loader.torchfile import load_tree
+            from .core.settings import mode, threads
+            from .core.torchfile import load_tree
 
             try:
                 with warnings.catch_warnings():

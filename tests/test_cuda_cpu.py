@@ -12,7 +12,7 @@ import torch
 
 import diffsynth_c
 from diffsynth_c import _core, kernels
-from diffsynth_c.loader.conversion import _probe
+from diffsynth_c.core.conversion import probe
 
 from .conftest import random_tensor, same_tensor
 
@@ -57,7 +57,7 @@ def test_gpu_rules_arithmetic_matches_torch_off_nan(src, dst):
     """What the CUDA cast computes (CUDA's NaN rule, E4M3 not saturating), run on the CPU through
     the same helpers: equal to torch's .to() on every non-NaN result, NaN where torch gives NaN,
     and CUDA's canonical NaN bits for 16-bit results."""
-    x = _probe(src)
+    x = probe(src)
     # E4M3 overflow is the one place the rule is chosen per torch build: follow this torch's CPU
     saturate = int(dst == "F8_E4M3" and torch.tensor([1000.0]).to(torch.float8_e4m3fn).float().item() == 448.0)
     got_bytes = _core.convert(src, dst, x.contiguous().view(torch.uint8).numpy(), rules=(1, saturate))
@@ -78,7 +78,7 @@ def test_gpu_rules_arithmetic_matches_torch_off_nan(src, dst):
 
 def test_cpu_rules_equal_the_loader_conversion():
     """rules=(0, saturate) is the CPU loader's own arithmetic (portable path)."""
-    x = _probe("F16")
+    x = probe("F16")
     for dst in ("F32", "F8_E5M2", "F8_E4M3"):
         a = _core.convert("F16", dst, x.view(torch.uint8).numpy(), portable=True)
         b = _core.convert("F16", dst, x.view(torch.uint8).numpy(), rules=(0, 1))

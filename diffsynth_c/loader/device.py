@@ -17,9 +17,9 @@ import os
 from typing import Any
 
 from .. import _core
+from ..core.conversion import c_converts
+from ..core.settings import threads
 from ..dlpack import TORCH_DTYPES, safetensors_name_of, torch_dtype_of, view_bytes
-from .conversion import c_converts
-from .settings import threads
 
 _ALIGN = 256  # bytes between tensors inside one buffer, as torch's allocator would give
 _MIB = 1 << 20

@@ -31,8 +31,8 @@ import socket
 from typing import Any
 
 from .. import _core
+from ..core.settings import threads
 from ..dlpack import view_bytes
-from .settings import threads
 
 _ALIGN = 64
 last_load_stats: dict = {}

@@ -20,11 +20,12 @@ from collections.abc import Iterable
 from typing import Any
 
 from .. import _core, progress
+from ..core.conversion import c_sources_for
+from ..core.formats import is_safetensors
+from ..core.settings import mode, threads
+from ..core.torchfile import load_tree, map_leaves, read_tree
 from ..dlpack import safetensors_name_of, to_torch
-from .conversion import c_sources_for
 from .device import load_pinned, load_to_cuda
-from .settings import mode, threads
-from .torchfile import _map, load_tree, read_tree
 
 PathLike = str | os.PathLike
 
@@ -38,10 +39,6 @@ def _as_list(file_path: PathLike | list[PathLike], what: str, variant: str | Non
     if not paths:
         raise ValueError(f"{what}: the list of files is empty")
     return expand(paths, variant)
-
-
-def _is_safetensors(path: PathLike) -> bool:
-    return os.fspath(path).endswith(".safetensors") if not isinstance(path, bytes) else path.endswith(b".safetensors")
 
 
 def _is_cpu(device: Any) -> bool:
@@ -151,7 +148,7 @@ def load_state_dict(
         for batch in batches:
             if verbose >= 1:
                 print(f"Loading file [started]: {displays[batch[0]]}")
-            safetensors_idx = [i for i in batch if _is_safetensors(paths[i])]
+            safetensors_idx = [i for i in batch if is_safetensors(paths[i])]
             # safetensors files read straight into pinned memory when CUDA is there to pin it
             pinned = bool(safetensors_idx) and pin_memory and _is_cpu(device) and _gpu_path("cuda")
             loaded: dict[int, dict[str, Any]] = {}
@@ -217,7 +214,7 @@ def _load_in_group(
     except (OSError, ValueError) as e:
         error = str(e)
     agree(group, dist.get_rank(group), error, "finding the files")
-    kinds = all_ranks(group, [_is_safetensors(p) for p in paths])
+    kinds = all_ranks(group, [is_safetensors(p) for p in paths])
     if any(k != kinds[0] for k in kinds):  # every rank must walk the same collectives
         raise RuntimeError(
             "distributed load: the ranks were given different file lists (count or formats): "
@@ -229,12 +226,12 @@ def _load_in_group(
     if verbose >= 1:
         for d in displays:
             print(f"Loading file [started]: {d}")
-    if all(_is_safetensors(p) for p in paths):
+    if all(is_safetensors(p) for p in paths):
         state_dict = load_safetensors_distributed(paths, displays, torch_dtype, device, group, node_local, bucket_mib)
     else:
         state_dict = {}
         for p, d in zip(paths, displays):
-            if _is_safetensors(p):
+            if is_safetensors(p):
                 state_dict.update(
                     load_safetensors_distributed([p], [d], torch_dtype, device, group, node_local, bucket_mib)
                 )
@@ -277,7 +274,7 @@ def load_state_dict_from_bin(file_path: PathLike, torch_dtype: Any = None, devic
     if state_dict is None:
         state_dict = torch.load(file_path, map_location=device, weights_only=True)
     elif not _is_cpu(device):
-        state_dict = _map(state_dict, torch.Tensor, lambda t: t.to(device))
+        state_dict = map_leaves(state_dict, torch.Tensor, lambda t: t.to(device))
     state_dict = _unwrap(state_dict)
     if torch_dtype is not None:
         for k in state_dict:
@@ -387,7 +384,7 @@ def load_keys_dict(file_path: PathLike | list[PathLike]) -> dict:
         for p in file_path:
             keys_dict.update(load_keys_dict(p))
         return keys_dict
-    if _is_safetensors(file_path):
+    if is_safetensors(file_path):
         return load_keys_dict_from_safetensors(file_path)
     return load_keys_dict_from_bin(file_path)
 
@@ -441,7 +438,7 @@ def hash_model_file(path: PathLike | list[PathLike], with_shape: bool = True) ->
     if isinstance(path, (list, tuple)) and not path:
         return _core.md5_hex(b"")
     paths = _as_list(path, "hash_model_file")
-    if all(_is_safetensors(p) for p in paths):
+    if all(is_safetensors(p) for p in paths):
         return _core.hash_files(paths, with_shape)
     keys_dict = load_keys_dict(paths)
     budget = _Budget(64 * sum(os.path.getsize(p) for p in paths) + (1 << 20), ", ".join(map(os.fsdecode, paths)))

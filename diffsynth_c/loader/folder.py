@@ -23,8 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .. import _core, progress
+from ..core.settings import threads
 from ..dlpack import safetensors_name_of
-from .settings import threads
 
 WEIGHTS = ("diffusion_pytorch_model", "model", "pytorch_model")
 _SAVING = ".saving"  # suffix of the marker of a save in progress (see _commit)

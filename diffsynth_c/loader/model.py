@@ -299,9 +299,9 @@ def _load_vram_managed(
     """DiffSynth's VRAM-managed branch of load_model, on diffsynth_c's layers: the weights are loaded
     in the first dtype and device of vram_config that is not 'disk' and the layers take it from
     there; with offload on disk, only a DiskMap is made and the layers read from it."""
-    from ..vram.layers import _check_module_map, check_vram_config, enable_vram_management
+    from ..vram.layers import check_module_map, check_vram_config, enable_vram_management
 
-    _check_module_map(module_map)
+    check_module_map(module_map)
     on_disk = isinstance(vram_config, dict) and vram_config.get("offload_device") == "disk"
     if not on_disk:
         check_vram_config(vram_config)
@@ -460,25 +460,11 @@ def detect_model(path: Any) -> list[dict]:
     return [c for c in MODEL_CONFIGS if c["model_hash"] == model_hash]
 
 
-def load_model_auto(
-    path: Any, vram_config: Any = None, vram_limit: Any = None, state_dict: Any = None, quantize: Any = None
-) -> list:
-    """What DiffSynth's ModelPool.auto_load_model does for one file set, through diffsynth_c: every
-    model whose hash matches, built and loaded. Raises ValueError naming the file and hash when no
-    entry matches, as DiffSynth does."""
-    from diffsynth.models.model_loader import ModelPool
+def __getattr__(name: str) -> Any:
+    # load_model_auto runs DiffSynth's ModelPool under the patch, so it lives in the patch's layer
+    # (diffsynth_c.patch); this path keeps finding it without importing upward at import time.
+    if name == "load_model_auto":
+        from ..patch import load_model_auto
 
-    from ..patch import is_patched, patch_diffsynth, unpatch_diffsynth
-
-    pool = ModelPool()
-    was_patched = is_patched()
-    if not was_patched:
-        patch_diffsynth()
-    try:
-        pool.auto_load_model(
-            path, vram_config=vram_config, vram_limit=vram_limit, state_dict=state_dict, quantize=quantize
-        )
-    finally:
-        if not was_patched:
-            unpatch_diffsynth()
-    return pool.model
+        return load_model_auto
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

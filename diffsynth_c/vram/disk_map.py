@@ -16,11 +16,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from .. import _core
+from ..core.settings import mode, threads
+from ..core.torchfile import load_tree, map_leaves, read_tree, tensor_of
 from ..dlpack import to_torch
 from ..loader.folder import expand
 from ..loader.safetensors_file import SafetensorsFile
-from ..loader.settings import mode, threads
-from ..loader.torchfile import _map, load_tree, read_tree, tensor_of
 
 _PREFETCH_THREADS = 4
 
@@ -102,7 +102,7 @@ class _TorchFile:
         ref = self.obj[name]
         if isinstance(ref, _core.TensorRef):
             return self._tensor(ref, name)
-        return _map(ref, _core.TensorRef, lambda r: self._tensor(r, name))
+        return map_leaves(ref, _core.TensorRef, lambda r: self._tensor(r, name))
 
 
 class SafetensorsCompatibleTensor:
@@ -133,7 +133,7 @@ class SafetensorsCompatibleBinaryLoader:
         if value is None:
             value = torch.load(path, weights_only=True, map_location=device)
         elif torch.device(device) != torch.device("cpu"):
-            value = _map(value, torch.Tensor, lambda t: t.to(device))
+            value = map_leaves(value, torch.Tensor, lambda t: t.to(device))
         self.state_dict = value
 
     def keys(self) -> Iterable[Any]:

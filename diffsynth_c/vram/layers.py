@@ -33,6 +33,7 @@ from typing import Any, Union  # noqa: F401  Union: DiffSynth's layers export it
 
 import torch
 
+from ..upstream import FOREIGN_BASES
 from .disk_map import DiskMap
 from .initialization import skip_model_initialization
 from .prefetch import Need, Scheduler, materialize
@@ -49,17 +50,16 @@ VRAM_CONFIG_KEYS = (
 )
 _FP8_COMPUTE = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
 
-# DiffSynth's own base classes, registered by patch_diffsynth: with ours in DiffSynth's place,
-# DiffSynth's isinstance checks must still see layers made from its classes held from before the
-# patch.
-_FOREIGN: dict[type, type] = {}
-
 
 class _Interop(type):
+    """With ours in DiffSynth's place, DiffSynth's isinstance checks must still see layers made
+    from its classes held from before the patch: FOREIGN_BASES (filled by patch_diffsynth, kept in
+    the leaf module ``upstream``) names DiffSynth's class for each of our bases."""
+
     def __instancecheck__(cls, obj: Any) -> bool:
         if type.__instancecheck__(cls, obj):
             return True
-        other = _FOREIGN.get(cls)
+        other = FOREIGN_BASES.get(cls)
         return other is not None and isinstance(obj, other)
 
 
@@ -1013,7 +1013,7 @@ def check_vram_config(vram_config: dict, disk_map: Any = None) -> None:
             )
 
 
-def _check_module_map(module_map: dict) -> None:
+def check_module_map(module_map: dict) -> None:
     if not isinstance(module_map, dict):
         raise TypeError(f"module_map must be a dict {{module class: wrapper class}}, got {type(module_map).__name__}")
     for source, target in module_map.items():
@@ -1124,7 +1124,7 @@ def enable_vram_management(
     ``check_vram_config``). With ``quantize``, the quantised Linears of its backend become
     AutoWrappedQuantizedModule layers (``metadata``, in kwargs: the checkpoint's, for rebuilding
     pre-quantised layers read from disk)."""
-    _check_module_map(module_map)
+    check_module_map(module_map)
     check_vram_config(vram_config, disk_map)
     for source_module, target_module in module_map.items():
         if isinstance(model, source_module):

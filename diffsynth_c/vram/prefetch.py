@@ -133,9 +133,9 @@ def _cast_on_cpu(src: Any, dtype: Any) -> Any:
     import torch
 
     from .. import _core
+    from ..core.conversion import c_converts
+    from ..core.settings import threads
     from ..dlpack import safetensors_name_of
-    from ..loader.conversion import c_converts
-    from ..loader.settings import threads
 
     s, d = safetensors_name_of(src.dtype), safetensors_name_of(dtype)
     if src.device.type != "cpu" or not src.is_contiguous() or s is None or d is None or not c_converts(s, d):

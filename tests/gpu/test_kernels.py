@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from diffsynth_c import _core, kernels
-from diffsynth_c.loader.conversion import _probe
+from diffsynth_c.core.conversion import probe
 
 DT = {
     "F32": torch.float32,
@@ -26,14 +26,14 @@ def bits(t):
 
 @pytest.mark.parametrize("src, dst", PAIRS)
 def test_cast_every_pattern_bit_identical(src, dst):
-    x = _probe(src).cuda()
+    x = probe(src).cuda()
     want = x.to(DT[dst])
     got = kernels.cast(x, torch.empty_like(want))
     assert torch.equal(bits(got), bits(want))
     # the rule the kernel settled on reproduces the CPU-side helpers bit for bit
     rules = kernels.cast_rules(src, dst, x.device.index or 0)
     assert rules is not None, f"no rule matches torch's CUDA {src}->{dst}"
-    ref = _core.convert(src, dst, _probe(src).view(torch.uint8).numpy(), rules=rules)
+    ref = _core.convert(src, dst, probe(src).view(torch.uint8).numpy(), rules=rules)
     assert bytes(got.view(torch.uint8).cpu().numpy()) == ref
 
 
