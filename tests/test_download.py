@@ -171,7 +171,7 @@ def test_interrupt_keeps_partial_and_resumes(hub, env, monkeypatch):
         fetch_one(hub, env)
     assert not (env / "org/model/model.safetensors").exists()
     part = env / "org/model" / cfg.PARTIAL / "model.safetensors.incomplete"
-    assert part.exists() and (str(part) + ".json") and os.path.exists(str(part) + ".json")
+    assert part.exists() and os.path.exists(str(part) + ".json")  # the partial file and its record of ranges
     hub.rate = None
     monkeypatch.undo()
     monkeypatch.setenv("MODELSCOPE_ENDPOINT", hub.url)

@@ -99,7 +99,7 @@ def test_conversion_of_large_tensor_spans_many_tasks(tmp_path):
     )
 
 
-def test_bin_files_go_through_torch_load_like_diffsynth(tmp_path, model_files):
+def test_bin_files_load_like_diffsynth(tmp_path, model_files):
     sd = {"a": random_tensor((4, 4), torch.bfloat16, 1), "b": torch.arange(3)}
     p = str(tmp_path / "model.bin")
     torch.save({"state_dict": sd}, p)  # a single wrapper key is unwrapped

@@ -9,7 +9,10 @@ first, maps each file privately (copy-on-write, as safetensors itself does) and 
 on a pool of threads with the GIL released, so the tensors returned are resident, not lazily
 faulted. A ``torch_dtype`` among F32/F16/BF16/F8 is converted in C while the pages are read, into
 one buffer per file, bit-identical to ``tensor.to(torch_dtype)``. ``.bin``/``.pth``/``.ckpt``
-files still go through ``torch.load(weights_only=True)`` as in DiffSynth.
+files (torch's zip format) are read by the C core's own reader (``core/torchfile.py``: zip
+directory, an allow-listed unpickler, storages read into memory it owns) with the results of
+``torch.load(weights_only=True)``; what that reader does not take (legacy files, globals outside
+its allow-list, big-endian data) goes to ``torch.load(weights_only=True)`` itself, with a warning.
 """
 
 from __future__ import annotations
@@ -264,7 +267,7 @@ def _unwrap(state_dict: Any) -> Any:
 
 
 def load_state_dict_from_bin(file_path: PathLike, torch_dtype: Any = None, device: Any = "cpu") -> dict:
-    """A PyTorch checkpoint, read by the C core (diffsynth_c/loader/torchfile.py) with the results of
+    """A PyTorch checkpoint, read by the C core (diffsynth_c/core/torchfile.py) with the results of
     ``torch.load(weights_only=True)``, unwrapping a single ``state_dict`` / ``module`` /
     ``model_state`` key and converting the top-level tensors, as DiffSynth does. Files the C reader
     does not take go through torch.load itself."""
