@@ -11,6 +11,7 @@ import subprocess
 import pytest
 
 from diffsynth_c import DownloadError, ModelConfig, _core
+from diffsynth_c.hub import transfer
 from diffsynth_c.loader import config as cfg
 from tests.hub import Hub, fake_bytes
 
@@ -166,7 +167,7 @@ def test_interrupt_keeps_partial_and_resumes(hub, env, monkeypatch):
         if done > 2 << 20:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(cfg, "_Progress", lambda total, label: _Stop(stop))
+    monkeypatch.setattr(transfer, "_Progress", lambda total, label: _Stop(stop))
     with pytest.raises(KeyboardInterrupt):
         fetch_one(hub, env)
     assert not (env / "org/model/model.safetensors").exists()
@@ -284,7 +285,7 @@ def test_the_bar_keeps_files_landed_in_earlier_rounds(hub, env, monkeypatch):
             super().__init__(lambda done: None)
             bars.append(self)
 
-    monkeypatch.setattr(cfg, "_Progress", Recorder)
+    monkeypatch.setattr(transfer, "_Progress", Recorder)
     hub.fault("text_encoder/config.json", "wrong")
     before = len(hub.requests)
     fetch_one(hub, env, "text_encoder/")
@@ -298,7 +299,7 @@ def test_files_complete_early_are_sealed_while_others_transfer(hub, env, monkeyp
     others, not after all of them; every file still lands verified."""
     hub.rate = 8 << 20  # the big file's ranges take about two seconds; the small files, none
     in_fetch, sealed_during = [False], []
-    real_fetch, real_seal = _core.fetch, cfg._seal
+    real_fetch, real_seal = _core.fetch, transfer._seal
 
     def fetch(*args):
         in_fetch[0] = True
@@ -311,8 +312,8 @@ def test_files_complete_early_are_sealed_while_others_transfer(hub, env, monkeyp
         sealed_during.append((os.path.basename(part), in_fetch[0]))
         return real_seal(fd, part, f)
 
-    monkeypatch.setattr(cfg._core, "fetch", fetch)
-    monkeypatch.setattr(cfg, "_seal", seal)
+    monkeypatch.setattr(transfer._core, "fetch", fetch)
+    monkeypatch.setattr(transfer, "_seal", seal)
     fetch_one(hub, env, "")
     for rel, data in hub.repos["org/model"].items():
         assert (env / "org/model" / rel).read_bytes() == data

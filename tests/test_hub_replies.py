@@ -9,6 +9,7 @@ import random
 import pytest
 
 from diffsynth_c import DownloadError
+from diffsynth_c.hub import hubs
 from diffsynth_c.loader import config as cfg
 
 SHA = "ab" * 32
@@ -57,7 +58,7 @@ def listing(monkeypatch, source, replies):
             raise AssertionError(f"unexpected request {url}")
         return queue.pop(0), b""
 
-    monkeypatch.setattr(cfg, "_get_json", fake_get_json)
+    monkeypatch.setattr(hubs, "_get_json", fake_get_json)
     hub_class, _ = HUBS[source]
     return hub_class().listing("org/model")
 

@@ -29,7 +29,7 @@ LAYERS = [
             "diffsynth_c.upstream",  # what the patch and the VRAM layers share about DiffSynth's objects
         ],
     ),
-    ("loader and vram", ["diffsynth_c.loader", "diffsynth_c.vram"]),
+    ("loader and vram", ["diffsynth_c.hub", "diffsynth_c.loader", "diffsynth_c.vram"]),
     (
         "model",
         [

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import warnings
 from functools import cache
+from typing import Any
 
 from .. import _core
 from ..dlpack import torch_dtype_of
@@ -70,7 +71,10 @@ _F32_SPECIALS = [
 ]
 
 
-def probe(src: str):
+def probe(src: str) -> Any:
+    """A float tensor of dtype src holding the values a conversion from src is checked on: every
+    bit pattern for dtypes of 16 bits or fewer; float32 specials, their negatives and seeded
+    random words for float32."""
     import torch
 
     dtype = torch_dtype_of(src)

@@ -1014,6 +1014,7 @@ def check_vram_config(vram_config: dict, disk_map: Any = None) -> None:
 
 
 def check_module_map(module_map: dict) -> None:
+    """Raises TypeError unless module_map is {torch.nn.Module class: wrapper class}, as DiffSynth needs."""
     if not isinstance(module_map, dict):
         raise TypeError(f"module_map must be a dict {{module class: wrapper class}}, got {type(module_map).__name__}")
     for source, target in module_map.items():
