@@ -53,7 +53,7 @@ def _block_of(name: str) -> int | None:
 def truncated_layout(target_bytes: int, element_size: int) -> list[tuple[str, tuple[int, ...]]]:
     """The non-block tensors plus the first blocks of Qwen-Image's DiT, enough for target_bytes."""
     layout = qwen_image_layout()
-    numel = lambda shape: int(__import__("math").prod(shape))  # noqa: E731
+    numel = lambda shape: int(__import__("math").prod(shape))
     base = [(k, s) for k, s in layout if _block_of(k) is None]
     total = sum(numel(s) for _, s in base) * element_size
     keep_blocks = 0
@@ -78,7 +78,11 @@ def layout_tensors(layout: list[tuple[str, tuple[int, ...]]], dtype):
     for i, (key, shape) in enumerate(layout):
         n = math.prod(shape)
         start = (i * 7919) % (pool.numel() // 2)
-        t = pool[start : start + n].clone() if n <= pool.numel() - start else pool.repeat(n // pool.numel() + 1)[:n].clone()
+        t = (
+            pool[start : start + n].clone()
+            if n <= pool.numel() - start
+            else pool.repeat(n // pool.numel() + 1)[:n].clone()
+        )
         yield key, t.reshape(shape)
 
 
@@ -90,7 +94,9 @@ def generate_model(name: str, size_gib: float, shards: int, dtype_name: str = "b
 
     dtype = getattr(torch, dtype_name)
     folder = os.path.join(bench_dir(), f"{name}-{size_gib:g}GiB-{shards}x-{dtype_name}")
-    paths = [os.path.join(folder, f"diffusion_pytorch_model-{i + 1:05d}-of-{shards:05d}.safetensors") for i in range(shards)]
+    paths = [
+        os.path.join(folder, f"diffusion_pytorch_model-{i + 1:05d}-of-{shards:05d}.safetensors") for i in range(shards)
+    ]
     done = os.path.join(folder, ".complete")
     if os.path.exists(done):
         return paths
@@ -117,7 +123,9 @@ def sparse_full_size_qwen_image(shards: int = 9) -> list[str]:
     """Qwen-Image's full DiT (20.4B parameters, 1933 tensors, 9 shards) with real headers and
     sparse data sections: enough for hashing, which reads headers only, at no disk cost."""
     folder = os.path.join(bench_dir(), f"qwen-image-dit-sparse-{shards}x")
-    paths = [os.path.join(folder, f"diffusion_pytorch_model-{i + 1:05d}-of-{shards:05d}.safetensors") for i in range(shards)]
+    paths = [
+        os.path.join(folder, f"diffusion_pytorch_model-{i + 1:05d}-of-{shards:05d}.safetensors") for i in range(shards)
+    ]
     if os.path.exists(os.path.join(folder, ".complete")):
         return paths
     os.makedirs(folder, exist_ok=True)
@@ -224,7 +232,9 @@ def _cpu_and_ram() -> tuple[str, float]:
 
 def machine() -> str:
     cpu, mem = _cpu_and_ram()
-    return f"{os.cpu_count()} x {cpu}, {mem:.0f} GiB RAM, Linux {platform.release()}, Python {platform.python_version()}"
+    return (
+        f"{os.cpu_count()} x {cpu}, {mem:.0f} GiB RAM, Linux {platform.release()}, Python {platform.python_version()}"
+    )
 
 
 def machine_info() -> dict:
@@ -360,7 +370,7 @@ def run_one(loader: str, paths: list[str], dtype: str | None, cold: bool, verify
     cmd = [sys.executable, os.path.join(HERE, "one_load.py"), loader, dtype or "none", "cold" if cold else "warm"]
     cmd += ["verify" if verify else "noverify", *paths]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, check=False)
     line = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
     if r.returncode != 0 or not line.startswith("{"):
         err = (r.stderr.strip().splitlines() or ["no output"])[-1]
@@ -371,7 +381,7 @@ def run_one(loader: str, paths: list[str], dtype: str | None, cold: bool, verify
 
 def table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
-    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(header), sep] + [line(r) for r in rows])
 

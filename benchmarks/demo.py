@@ -22,7 +22,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import generate_model, machine, run_one, sparse_full_size_qwen_image, table, warm_cache  # noqa: E402
+from common import generate_model, machine, run_one, sparse_full_size_qwen_image, table, warm_cache
 
 
 def main() -> None:
@@ -38,7 +38,9 @@ def main() -> None:
     t = time.perf_counter()
     paths = generate_model("qwen-image-dit", args.size_gib, args.shards, "bfloat16")
     size = sum(os.path.getsize(p) for p in paths)
-    print(f"model: {len(paths)} shards, {size / 2**30:.2f} GiB in {os.path.dirname(paths[0])} (ready in {time.perf_counter() - t:.1f} s)")
+    print(
+        f"model: {len(paths)} shards, {size / 2**30:.2f} GiB in {os.path.dirname(paths[0])} (ready in {time.perf_counter() - t:.1f} s)"
+    )
 
     loaders = ["diffsynth_c"] + [p for p in available_peers() if p != "diffsynth_c"]
     from peers import files_read_by, prepare
@@ -73,12 +75,17 @@ def main() -> None:
                 "yes" if identical else f"NO {runs[name][0].error}",
             ]
         )
-    print(f"\nLoad, warm page cache, median of {args.repeat} (each run a fresh process; time until every page is read):\n")
-    print(table(rows, ["loader", "seconds", "GB/s", "peak RSS MiB", "time vs diffsynth_c", "same tensors as DiffSynth"]))
+    print(
+        f"\nLoad, warm page cache, median of {args.repeat} (each run a fresh process; time until every page is read):\n"
+    )
+    print(
+        table(rows, ["loader", "seconds", "GB/s", "peak RSS MiB", "time vs diffsynth_c", "same tensors as DiffSynth"])
+    )
 
-    import diffsynth_c
     from diffsynth.configs.model_configs import MODEL_CONFIGS
     from diffsynth.core import hash_model_file as ds_hash_model_file
+
+    import diffsynth_c
 
     print("\nModel hashes (DiffSynth identifies models by them):\n")
     hash_rows = []
@@ -91,10 +98,26 @@ def main() -> None:
         h_ours = diffsynth_c.hash_model_file(files)
         t_ours = time.perf_counter() - t
         known = [c["model_name"] for c in MODEL_CONFIGS if c.get("model_hash") == h_ours]
-        hash_rows.append([label, h_ours, "yes" if h_ours == h_ds else "NO", f"{t_ds * 1e3:.2f}", f"{t_ours * 1e3:.2f}", ", ".join(known) or "-"])
+        hash_rows.append(
+            [
+                label,
+                h_ours,
+                "yes" if h_ours == h_ds else "NO",
+                f"{t_ds * 1e3:.2f}",
+                f"{t_ours * 1e3:.2f}",
+                ", ".join(known) or "-",
+            ]
+        )
         all_identical &= h_ours == h_ds
     print(table(hash_rows, ["files", "hash", "same as DiffSynth", "DiffSynth ms", "diffsynth_c ms", "MODEL_CONFIGS"]))
-    print("\n" + ("diffsynth_c returned DiffSynth's tensors and hashes" if all_identical else "diffsynth_c DIFFERS FROM DIFFSYNTH"))
+    print(
+        "\n"
+        + (
+            "diffsynth_c returned DiffSynth's tensors and hashes"
+            if all_identical
+            else "diffsynth_c DIFFERS FROM DIFFSYNTH"
+        )
+    )
     sys.exit(0 if all_identical else 1)
 
 

@@ -24,7 +24,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import ROOT, drop_cache, generate_model, machine, report, table_record, warm_cache, write_json  # noqa: E402
+from common import ROOT, drop_cache, generate_model, machine, report, table_record, warm_cache, write_json
 
 
 def _rchar() -> int:
@@ -35,13 +35,14 @@ def _rchar() -> int:
 def _rank(rank: int, world: int, store: str, paths: list, grouped: bool, out: str) -> None:
     sys.path.insert(0, ROOT)
     import torch.distributed as dist
+    from common import touch
 
     import diffsynth_c
-    from common import touch
     from diffsynth_c.loader import distributed
 
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=600))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=600)
+    )
     dist.barrier()
     before, t = _rchar(), time.perf_counter()
     if grouped:
@@ -66,7 +67,10 @@ def run(world: int, paths: list, grouped: bool, cold: bool) -> list[dict]:
         warm_cache(paths)
     with tempfile.TemporaryDirectory() as tmp:
         ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=_rank, args=(r, world, os.path.join(tmp, "store"), paths, grouped, tmp)) for r in range(world)]
+        procs = [
+            ctx.Process(target=_rank, args=(r, world, os.path.join(tmp, "store"), paths, grouped, tmp))
+            for r in range(world)
+        ]
         for p in procs:
             p.start()
         for p in procs:
@@ -90,10 +94,16 @@ def main() -> None:
         base = run(world, paths, False, args.cold)
         grouped = run(world, paths, True, args.cold)
         for label, reports in (("every rank loads all", base), ("process_group", grouped)):
-            rows.append([str(world), label, f"{max(r['s'] for r in reports):.3f}",
-                         " / ".join(f"{r['read'] / (1 << 20):.0f}" for r in reports),
-                         f"{sum(r['read'] for r in reports) / total:.2f}x",
-                         " / ".join(f"{r['rchar'] / (1 << 20):.0f}" for r in reports)])
+            rows.append(
+                [
+                    str(world),
+                    label,
+                    f"{max(r['s'] for r in reports):.3f}",
+                    " / ".join(f"{r['read'] / (1 << 20):.0f}" for r in reports),
+                    f"{sum(r['read'] for r in reports) / total:.2f}x",
+                    " / ".join(f"{r['rchar'] / (1 << 20):.0f}" for r in reports),
+                ]
+            )
             runs.append({"ranks": world, "mode": label, "ranks_figures": reports})
     head = ["ranks", "mode", "wall s (slowest)", "read per rank MiB", "read / file size", "rchar per rank MiB"]
     what = (

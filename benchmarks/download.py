@@ -26,7 +26,10 @@ MODEL = "bench/download"
 def serve(size: int, files: int, rate: float) -> tuple[subprocess.Popen, str]:
     p = subprocess.Popen(
         [sys.executable, "-m", "tests.hub", MODEL, str(size), str(files), str(rate)],
-        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     return p, p.stdout.readline().strip()
 
@@ -34,8 +37,14 @@ def serve(size: int, files: int, rate: float) -> tuple[subprocess.Popen, str]:
 def run_client(client: str, url: str, folder: str, files: int) -> float:
     """Runs one client in a fresh process so that its imports and endpoint settings are its own;
     returns the seconds of the download call alone (imports not counted)."""
-    env = dict(os.environ, MODELSCOPE_ENDPOINT=url, HF_ENDPOINT=url, HF_HUB_DISABLE_XET="1",
-               DIFFSYNTH_C_PROGRESS="0", HF_HUB_DISABLE_PROGRESS_BARS="1")
+    env = dict(
+        os.environ,
+        MODELSCOPE_ENDPOINT=url,
+        HF_ENDPOINT=url,
+        HF_HUB_DISABLE_XET="1",
+        DIFFSYNTH_C_PROGRESS="0",
+        HF_HUB_DISABLE_PROGRESS_BARS="1",
+    )
     code = {
         "ours": "from diffsynth_c import ModelConfig\nt0 = time.perf_counter()\n"
         f"ModelConfig(model_id={MODEL!r}, origin_file_pattern='', local_model_path={folder!r}).download_if_necessary()",
@@ -64,7 +73,7 @@ def main() -> None:
     size = args.size_mib << 20
     clients = args.clients.split(",")
     rows = []
-    for label, rate in (("capped %g MiB/s/conn" % args.cap_mib, args.cap_mib * 2**20), ("unshaped", 0.0)):
+    for label, rate in ((f"capped {args.cap_mib:g} MiB/s/conn", args.cap_mib * 2**20), ("unshaped", 0.0)):
         hub, url = serve(size, args.files, rate)
         try:
             for client in clients:

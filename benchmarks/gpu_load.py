@@ -24,9 +24,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-
-from common import generate_model, machine, table, table_record, warm_cache, write_json  # noqa: E402
+import torch
+from common import generate_model, machine, table, table_record, warm_cache, write_json
 
 OURS = "diffsynth_c"
 
@@ -60,8 +59,9 @@ def device_time(fn, repeat: int = 10) -> float:
 
 
 def loaders() -> dict[str, object]:
-    import diffsynth_c
     from peers import GPU_PEERS, UNAVAILABLE, available_peers
+
+    import diffsynth_c
 
     def ours(paths, torch_dtype=None):
         sd = diffsynth_c.load_state_dict(paths, torch_dtype=torch_dtype, device="cuda")
@@ -80,8 +80,8 @@ def loaders() -> dict[str, object]:
 def same(a: dict, b: dict) -> bool:
     if list(a) != list(b) and sorted(a) != sorted(b):
         return False
-    for k in b:
-        x, y = a[k], b[k]
+    for k, y in b.items():
+        x = a[k]
         if x.dtype != y.dtype or x.shape != y.shape:
             return False
         if x.numel() and not torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)):
@@ -96,7 +96,7 @@ def bench_loads(paths: list[str], dtype, repeat: int) -> list[list[str]]:
     times: dict[str, list[float]] = {n: [] for n in runs}
     identical: dict[str, str] = {}
     for r in range(repeat):
-        for name, fn in (runs.items() if r % 2 == 0 else reversed(list(runs.items()))):
+        for name, fn in runs.items() if r % 2 == 0 else reversed(list(runs.items())):
             warm_cache(paths)
             gc.collect()
             torch.cuda.empty_cache()
@@ -129,21 +129,35 @@ def bench_kernels() -> tuple[list[list[str]], dict[str, float]]:
     copy_s = device_time(lambda: torch.empty_like(x).copy_(x))
     copy_bw = 2 * x.nbytes / copy_s / 1e9
     rows, frac = [["D2D copy (torch)", f"{copy_bw:.0f}", "1.00", ""]], {}
-    for src, dst in ((torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float16, torch.float8_e4m3fn)):
+    for src, dst in (
+        (torch.float32, torch.bfloat16),
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.float8_e4m3fn),
+    ):
         a = x.to(src)
         out = torch.empty(n, dtype=dst, device="cuda")
-        s = device_time(lambda: k.cast(a, out))
+        s = device_time(lambda a=a, out=out: k.cast(a, out))
         bw = n * (a.element_size() + out.element_size()) / s / 1e9
-        torch_s = device_time(lambda: out.copy_(a))
+        torch_s = device_time(lambda a=a, out=out: out.copy_(a))
         name = f"cast {str(src)[6:]}->{str(dst)[6:]}"
-        rows.append([name, f"{bw:.0f}", f"{bw / copy_bw:.2f}", f"torch {n * (a.element_size() + out.element_size()) / torch_s / 1e9:.0f}"])
+        rows.append(
+            [
+                name,
+                f"{bw:.0f}",
+                f"{bw / copy_bw:.2f}",
+                f"torch {n * (a.element_size() + out.element_size()) / torch_s / 1e9:.0f}",
+            ]
+        )
         frac[name] = bw / copy_bw
     for cols in (1024, 2048, 4096, 8192):
         rows_n = (1 << 27) // cols
         a = torch.randn(rows_n, cols, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(cols, device="cuda", dtype=torch.bfloat16)
         b = torch.randn(cols, device="cuda", dtype=torch.bfloat16)
-        for kind, fn in (("rms_norm", lambda: k.rms_norm(a, w, 1e-6)), ("layer_norm", lambda: k.layer_norm(a, w, b, 1e-5))):
+        for kind, fn in (
+            ("rms_norm", lambda a=a, w=w: k.rms_norm(a, w, 1e-6)),
+            ("layer_norm", lambda a=a, w=w, b=b: k.layer_norm(a, w, b, 1e-5)),
+        ):
             s = device_time(fn)
             bw = 2 * a.nbytes / s / 1e9
             name = f"{kind} bf16 h={cols}"
@@ -169,7 +183,9 @@ def main() -> int:
     from diffsynth_c.kernels import cuda_status
 
     if not (torch.cuda.is_available() and diffsynth_c.cuda_available()):
-        print(f"gpu_load: nothing to measure here: torch CUDA {torch.cuda.is_available()}, diffsynth_c: {cuda_status()}")
+        print(
+            f"gpu_load: nothing to measure here: torch CUDA {torch.cuda.is_available()}, diffsynth_c: {cuda_status()}"
+        )
         return 0
     print(machine(), "|", torch.cuda.get_device_name())
     paths = generate_model("qwen-image-dit", args.size_gib, args.shards, "bfloat16")
@@ -186,7 +202,10 @@ def main() -> int:
         ours = next(r for r in rows if r[0] == OURS)
         ds = next((r for r in rows if r[0] == "diffsynth"), None)
         share = float(ours[2]) / ceiling
-        print(f"ours: {share:.0%} of the pinned copy ceiling" + (f", {ds[3]} DiffSynth's time" if ds and ds[3] != "-" else ""))
+        print(
+            f"ours: {share:.0%} of the pinned copy ceiling"
+            + (f", {ds[3]} DiffSynth's time" if ds and ds[3] != "-" else "")
+        )
         if dtype is None:
             if share < 0.8:
                 misses.append(f"load at {share:.0%} of the ceiling (target 80%)")

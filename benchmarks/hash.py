@@ -17,7 +17,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import machine, sparse_full_size_qwen_image, table, table_record, write_json  # noqa: E402
+from common import machine, sparse_full_size_qwen_image, table, table_record, write_json
 
 
 def timed(fn, repeat: int) -> tuple[float, str]:
@@ -36,9 +36,10 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the figures to this file (for benchmarks/report.py)")
     args = ap.parse_args()
 
-    import diffsynth_c
     from diffsynth.configs.model_configs import MODEL_CONFIGS
     from diffsynth.core import hash_model_file as ds_hash_model_file
+
+    import diffsynth_c
 
     paths = sparse_full_size_qwen_image(9)
     print(f"machine: {machine()}")

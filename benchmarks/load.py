@@ -21,7 +21,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (  # noqa: E402
+from common import (
     Result,
     drop_cache,
     generate_model,
@@ -35,7 +35,7 @@ from common import (  # noqa: E402
     warm_cache,
     write_json,
 )
-from peers import UNAVAILABLE, files_read_by, prepare  # noqa: E402
+from peers import UNAVAILABLE, files_read_by, prepare
 
 OURS = "diffsynth_c"
 REFERENCE = "diffsynth"
@@ -47,7 +47,9 @@ def available_loaders() -> list[str]:
     return [OURS] + [p for p in available_peers() if p != OURS]
 
 
-def measure(loaders: list[str], paths: list[str], dtype: str | None, cold: bool, repeat: int) -> dict[str, list[Result]]:
+def measure(
+    loaders: list[str], paths: list[str], dtype: str | None, cold: bool, repeat: int
+) -> dict[str, list[Result]]:
     results: dict[str, list[Result]] = {name: [] for name in loaders}
     for r in range(repeat):
         order = loaders if r % 2 == 0 else list(reversed(loaders))  # no loader always goes first
@@ -58,7 +60,11 @@ def measure(loaders: list[str], paths: list[str], dtype: str | None, cold: bool,
             results[name].append(res)
             print(
                 f"  {name:22s} {'cold' if cold else 'warm'} {dtype or '-':9s} run {r + 1}: "
-                + (f"{res.total_s:7.3f} s  {res.gbps:6.2f} GB/s  peak +{res.peak_rss_mib:7.0f} MiB" if res.total_s else f"failed: {res.error}")
+                + (
+                    f"{res.total_s:7.3f} s  {res.gbps:6.2f} GB/s  peak +{res.peak_rss_mib:7.0f} MiB"
+                    if res.total_s
+                    else f"failed: {res.error}"
+                )
                 + ("" if res.ok is None else f"  identical={res.ok}{' (' + res.error + ')' if res.error else ''}"),
                 flush=True,
             )
@@ -126,7 +132,11 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"loaders: {', '.join(loaders)}")
     bf16 = generate_model("qwen-image-dit", args.size_gib, args.shards, "bfloat16")
-    f32 = generate_model("qwen-image-dit", args.size_gib, args.shards, "float32") if "f32-to-bf16" in args.scenarios else None
+    f32 = (
+        generate_model("qwen-image-dit", args.size_gib, args.shards, "float32")
+        if "f32-to-bf16" in args.scenarios
+        else None
+    )
     size = sum(os.path.getsize(p) for p in bf16)
     prepare(loaders, bf16 + (f32 or []))
     print(f"model: {len(bf16)} shards, {size / 2**30:.2f} GiB (Qwen-Image DiT names and shapes, bf16)")
@@ -160,10 +170,14 @@ def main() -> None:
 
     report = [
         f"Measured {datetime.date.today()} on {machine()}.",
-        f"Model: {len(bf16)} shards, {size / 2**30:.2f} GiB, Qwen-Image DiT names and shapes; median of {args.repeat} runs, "
-        "each in a fresh process, timed until every 4 KiB page of every tensor was read.",
-        f"Ceilings on the same files: pread into pre-faulted memory {ceil_warm:.2f} GB/s; into fresh memory {ceil_fresh:.2f} GB/s; "
-        f"memcpy {ceil_copy:.2f} GB/s; cold pread {ceil_cold:.2f} GB/s.",
+        (
+            f"Model: {len(bf16)} shards, {size / 2**30:.2f} GiB, Qwen-Image DiT names and shapes; median of {args.repeat} runs, "
+            "each in a fresh process, timed until every 4 KiB page of every tensor was read."
+        ),
+        (
+            f"Ceilings on the same files: pread into pre-faulted memory {ceil_warm:.2f} GB/s; into fresh memory {ceil_fresh:.2f} GB/s; "
+            f"memcpy {ceil_copy:.2f} GB/s; cold pread {ceil_cold:.2f} GB/s."
+        ),
         "Command: `python benchmarks/load.py " + " ".join(sys.argv[1:]) + "`",
         "",
         *[s + "\n" for s in sections],

@@ -24,7 +24,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import ROOT, generate_model, machine, table, table_record, warm_cache, write_json  # noqa: E402
+from common import ROOT, generate_model, machine, table, table_record, warm_cache, write_json
 
 CHILD = r"""
 import json, sys, time, torch
@@ -57,8 +57,14 @@ def layers_in(paths: list[str]) -> int:
 def run_child(which: str, disk: bool, paths: list[str], layers: int) -> dict:
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     code = CHILD.format(bench=os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-c", code, which, "1" if disk else "0", json.dumps(paths), str(layers)],
-                       capture_output=True, text=True, env=env, timeout=3600)
+    r = subprocess.run(
+        [sys.executable, "-c", code, which, "1" if disk else "0", json.dumps(paths), str(layers)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=3600,
+        check=False,
+    )
     line = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
     if r.returncode or not line.startswith("{"):
         raise RuntimeError(f"{which}: {r.stderr.strip()[-500:]}")
@@ -114,10 +120,12 @@ def main() -> int:
     for disk in (False, True):
         res: dict[str, list] = {"diffsynth_c": [], "diffsynth": []}
         for r in range(args.repeat):
-            for which in (("diffsynth_c", "diffsynth") if r % 2 == 0 else ("diffsynth", "diffsynth_c")):
+            for which in ("diffsynth_c", "diffsynth") if r % 2 == 0 else ("diffsynth", "diffsynth_c"):
                 warm_cache(paths)
                 res[which].append(run_child(which, disk, paths, layers))
-                print(f"  {which:12s} disk_map={disk} run {r + 1}: {res[which][-1]['s']:.2f} s, peak +{res[which][-1]['peak']:.0f} MiB")
+                print(
+                    f"  {which:12s} disk_map={disk} run {r + 1}: {res[which][-1]['s']:.2f} s, peak +{res[which][-1]['peak']:.0f} MiB"
+                )
         ours = statistics.median(x["s"] for x in res["diffsynth_c"])
         for which in ("diffsynth_c", "diffsynth"):
             s = statistics.median(x["s"] for x in res[which])

@@ -29,9 +29,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import machine, peak_rss_mib, report, reset_peak_rss, rss_mib, table_record, write_json  # noqa: E402
-
-import torch  # noqa: E402
+import torch
+from common import machine, peak_rss_mib, report, reset_peak_rss, rss_mib, table_record, write_json
 
 BF16, F8 = torch.bfloat16, torch.float8_e4m3fn
 
@@ -52,7 +51,7 @@ class Block(torch.nn.Module):
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         shift, scale, gate, shift2, scale2, gate2 = self.mod(temb).unsqueeze(1).chunk(6, dim=-1)
         h = self.norm1(x) * (1 + scale) + shift
-        q, k, v = self.qkv(h).chunk(3, dim=-1)
+        q, _k, v = self.qkv(h).chunk(3, dim=-1)
         x = x + gate * self.out(torch.nn.functional.silu(q) * v)
         h = self.norm2(x) * (1 + scale2) + shift2
         return x + gate2 * self.fc2(torch.nn.functional.gelu(self.fc1(h), approximate="tanh"))
@@ -85,8 +84,16 @@ def build(hidden: int, gib: float) -> Stack:
 def vram_config(stored: str, device: str) -> dict:
     dtype, where = {"cpu_bf16": (BF16, "cpu"), "cpu_fp8": (F8, "cpu"), "disk": ("disk", "disk")}[stored]
     prep = (BF16, device) if stored == "disk" else (dtype, where)
-    return dict(offload_dtype=dtype, offload_device=where, onload_dtype=dtype, onload_device=where,
-                preparing_dtype=prep[0], preparing_device=prep[1], computation_dtype=BF16, computation_device=device)
+    return {
+        "offload_dtype": dtype,
+        "offload_device": where,
+        "onload_dtype": dtype,
+        "onload_device": where,
+        "preparing_dtype": prep[0],
+        "preparing_device": prep[1],
+        "computation_dtype": BF16,
+        "computation_device": device,
+    }
 
 
 def pinned_h2d_gbs(nbytes: int = 1 << 30) -> float | None:
@@ -113,7 +120,11 @@ def managed(impl: str, base: Stack, stored: str, device: str, path: str) -> torc
         from diffsynth.core.vram import layers as lib
     else:
         from diffsynth_c.vram import layers as lib
-    mm = {torch.nn.Linear: lib.AutoWrappedLinear, torch.nn.LayerNorm: lib.AutoWrappedModule, torch.nn.RMSNorm: lib.AutoWrappedModule}
+    mm = {
+        torch.nn.Linear: lib.AutoWrappedLinear,
+        torch.nn.LayerNorm: lib.AutoWrappedModule,
+        torch.nn.RMSNorm: lib.AutoWrappedModule,
+    }
     disk_map = None
     model = copy.deepcopy(base)
     if stored == "disk":
@@ -206,13 +217,23 @@ def main() -> None:
     t_res = results[("resident", "-")][0]
     for (stored, impl), (t, rss) in results.items():
         # bytes each forward moves or converts (CPU offload in bf16 on the CPU moves nothing)
-        carried = 0 if stored == "resident" or (stored == "cpu_bf16" and not on_gpu) else weights * (1 if stored == "cpu_fp8" else 2)
+        carried = (
+            0
+            if stored == "resident" or (stored == "cpu_bf16" and not on_gpu)
+            else weights * (1 if stored == "cpu_fp8" else 2)
+        )
         theirs = results.get((stored, "diffsynth"))
-        rows.append([
-            stored, impl, f"{t * 1000:.1f}", f"{t / t_res:.2f}x",
-            f"{theirs[0] / t:.2f}x" if theirs and impl == "diffsynth_c" else "",
-            f"{carried / t / 1e9:.1f}" if carried else "", f"{rss:.0f}",
-        ])
+        rows.append(
+            [
+                stored,
+                impl,
+                f"{t * 1000:.1f}",
+                f"{t / t_res:.2f}x",
+                f"{theirs[0] / t:.2f}x" if theirs and impl == "diffsynth_c" else "",
+                f"{carried / t / 1e9:.1f}" if carried else "",
+                f"{rss:.0f}",
+            ]
+        )
     head = ["mode", "layers", "ms/forward", "vs resident", "DiffSynth/ours", "GB/s carried", "peak RSS +MiB"]
     what = (
         f"offload: {n_blocks} blocks, hidden {hidden}, {weights * 2 / (1 << 30):.2f} GiB bf16, {tokens} tokens, "

@@ -19,14 +19,14 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import torch  # noqa: E402
-
-from common import bench_dir, drop_cache, peak_rss_mib, reset_peak_rss, rss_mib, touch  # noqa: E402
+import torch
+from common import bench_dir, drop_cache, peak_rss_mib, reset_peak_rss, rss_mib, touch
 
 
 def loaders():
-    import diffsynth_c
     from peers import PEERS
+
+    import diffsynth_c
 
     table = {"diffsynth_c": lambda paths, dtype: diffsynth_c.load_state_dict(paths, torch_dtype=dtype)}
     table.update(PEERS)
@@ -50,7 +50,11 @@ def verify_bin(sd: dict, paths: list[str], dtype) -> tuple[bool, str]:
         return False, "different keys or order"
     for k, r in ref.items():
         r = r.to(dtype) if dtype is not None else r
-        if sd[k].dtype != r.dtype or sd[k].shape != r.shape or not torch.equal(sd[k].reshape(-1).view(torch.uint8), r.reshape(-1).view(torch.uint8)):
+        if (
+            sd[k].dtype != r.dtype
+            or sd[k].shape != r.shape
+            or not torch.equal(sd[k].reshape(-1).view(torch.uint8), r.reshape(-1).view(torch.uint8))
+        ):
             return False, f"{k} differs"
     return True, ""
 
@@ -61,7 +65,7 @@ def reference_order(paths: list[str]) -> list[str]:
     order: dict[str, None] = {}
     for p in paths:
         with safe_open(p, "pt") as f:
-            for k in f.keys():
+            for k in f.keys():  # noqa: SIM118  safe_open handles have keys() but are not iterable
                 order[k] = None
     return list(order)
 
@@ -76,14 +80,16 @@ def verify(sd: dict, paths: list[str], dtype, check_order: bool) -> tuple[bool, 
         return False, "different key order"
     for p in paths:
         with safe_open(p, "pt") as f:
-            for k in f.keys():
+            for k in f.keys():  # noqa: SIM118  safe_open handles have keys() but are not iterable
                 ref = f.get_tensor(k)
                 if dtype is not None:
                     ref = ref.to(dtype)
                 got = sd[k]
                 if got.dtype != ref.dtype or got.shape != ref.shape:
                     return False, f"{k}: {got.dtype} {tuple(got.shape)} vs {ref.dtype} {tuple(ref.shape)}"
-                if ref.numel() and not torch.equal(got.reshape(-1).view(torch.uint8), ref.reshape(-1).view(torch.uint8)):
+                if ref.numel() and not torch.equal(
+                    got.reshape(-1).view(torch.uint8), ref.reshape(-1).view(torch.uint8)
+                ):
                     return False, f"{k}: different bits"
     return True, ""
 
@@ -122,7 +128,11 @@ def main() -> None:
             ok, why = verify_bin(sd, paths, dtype)
         else:
             ok, why = verify(sd, paths, dtype, check_order=name in ("diffsynth_c", "diffsynth"))
-    print(json.dumps({"call_s": t1 - t0, "total_s": t2 - t0, "peak_rss_mib": peak, "bytes": nbytes, "ok": ok, "error": why}))
+    print(
+        json.dumps(
+            {"call_s": t1 - t0, "total_s": t2 - t0, "peak_rss_mib": peak, "bytes": nbytes, "ok": ok, "error": why}
+        )
+    )
 
 
 if __name__ == "__main__":

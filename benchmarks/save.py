@@ -21,7 +21,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import bench_dir, generate_model, machine, table, table_record, write_json  # noqa: E402
+from common import bench_dir, generate_model, machine, table, table_record, write_json
 
 
 def fsync_all(paths: list[str]) -> None:
@@ -38,9 +38,10 @@ def main() -> int:
     ap.add_argument("--shard-size", default="2GB")
     ap.add_argument("--json", default=None, help="also write the figures to this file (for benchmarks/report.py)")
     args = ap.parse_args()
+    from safetensors.torch import save_file
+
     import diffsynth_c
     from diffsynth_c.loader.folder import parse_size, plan_shards
-    from safetensors.torch import save_file
 
     paths = generate_model("qwen-image-dit", args.size_gib, 4, "bfloat16")
     sd = {k: v.clone() for k, v in diffsynth_c.load_state_dict(paths).items()}  # in anonymous memory
@@ -49,8 +50,11 @@ def main() -> int:
     out = os.path.join(bench_dir(), "save-out")
     print(machine())
     print(f"{size / 2**30:.2f} GiB, {len(sd)} tensors, {len(plan)} shards of at most {args.shard_size}")
-    times: dict[str, list[float]] = {"diffsynth_c.save_state_dict (fsync)": [], "safetensors.save_file": [],
-                                     "safetensors.save_file + fsync": []}
+    times: dict[str, list[float]] = {
+        "diffsynth_c.save_state_dict (fsync)": [],
+        "safetensors.save_file": [],
+        "safetensors.save_file + fsync": [],
+    }
     for r in range(args.repeat):
         shutil.rmtree(out, ignore_errors=True)
         t = time.perf_counter()
@@ -70,8 +74,15 @@ def main() -> int:
         print(f"  run {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()))
     shutil.rmtree(out, ignore_errors=True)
     ours = statistics.median(times["diffsynth_c.save_state_dict (fsync)"])
-    rows = [[k, f"{statistics.median(v):.2f}", f"{size / statistics.median(v) / 1e9:.2f}",
-             f"{statistics.median(v) / ours:.2f}x"] for k, v in times.items()]
+    rows = [
+        [
+            k,
+            f"{statistics.median(v):.2f}",
+            f"{size / statistics.median(v) / 1e9:.2f}",
+            f"{statistics.median(v) / ours:.2f}x",
+        ]
+        for k, v in times.items()
+    ]
     header = ["saver", "s (median)", "GB/s", "time vs diffsynth_c"]
     print(table(rows, header))
     title = f"save_state_dict, {size / 2**30:.2f} GiB in {len(plan)} shards of at most {args.shard_size}"

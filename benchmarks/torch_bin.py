@@ -20,7 +20,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (  # noqa: E402
+from common import (
     GIB,
     bench_dir,
     layout_tensors,
@@ -68,8 +68,9 @@ def main() -> int:
     print(machine())
     print(f"file: {path} ({size / GIB:.2f} GiB)")
 
-    import diffsynth_c
     from diffsynth.core import hash_model_file as ds_hash
+
+    import diffsynth_c
 
     warm_cache([path])
     h_ours = time_hash(diffsynth_c.hash_model_file, path, max(args.repeat, 5))

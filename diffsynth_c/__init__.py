@@ -11,37 +11,36 @@ from .kernels import cuda_available
 from .loader import hash_model_file, hash_state_dict_keys, load_keys_dict, load_state_dict
 from .loader.config import DownloadError, ModelConfig
 from .loader.folder import save_state_dict
-from .loader.model import detect_model, load_model, load_model_auto
+from .loader.model import detect_model, load_model
 from .loader.safetensors_file import safe_open
-from .patch import patch_diffsynth, unpatch_diffsynth
+from .patch import load_model_auto, patch_diffsynth, unpatch_diffsynth
 from .vram import LAYER_NAMES as _LAYER_NAMES
 from .vram import DiskMap, skip_model_initialization
 
 __all__ = [
-    "FormatError",
-    "__version__",
-    "load_state_dict",
-    "hash_model_file",
-    "hash_state_dict_keys",
-    "load_keys_dict",
-    "cuda_available",
-    "load_model",
-    "save_state_dict",
-    "ModelConfig",
-    "DownloadError",
-    "detect_model",
-    "load_model_auto",
-    "DiskMap",
-    "safe_open",
-    "skip_model_initialization",
-    "enable_vram_management",
     "AutoWrappedLinear",
     "AutoWrappedModule",
     "AutoWrappedNonRecurseModule",
+    "DiskMap",
+    "DownloadError",
+    "FormatError",
+    "ModelConfig",
+    "__version__",
+    "cuda_available",
+    "detect_model",
+    "enable_vram_management",
+    "hash_model_file",
+    "hash_state_dict_keys",
+    "load_keys_dict",
+    "load_model",
+    "load_model_auto",
+    "load_state_dict",
     "patch_diffsynth",
+    "safe_open",
+    "save_state_dict",
+    "skip_model_initialization",
     "unpatch_diffsynth",
 ]
-
 
 
 def __getattr__(name: str):  # the VRAM-managed layers import torch: only when asked for

@@ -24,7 +24,9 @@ import time
 from typing import Any
 
 
-def convert(src: list[str], dst: str, max_shard_size: str = "10GB", weights_name: str = "diffusion_pytorch_model") -> list[str]:
+def convert(
+    src: list[str], dst: str, max_shard_size: str = "10GB", weights_name: str = "diffusion_pytorch_model"
+) -> list[str]:
     """Writes the state dict of src into dst as safetensors shards; returns the files written.
     Raises ValueError when the checkpoint holds something safetensors cannot (a nested dict or a
     non-tensor value) and when the written hash differs from the source's."""
@@ -63,10 +65,10 @@ def _bits(dtype: str) -> int:
 def describe(path: str) -> dict:
     """What inspect prints for one file: format, tensors (name, dtype, shape, bytes), metadata."""
     from . import _core
-    from .loader.file import _is_safetensors
-    from .loader.torchfile import read_tree
+    from .core.formats import is_safetensors
+    from .core.torchfile import read_tree
 
-    if _is_safetensors(path):
+    if is_safetensors(path):
         _hl, _start, tensors, meta = _core.read_header(path)
         rows = [(name, dtype, list(shape), end - begin) for name, dtype, shape, begin, end in tensors]
         return {"file": path, "format": "safetensors", "tensors": rows, "metadata": dict(meta or {})}
@@ -121,11 +123,14 @@ def inspect(paths: list[str], limit: int, as_json: bool) -> str:
         width = max((len(n) for n, *_ in shown), default=0)
         for name, dtype, shape, nbytes in shown:
             size = _human(nbytes) if nbytes is not None else "?"
-            out.append(f"  {name.ljust(width)}  {dtype:<8} {str(shape):<20} {size}")
+            out.append(f"  {name.ljust(width)}  {dtype:<8} {shape!s:<20} {size}")
         if len(shown) < len(r["tensors"]):
             out.append(f"  ... {len(r['tensors']) - len(shown)} more (--limit 0 shows all)")
     out.append(f"model hash: {model_hash}")
-    out.append("DiffSynth model: " + ("; ".join(models) if models else "none of DiffSynth's MODEL_CONFIGS (or DiffSynth not installed)"))
+    out.append(
+        "DiffSynth model: "
+        + ("; ".join(models) if models else "none of DiffSynth's MODEL_CONFIGS (or DiffSynth not installed)")
+    )
     return "\n".join(out)
 
 
@@ -137,6 +142,7 @@ def _peers() -> dict:
 
     loaders = {"diffsynth_c": lambda p: load_state_dict(p)}
     if importlib.util.find_spec("diffsynth"):
+
         def diffsynth_load(p):
             from diffsynth.core.loader.file import load_state_dict as theirs
 
@@ -144,11 +150,12 @@ def _peers() -> dict:
 
         loaders["diffsynth"] = diffsynth_load
     if importlib.util.find_spec("safetensors"):
+
         def safetensors_load(p):
             from safetensors.torch import load_file
 
             sd = {}
-            for f in (p if isinstance(p, list) else [p]):
+            for f in p if isinstance(p, list) else [p]:
                 sd.update(load_file(f))
             return sd
 
@@ -162,7 +169,9 @@ def _touch(sd: dict) -> None:
 
     for t in sd.values():
         if isinstance(t, torch.Tensor) and t.numel():
-            flat = t.reshape(-1).view(torch.uint8) if t.is_contiguous() else t.contiguous().reshape(-1).view(torch.uint8)
+            flat = (
+                t.reshape(-1).view(torch.uint8) if t.is_contiguous() else t.contiguous().reshape(-1).view(torch.uint8)
+            )
             flat[::4096].sum()
 
 
@@ -185,15 +194,19 @@ def bench(paths: list[str], repeat: int) -> str:
             del sd
         rows.append((name, statistics.median(times[1:])))
     ours = dict(rows)["diffsynth_c"]
-    lines = [f"{len(files)} file(s), {_human(total)}, warm page cache, median of {repeat}:",
-             f"  {'loader':<12} {'s':>8} {'GB/s':>7} {'time vs ours':>14}"]
+    lines = [
+        f"{len(files)} file(s), {_human(total)}, warm page cache, median of {repeat}:",
+        f"  {'loader':<12} {'s':>8} {'GB/s':>7} {'time vs ours':>14}",
+    ]
     for name, t in rows:
         lines.append(f"  {name:<12} {t:8.3f} {total / t / 1e9:7.2f} {t / ours:13.2f}x")
     return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="diffsynth-c", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="diffsynth-c", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--debug", action="store_true", help="print the whole traceback of an error")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     i = sub.add_parser("inspect", help="keys, dtypes, shapes, sizes, metadata and the model hash of files")
@@ -213,9 +226,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeat", type=int, default=3)
     d = sub.add_parser("download", help="a model's files from ModelScope or Hugging Face, as ModelConfig fetches them")
     d.add_argument("model_id")
-    d.add_argument("pattern", nargs="?", default=None, help="files inside the repository (fnmatch; 'dir/' for a folder)")
-    d.add_argument("--source", choices=["modelscope", "huggingface"], default=None,
-                   help="default: DIFFSYNTH_DOWNLOAD_SOURCE, else modelscope")
+    d.add_argument(
+        "pattern", nargs="?", default=None, help="files inside the repository (fnmatch; 'dir/' for a folder)"
+    )
+    d.add_argument(
+        "--source",
+        choices=["modelscope", "huggingface"],
+        default=None,
+        help="default: DIFFSYNTH_DOWNLOAD_SOURCE, else modelscope",
+    )
     d.add_argument("--local-dir", default=None, help="base folder (default: DIFFSYNTH_MODEL_BASE_PATH, else ./models)")
     return ap
 
@@ -226,8 +245,9 @@ def download(model_id: str, pattern: str | None, source: str | None, local_dir: 
     from .loader.config import ModelConfig
 
     config_module._download_tips_printed = True  # no download-source box: stdout is the path, stderr one line
-    config = ModelConfig(model_id=model_id, origin_file_pattern=pattern, download_source=source,
-                         local_model_path=local_dir)
+    config = ModelConfig(
+        model_id=model_id, origin_file_pattern=pattern, download_source=source, local_model_path=local_dir
+    )
     config.download_if_necessary()
     return "\n".join(config.path) if isinstance(config.path, list) else str(config.path)
 

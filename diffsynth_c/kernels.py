@@ -18,7 +18,7 @@ special values, picks the rule that matches, and leaves the pair to torch if non
 from __future__ import annotations
 
 import os
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 from . import _core
@@ -31,7 +31,7 @@ _LIBRARY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_cuda.so")
 _RULES = ((1, 0), (0, 0), (1, 1), (0, 1))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _status() -> tuple[bool, str]:
     if not os.path.exists(_LIBRARY):
         return False, "diffsynth_c was built without nvcc (no CUDA library)"
@@ -117,12 +117,12 @@ def _launch_cast(src: Any, dst: Any, s: str, d: str, rules: tuple[int, int], str
 
 
 def _probe_values(name: str, device: Any) -> Any:
-    from .loader.conversion import _probe
+    from .core.conversion import probe
 
-    return _probe(name).to(device)
+    return probe(name).to(device)
 
 
-@lru_cache(maxsize=None)
+@cache
 def cast_rules(src: str, dst: str, device_index: int) -> tuple[int, int] | None:
     """The rules under which our cast of src -> dst equals torch's .to() on this device, or None."""
     import torch

@@ -19,6 +19,8 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+from .upstream import FOREIGN_BASES, ORIGINALS
+
 # (DiffSynth module, name) -> (our module, name): every DiffSynth entry point that reads weights,
 # builds a model for loading or wraps layers for VRAM management. One table: a route added later is
 # one more group here.
@@ -50,7 +52,10 @@ _TABLE = {
         ("diffsynth.core.vram.disk_map", name): ("diffsynth_c.vram.disk_map", name)
         for name in ("DiskMap", "SafetensorsCompatibleBinaryLoader", "SafetensorsCompatibleTensor")
     },
-    ("diffsynth.core.vram.initialization", "skip_model_initialization"): ("diffsynth_c.vram.initialization", "skip_model_initialization"),
+    ("diffsynth.core.vram.initialization", "skip_model_initialization"): (
+        "diffsynth_c.vram.initialization",
+        "skip_model_initialization",
+    ),
     **{
         ("diffsynth.core.vram.layers", name): ("diffsynth_c.vram.layers", name)
         for name in (
@@ -76,7 +81,6 @@ _BASES = ("AutoTorchModule", "LoRAHotLoadMixin")
 
 _saved: list[tuple[Any, str, Any]] = []  # (module, attribute, DiffSynth's object) of every rebinding
 _saved_defaults: list[tuple[Any, str, Any]] = []  # (function, __defaults__/__kwdefaults__, DiffSynth's)
-_ORIGINALS: dict[tuple[str, str], Any] = {}
 
 
 def _pairs() -> list[tuple[Any, Any]]:
@@ -85,10 +89,10 @@ def _pairs() -> list[tuple[Any, Any]]:
 
     pairs = []
     for (ds_mod, ds_name), (our_mod, our_name) in _TABLE.items():
-        theirs = _ORIGINALS.get((ds_mod, ds_name))
+        theirs = ORIGINALS.get((ds_mod, ds_name))
         if theirs is None:
             theirs = getattr(importlib.import_module(ds_mod), ds_name)
-            _ORIGINALS[(ds_mod, ds_name)] = theirs
+            ORIGINALS[(ds_mod, ds_name)] = theirs
         pairs.append((theirs, getattr(importlib.import_module(our_mod), our_name)))
     return pairs
 
@@ -96,7 +100,7 @@ def _pairs() -> list[tuple[Any, Any]]:
 def original(ds_module: str, name: str) -> Any:
     """DiffSynth's own object, patched or not."""
     _pairs()
-    return _ORIGINALS[(ds_module, name)]
+    return ORIGINALS[(ds_module, name)]
 
 
 def is_patched() -> bool:
@@ -109,10 +113,11 @@ def patch_diffsynth() -> int:
     many bindings changed (0 when already patched)."""
     if _saved:
         return 0
-    from .vram import layers
+    import importlib
 
     for base in _BASES:
-        layers._FOREIGN[getattr(layers, base)] = original("diffsynth.core.vram.layers", base)
+        ours = getattr(importlib.import_module(_TABLE[("diffsynth.core.vram.layers", base)][0]), base)
+        FOREIGN_BASES[ours] = original("diffsynth.core.vram.layers", base)
     _saved.extend(_rebind({id(theirs): (theirs, ours) for theirs, ours in _pairs()}))
     _saved_defaults.extend(_convert_defaults(_default_classes()))
     from .patch_routes import install_routes  # the files that call torch.load / safe_open themselves
@@ -131,9 +136,7 @@ def unpatch_diffsynth() -> int:
     from .patch_routes import remove_routes
 
     remove_routes()
-    from .vram import layers
-
-    layers._FOREIGN.clear()
+    FOREIGN_BASES.clear()
     while _saved:
         module, attr, value = _saved.pop()
         setattr(module, attr, value)
@@ -142,6 +145,28 @@ def unpatch_diffsynth() -> int:
         setattr(function, attr, value)
     _convert_defaults({ours: theirs for theirs, ours in _default_classes().items()})
     return n + len(_rebind({id(ours): (ours, theirs) for theirs, ours in _pairs()}))
+
+
+def load_model_auto(
+    path: Any, vram_config: Any = None, vram_limit: Any = None, state_dict: Any = None, quantize: Any = None
+) -> list:
+    """What DiffSynth's ModelPool.auto_load_model does for one file set, through diffsynth_c: every
+    model whose hash matches, built and loaded. Raises ValueError naming the file and hash when no
+    entry matches, as DiffSynth does."""
+    from diffsynth.models.model_loader import ModelPool
+
+    pool = ModelPool()
+    was_patched = is_patched()
+    if not was_patched:
+        patch_diffsynth()
+    try:
+        pool.auto_load_model(
+            path, vram_config=vram_config, vram_limit=vram_limit, state_dict=state_dict, quantize=quantize
+        )
+    finally:
+        if not was_patched:
+            unpatch_diffsynth()
+    return pool.model
 
 
 def _default_classes() -> dict[type, type]:
@@ -161,7 +186,9 @@ def _functions(module: Any) -> Iterator[Any]:
 
     seen = set()
     for value in list(vars(module).values()):
-        inner = list(vars(value).values()) if isinstance(value, type) and value.__module__ == module.__name__ else [value]
+        inner = (
+            list(vars(value).values()) if isinstance(value, type) and value.__module__ == module.__name__ else [value]
+        )
         for f in inner:
             f = getattr(f, "__func__", f)  # staticmethod, classmethod
             if isinstance(f, types.FunctionType) and f.__module__ == module.__name__ and id(f) not in seen:
@@ -193,7 +220,9 @@ def _convert_defaults(classes: dict[type, type]) -> list[tuple[Any, str, Any]]:
                 f.__defaults__ = tuple(_converted(v, classes) if type(v) in classes else v for v in f.__defaults__)
             if f.__kwdefaults__ and any(type(v) in classes for v in f.__kwdefaults__.values()):
                 changed.append((f, "__kwdefaults__", f.__kwdefaults__))
-                f.__kwdefaults__ = {k: _converted(v, classes) if type(v) in classes else v for k, v in f.__kwdefaults__.items()}
+                f.__kwdefaults__ = {
+                    k: _converted(v, classes) if type(v) in classes else v for k, v in f.__kwdefaults__.items()
+                }
     return changed
 
 

@@ -7,7 +7,7 @@ and ``safe_open`` in ``models/yue2_vae.py`` (imported inside ``from_pretrained``
 
 ``install_routes()`` gives each ``torch.load`` caller a module-level ``torch`` of its own: a module
 object with torch's attributes (the same objects) whose ``load`` reads checkpoints with the C
-reader (``diffsynth_c.loader.torchfile``) when the call is one it represents exactly: a path, the
+reader (``diffsynth_c.core.torchfile``) when the call is one it represents exactly: a path, the
 weights-only unpickler (asked for, or torch's default), a CPU ``map_location`` (or none, for a
 checkpoint saved from the CPU) and no other option. Anything else, and any file the C reader does not take or refuses, goes to the original
 ``torch.load`` with the same arguments, so its results and errors stay torch's.
@@ -118,8 +118,8 @@ def routed_torch_load(original: Any) -> Any:
         )
         if plain:
             from . import _core
-            from .loader.settings import mode, threads
-            from .loader.torchfile import load_tree
+            from .core.settings import mode, threads
+            from .core.torchfile import load_tree
 
             try:
                 with warnings.catch_warnings():

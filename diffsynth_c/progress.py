@@ -15,7 +15,10 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:  # only read by type checkers: annotations are not evaluated at run time (PEP 563)
+    from typing_extensions import Self
 
 ENV = "DIFFSYNTH_C_PROGRESS"
 LOAD_MIN_BYTES = 256 << 20  # loads and saves smaller than this finish before a bar is worth drawing
@@ -157,7 +160,7 @@ class Progress:
             self._text.close(self.done)
             self._text = None
 
-    def __enter__(self) -> Progress:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

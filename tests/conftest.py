@@ -91,14 +91,17 @@ def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def assert_same_state_dict(ours: dict, ref: dict) -> None:
     assert list(ours) == list(ref), "key order differs"
-    for k in ref:
-        assert same_tensor(ours[k], ref[k]), f"tensor {k!r} differs: {ours[k].dtype} {tuple(ours[k].shape)} vs {ref[k].dtype} {tuple(ref[k].shape)}"
+    for k, r in ref.items():
+        o = ours[k]
+        assert same_tensor(o, r), f"tensor {k!r} differs: {o.dtype} {tuple(o.shape)} vs {r.dtype} {tuple(r.shape)}"
 
 
 def run_python(code: str, timeout: int = 120) -> subprocess.CompletedProcess:
     """Runs code in a fresh interpreter with this checkout importable."""
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env, check=False
+    )
 
 
 @pytest.fixture

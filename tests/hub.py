@@ -87,7 +87,7 @@ class Hub:
     def other_url(self) -> str:
         return f"http://localhost:{self.server.server_address[1]}"
 
-    def start(self) -> "Hub":
+    def start(self) -> Hub:
         hub = self
 
         class Handler(_Handler):
@@ -225,7 +225,9 @@ class _Handler(BaseHTTPRequestHandler):
             if is_lfs(p, len(b)):  # oid: the blob id of the pointer file git keeps
                 pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{self.hub.sha256(model_id, p)}\nsize {len(b)}\n"
                 lfs = {"oid": self.hub.sha256(model_id, p), "size": len(b), "pointerSize": len(pointer)}
-                entries.append({"type": "file", "path": p, "size": len(b), "oid": git_blob_id(pointer.encode()), "lfs": lfs})
+                entries.append(
+                    {"type": "file", "path": p, "size": len(b), "oid": git_blob_id(pointer.encode()), "lfs": lfs}
+                )
             else:  # kept in git itself: only the blob id of its bytes
                 entries.append({"type": "file", "path": p, "size": len(b), "oid": git_blob_id(b)})
         dirs = sorted({p.rsplit("/", 1)[0] for p in repo if "/" in p})
@@ -276,7 +278,9 @@ class _Handler(BaseHTTPRequestHandler):
         end_sent = end
         if fault == "extra":
             data, end_sent = data + b"\0" * 100, end + 100
-        declared = end_sent - start + (100 if fault == "short" else 0) - (min(100, end - start) if fault == "long" else 0)
+        declared = (
+            end_sent - start + (100 if fault == "short" else 0) - (min(100, end - start) if fault == "long" else 0)
+        )
         self.send_header("Content-Length", str(declared))
         if status == 206:
             self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")

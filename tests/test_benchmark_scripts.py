@@ -13,7 +13,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_hash_benchmark_runs_from_anywhere(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["DIFFSYNTH_C_BENCH_DIR"] = str(tmp_path)
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "hash.py"), "--repeat", "1"],
-                       cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "hash.py"), "--repeat", "1"],
+        cwd=str(tmp_path),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "same hash: True" in r.stdout and "qwen_image_dit" in r.stdout

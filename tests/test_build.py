@@ -18,15 +18,28 @@ def test_wheel_builds_without_warnings(tmp_path):
     shutil.copytree(
         ROOT,
         src,
-        ignore=shutil.ignore_patterns("build", "*.so", "*.egg-info", "__pycache__", ".git", ".pytest_cache", "benchmarks"),
+        ignore=shutil.ignore_patterns(
+            "build", "*.so", "*.egg-info", "__pycache__", ".git", ".pytest_cache", "benchmarks"
+        ),
     )
     env = dict(os.environ, DIFFSYNTH_C_WERROR="1", DIFFSYNTH_C_CURL="1")  # this machine has libcurl: no fallback
     r = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-w", str(tmp_path / "dist"), str(src)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-build-isolation",
+            "--no-deps",
+            "-w",
+            str(tmp_path / "dist"),
+            str(src),
+        ],
         capture_output=True,
         text=True,
         env=env,
         timeout=600,
+        check=False,
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     (wheel,) = (tmp_path / "dist").glob("diffsynth_c-*.whl")
@@ -38,8 +51,13 @@ def test_wheel_builds_without_warnings(tmp_path):
 
     # Installed, the .pth patches a script that never names diffsynth_c, only with the variable set.
     site_dir = tmp_path / "site"
-    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site_dir), str(wheel)],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site_dir), str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     script = (
         f"import site, sys; site.addsitedir({str(site_dir)!r})\n"  # processes the .pth as at start-up
@@ -48,9 +66,19 @@ def test_wheel_builds_without_warnings(tmp_path):
         "print(load_state_dict.__module__)\n"
         "import diffsynth_c; print(diffsynth_c.__file__.startswith(" + repr(str(site_dir)) + "))\n"
     )
-    for value, expected in (("1", "True False\ndiffsynth_c.loader.file\nTrue"), ("0", "False False\ndiffsynth.core.loader.file\nTrue")):
-        r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=str(tmp_path),
-                           env=dict(os.environ, DIFFSYNTH_C_PATCH=value, PYTHONPATH=""))
+    for value, expected in (
+        ("1", "True False\ndiffsynth_c.loader.file\nTrue"),
+        ("0", "False False\ndiffsynth.core.loader.file\nTrue"),
+    ):
+        r = subprocess.run(
+            [sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=str(tmp_path),
+            env=dict(os.environ, DIFFSYNTH_C_PATCH=value, PYTHONPATH=""),
+            check=False,
+        )
         assert r.returncode == 0 and r.stdout.strip() == expected, (value, r.stdout, r.stderr[-3000:])
 
 
@@ -78,11 +106,18 @@ def test_without_libcurl_the_core_builds_and_only_downloads_fail(tmp_path):
     """Where libcurl's headers are missing (an offline GPU machine) the core still builds, loads
     files, and says why it cannot download instead of retrying a network that is not the cause."""
     pkg = tmp_path / "pkg"
-    shutil.copytree(os.path.join(ROOT, "diffsynth_c"), pkg / "diffsynth_c", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    shutil.copytree(
+        os.path.join(ROOT, "diffsynth_c"), pkg / "diffsynth_c", ignore=shutil.ignore_patterns("*.so", "__pycache__")
+    )
     env = dict(os.environ, DIFFSYNTH_C_WERROR="1", DIFFSYNTH_C_CUDA="0", DIFFSYNTH_C_CURL="0")
     r = subprocess.run(
         [sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(pkg), "--build-temp", str(tmp_path / "tmp")],
-        cwd=ROOT, capture_output=True, text=True, env=env, timeout=600,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "libcurl not found, building without downloads" in r.stderr
@@ -103,8 +138,14 @@ try:
 except RuntimeError as e:
     print(e)
 """
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                       env=dict(os.environ, HF_ENDPOINT="http://127.0.0.1:9"))
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, HF_ENDPOINT="http://127.0.0.1:9"),
+        check=False,
+    )
     assert r.returncode == 0, r.stderr
     assert "this build of diffsynth_c has no libcurl, so it cannot download" in r.stdout, r.stdout
 
@@ -125,5 +166,7 @@ print(setup.links_with_curl(c, {str(tmp_path / "a")!r}))
 c.set_executables(compiler_so="false", compiler="false", linker_exe="false")
 print(setup.links_with_curl(c, {str(tmp_path / "b")!r}))
 """
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=str(tmp_path), check=False
+    )
     assert r.returncode == 0 and r.stdout.split() == ["True", "False"], r.stdout + r.stderr[-3000:]

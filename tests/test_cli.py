@@ -15,7 +15,9 @@ from .test_model_loading import lpips_file
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "diffsynth_c", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "diffsynth_c", *args], capture_output=True, text=True, timeout=300, check=False
+    )
 
 
 def test_inspect_lists_tensors_metadata_hash_and_the_diffsynth_model(tmp_path):
@@ -31,8 +33,11 @@ def test_inspect_lists_tensors_metadata_hash_and_the_diffsynth_model(tmp_path):
 
 def test_inspect_json_and_torch_checkpoints(tmp_path):
     st = str(tmp_path / "a.safetensors")
-    safetensors.torch.save_file({"w": torch.zeros(4, 3, dtype=torch.bfloat16), "ids": torch.zeros(5, dtype=torch.int64)}, st,
-                                metadata={"format": "pt"})
+    safetensors.torch.save_file(
+        {"w": torch.zeros(4, 3, dtype=torch.bfloat16), "ids": torch.zeros(5, dtype=torch.int64)},
+        st,
+        metadata={"format": "pt"},
+    )
     r = cli("inspect", st, "--json")
     report = json.loads(r.stdout)
     assert report["files"][0]["tensors"] == [["ids", "I64", [5], 40], ["w", "BF16", [4, 3], 24]]
@@ -61,7 +66,11 @@ def test_errors_are_one_line_unless_debug(tmp_path):
     missing = str(tmp_path / "missing.safetensors")
     r = cli("inspect", missing)
     assert r.returncode == 1
-    assert r.stderr.startswith("diffsynth-c: error: ") and "missing.safetensors" in r.stderr and "Traceback" not in r.stderr
+    assert (
+        r.stderr.startswith("diffsynth-c: error: ")
+        and "missing.safetensors" in r.stderr
+        and "Traceback" not in r.stderr
+    )
     r = cli("--debug", "hash", missing)
     assert r.returncode == 1 and "Traceback" in r.stderr
     r = cli()
@@ -80,8 +89,14 @@ def test_download_prints_the_path_and_fails_with_one_line(tmp_path):
     hub.start()
     try:
         env = dict(os.environ, MODELSCOPE_ENDPOINT=hub.url, HF_ENDPOINT=hub.url)
-        run = lambda *a: subprocess.run([sys.executable, "-m", "diffsynth_c", *a], capture_output=True, text=True,  # noqa: E731
-                                        timeout=300, env=env)
+        run = lambda *a: subprocess.run(
+            [sys.executable, "-m", "diffsynth_c", *a],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+            check=False,
+        )
         r = run("download", "owner/model", "model.safetensors", "--local-dir", str(tmp_path))
         assert r.returncode == 0, r.stderr
         assert r.stdout.strip().splitlines()[-1] == os.path.join(str(tmp_path), "owner/model", "model.safetensors")
@@ -101,7 +116,9 @@ def test_patch_puts_our_model_config_in_diffsynth():
 
     diffsynth_c.patch_diffsynth()
     try:
-        assert ds_config.ModelConfig is diffsynth_c.ModelConfig and diffsynth.core.ModelConfig is diffsynth_c.ModelConfig
+        assert (
+            ds_config.ModelConfig is diffsynth_c.ModelConfig and diffsynth.core.ModelConfig is diffsynth_c.ModelConfig
+        )
     finally:
         diffsynth_c.unpatch_diffsynth()
     assert ds_config.ModelConfig is not diffsynth_c.ModelConfig

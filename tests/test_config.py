@@ -24,17 +24,41 @@ PATHS = [
     "a[1].txt",
     ".hidden",
 ]
-PATTERNS = ["*", "*.safetensors", "text_encoder/", "text_encoder/*", "*/model.safetensors", "model-*", "?onfig.json",
-            "vae/", "a[[]1].txt", "*.bin", "nothing", ".*"]
+PATTERNS = [
+    "*",
+    "*.safetensors",
+    "text_encoder/",
+    "text_encoder/*",
+    "*/model.safetensors",
+    "model-*",
+    "?onfig.json",
+    "vae/",
+    "a[[]1].txt",
+    "*.bin",
+    "nothing",
+    ".*",
+]
 
 
 def test_fields_match_diffsynth():
     ours = [(f.name, f.default) for f in dataclasses.fields(ModelConfig)]
     theirs = [(f.name, f.default) for f in dataclasses.fields(DiffSynthModelConfig)]
     assert ours == theirs
-    kw = {k: f"v{i}" for i, k in enumerate(["offload_device", "offload_dtype", "onload_device", "onload_dtype",
-                                             "preparing_device", "preparing_dtype", "computation_device",
-                                             "computation_dtype"])}
+    kw = {
+        k: f"v{i}"
+        for i, k in enumerate(
+            [
+                "offload_device",
+                "offload_dtype",
+                "onload_device",
+                "onload_dtype",
+                "preparing_device",
+                "preparing_dtype",
+                "computation_device",
+                "computation_dtype",
+            ]
+        )
+    }
     assert ModelConfig(**kw).vram_config() == DiffSynthModelConfig(**kw).vram_config()
 
 
@@ -48,8 +72,13 @@ def test_pattern_semantics_are_fnmatch(pattern):
 
 @pytest.mark.parametrize(
     "env",
-    [{}, {"DIFFSYNTH_DOWNLOAD_SOURCE": "HuggingFace"}, {"DIFFSYNTH_SKIP_DOWNLOAD": "TRUE"},
-     {"DIFFSYNTH_SKIP_DOWNLOAD": "false"}, {"DIFFSYNTH_SKIP_DOWNLOAD": "maybe"}],
+    [
+        {},
+        {"DIFFSYNTH_DOWNLOAD_SOURCE": "HuggingFace"},
+        {"DIFFSYNTH_SKIP_DOWNLOAD": "TRUE"},
+        {"DIFFSYNTH_SKIP_DOWNLOAD": "false"},
+        {"DIFFSYNTH_SKIP_DOWNLOAD": "maybe"},
+    ],
 )
 def test_environment_parsing(env, monkeypatch):
     for k in ("DIFFSYNTH_DOWNLOAD_SOURCE", "DIFFSYNTH_SKIP_DOWNLOAD", "DIFFSYNTH_MODEL_BASE_PATH"):
@@ -86,8 +115,10 @@ def hub():
 
 
 @pytest.mark.parametrize("source", ["modelscope", "huggingface"])
-@pytest.mark.parametrize("pattern", ["", "./", "*.safetensors", "text_encoder/", "text_encoder/*", "config.json",
-                                     "*/model.safetensors", "vae/"])
+@pytest.mark.parametrize(
+    "pattern",
+    ["", "./", "*.safetensors", "text_encoder/", "text_encoder/*", "config.json", "*/model.safetensors", "vae/"],
+)
 def test_path_and_layout_equal_diffsynth(hub, source, pattern, tmp_path, monkeypatch):
     monkeypatch.setenv("MODELSCOPE_ENDPOINT", hub.url)
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
@@ -99,12 +130,20 @@ def test_path_and_layout_equal_diffsynth(hub, source, pattern, tmp_path, monkeyp
     monkeypatch.setattr(hf_constants, "ENDPOINT", hub.url)
     template = hub.url + "/{repo_id}/resolve/{revision}/{filename}"
     monkeypatch.setattr(hf_constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
-    ours = ModelConfig(model_id="org/layout", origin_file_pattern=pattern, local_model_path=str(tmp_path / "ours"),
-                       download_source=source)
+    ours = ModelConfig(
+        model_id="org/layout",
+        origin_file_pattern=pattern,
+        local_model_path=str(tmp_path / "ours"),
+        download_source=source,
+    )
     ours.download_if_necessary()
     # DiffSynth's own download_if_necessary, its hub client pointed at the same local hub.
-    theirs = DiffSynthModelConfig(model_id="org/layout", origin_file_pattern=pattern,
-                                  local_model_path=str(tmp_path / "theirs"), download_source=source)
+    theirs = DiffSynthModelConfig(
+        model_id="org/layout",
+        origin_file_pattern=pattern,
+        local_model_path=str(tmp_path / "theirs"),
+        download_source=source,
+    )
     theirs.download_if_necessary()
 
     def relative(path, base):

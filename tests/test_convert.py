@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from diffsynth_c import _core
-from diffsynth_c.loader.conversion import C_CONVERTIBLE, _F32_SPECIALS, c_converts
+from diffsynth_c.core.conversion import _F32_SPECIALS, C_CONVERTIBLE, c_converts
 
 TORCH = {
     "F32": torch.float32,

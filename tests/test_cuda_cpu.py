@@ -12,12 +12,17 @@ import torch
 
 import diffsynth_c
 from diffsynth_c import _core, kernels
-from diffsynth_c.loader.conversion import _probe
+from diffsynth_c.core.conversion import probe
 
 from .conftest import random_tensor, same_tensor
 
-KDTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+KDTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
 WORD = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
 
 
@@ -52,7 +57,7 @@ def test_gpu_rules_arithmetic_matches_torch_off_nan(src, dst):
     """What the CUDA cast computes (CUDA's NaN rule, E4M3 not saturating), run on the CPU through
     the same helpers: equal to torch's .to() on every non-NaN result, NaN where torch gives NaN,
     and CUDA's canonical NaN bits for 16-bit results."""
-    x = _probe(src)
+    x = probe(src)
     # E4M3 overflow is the one place the rule is chosen per torch build: follow this torch's CPU
     saturate = int(dst == "F8_E4M3" and torch.tensor([1000.0]).to(torch.float8_e4m3fn).float().item() == 448.0)
     got_bytes = _core.convert(src, dst, x.contiguous().view(torch.uint8).numpy(), rules=(1, saturate))
@@ -73,7 +78,7 @@ def test_gpu_rules_arithmetic_matches_torch_off_nan(src, dst):
 
 def test_cpu_rules_equal_the_loader_conversion():
     """rules=(0, saturate) is the CPU loader's own arithmetic (portable path)."""
-    x = _probe("F16")
+    x = probe("F16")
     for dst in ("F32", "F8_E5M2", "F8_E4M3"):
         a = _core.convert("F16", dst, x.view(torch.uint8).numpy(), portable=True)
         b = _core.convert("F16", dst, x.view(torch.uint8).numpy(), rules=(0, 1))
@@ -83,7 +88,11 @@ def test_cpu_rules_equal_the_loader_conversion():
 @pytest.mark.parametrize(
     "call, exc, words",
     [
-        (lambda: kernels.cast(torch.zeros(4), torch.zeros(4, dtype=torch.bfloat16)), ValueError, "not on a CUDA device"),
+        (
+            lambda: kernels.cast(torch.zeros(4), torch.zeros(4, dtype=torch.bfloat16)),
+            ValueError,
+            "not on a CUDA device",
+        ),
         (lambda: kernels.cast("x", torch.zeros(4)), TypeError, "expected a torch.Tensor"),
         (lambda: kernels.rms_norm(torch.zeros(2, 4), None), ValueError, "not on a CUDA device"),
         (lambda: kernels.layer_norm(torch.zeros(2, 4).t(), None), ValueError, "not on a CUDA device"),
@@ -123,8 +132,10 @@ def _read_into_all(path, dtype_for=lambda d: d):
     outs, items = {}, []
     for name, dtype, shape, b, e in tensors:
         out_dtype = dtype_for(dtype)
-        t = torch.empty(shape, dtype=getattr(torch, {"F32": "float32", "F16": "float16", "BF16": "bfloat16",
-                                                      "I64": "int64"}[out_dtype]))
+        t = torch.empty(
+            shape,
+            dtype=getattr(torch, {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64"}[out_dtype]),
+        )
         outs[name] = t
         items.append((0, start + b, e - b, dtype, out_dtype, t.data_ptr(), name))
     _core.read_into([path], items, 4)
@@ -152,7 +163,7 @@ def test_read_into_truncated_names_file_and_tensor(tmp_path):
 
     p = str(tmp_path / "t.safetensors")
     save_file({"a": random_tensor((1024,), torch.float32, 1)}, p)
-    _hl, start, tensors, _m = _core.read_header(p)
+    _hl, start, _tensors, _m = _core.read_header(p)
     os.truncate(p, os.path.getsize(p) - 100)
     out = torch.empty(1024)
     with pytest.raises((OSError, ValueError)) as info:

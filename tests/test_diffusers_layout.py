@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import ClassVar
 
 import pytest
 import torch
@@ -22,14 +23,14 @@ from diffsynth_c.loader.folder import resolve
 from .conftest import same_tensor
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers import ConfigMixin, ModelMixin  # noqa: E402
-from diffusers.configuration_utils import register_to_config  # noqa: E402
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
 
 
 class TinyDiT(ModelMixin, ConfigMixin):
     """A diffusers model small enough to shard at 20 KB: six blocks and a norm kept in float32."""
 
-    _keep_in_fp32_modules = ["norm"]
+    _keep_in_fp32_modules: ClassVar[list[str]] = ["norm"]
 
     @register_to_config
     def __init__(self, dim: int = 64, num_blocks: int = 6):
@@ -86,8 +87,8 @@ def test_our_shards_are_named_and_indexed_as_diffusers_writes_them(tmp_path):
     theirs = sorted(f for f in os.listdir(tmp_path / "theirs") if f != "config.json")
     assert sorted(os.listdir(tmp_path / "ours")) == theirs
     index = "diffusion_pytorch_model.safetensors.index.json"
-    ours_index = json.load(open(tmp_path / "ours" / index))
-    theirs_index = json.load(open(tmp_path / "theirs" / index))
+    ours_index = json.loads((tmp_path / "ours" / index).read_text())
+    theirs_index = json.loads((tmp_path / "theirs" / index).read_text())
     assert ours_index["weight_map"] == theirs_index["weight_map"]
     assert ours_index["metadata"]["total_size"] == theirs_index["metadata"]["total_size"]
 

@@ -30,8 +30,9 @@ def _worker(rank: int, world: int, store: str, paths: list, out: str, kwargs: di
     import diffsynth_c
     from diffsynth_c.loader import distributed
 
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+    )
     report: dict = {"rank": rank}
     try:
         mine = [p.replace("model-", "missing-") if rank == broken_rank and i == 0 else p for i, p in enumerate(paths)]
@@ -42,10 +43,12 @@ def _worker(rank: int, world: int, store: str, paths: list, out: str, kwargs: di
         report["stats"] = dict(distributed.last_load_stats)
         report["same_keys"] = list(got) == list(reference)
         report["same_bits"] = all(
-            got[k].dtype == reference[k].dtype and got[k].shape == reference[k].shape
+            got[k].dtype == reference[k].dtype
+            and got[k].shape == reference[k].shape
             and torch.equal(got[k].reshape(-1).view(torch.uint8), reference[k].reshape(-1).view(torch.uint8))
-            for k in reference)
-    except Exception as e:  # reported to the test
+            for k in reference
+        )
+    except Exception as e:  # noqa: BLE001 - any failure in the worker is reported to the test, which asserts on it
         report["error"] = f"{type(e).__name__}: {e}"
     finally:
         with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
@@ -56,8 +59,10 @@ def _worker(rank: int, world: int, store: str, paths: list, out: str, kwargs: di
 def run_ranks(tmp_path, world: int, paths: list, kwargs: dict | None = None, broken_rank: int = -1) -> list[dict]:
     ctx = mp.get_context("spawn")
     store = str(tmp_path / f"store-{world}-{broken_rank}")
-    procs = [ctx.Process(target=_worker, args=(r, world, store, paths, str(tmp_path), kwargs or {}, broken_rank))
-             for r in range(world)]
+    procs = [
+        ctx.Process(target=_worker, args=(r, world, store, paths, str(tmp_path), kwargs or {}, broken_rank))
+        for r in range(world)
+    ]
     for p in procs:
         p.start()
     deadline = time.monotonic() + 240
@@ -75,7 +80,9 @@ def shards(tmp_path_factory):
     d = tmp_path_factory.mktemp("shards")
     files = []
     for s in range(3):
-        tensors = {f"blocks.{s}.{i}.weight": random_tensor((256, 256 + 64 * i), torch.bfloat16, 10 * s + i) for i in range(6)}
+        tensors = {
+            f"blocks.{s}.{i}.weight": random_tensor((256, 256 + 64 * i), torch.bfloat16, 10 * s + i) for i in range(6)
+        }
         tensors[f"blocks.{s}.scale"] = random_tensor((1024,), torch.float32, 100 + s)
         tensors[f"blocks.{s}.f8"] = random_tensor((333,), torch.float8_e4m3fn, 200 + s)
         tensors["shared.ids"] = torch.arange(7 + s, dtype=torch.int64)  # in every shard: the last one wins
@@ -148,8 +155,9 @@ def _model_worker(rank: int, world: int, store: str, path: str, out: str) -> Non
 
     import diffsynth_c
 
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+    )
     report: dict = {"rank": rank}
     try:
         ref = diffsynth_c.load_model(TinyNet, path).state_dict()
@@ -157,7 +165,7 @@ def _model_worker(rank: int, world: int, store: str, path: str, out: str) -> Non
         report["model"] = list(got) == list(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
         dm = diffsynth_c.DiskMap(path, "cpu", torch_dtype=torch.float32, process_group=dist.group.WORLD)
         report["disk_map"] = all(torch.equal(dm[k], ref[k].float()) for k in dm)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - any failure in the worker is reported to the test, which asserts on it
         report["error"] = f"{type(e).__name__}: {e}"
     finally:
         with open(os.path.join(out, f"model{rank}.json"), "w") as f:
@@ -170,7 +178,9 @@ def test_load_model_and_disk_map_take_the_process_group(tmp_path):
     path = str(tmp_path / "tiny.safetensors")
     safetensors.torch.save_file({k: v.to(torch.bfloat16).contiguous() for k, v in TinyNet().state_dict().items()}, path)
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_model_worker, args=(r, 2, str(tmp_path / "store"), path, str(tmp_path))) for r in range(2)]
+    procs = [
+        ctx.Process(target=_model_worker, args=(r, 2, str(tmp_path / "store"), path, str(tmp_path))) for r in range(2)
+    ]
     for p in procs:
         p.start()
     for p in procs:
@@ -178,5 +188,5 @@ def test_load_model_and_disk_map_take_the_process_group(tmp_path):
     for p in procs:
         if p.is_alive():
             p.kill()
-    reports = [json.load(open(tmp_path / f"model{r}.json")) for r in range(2)]
+    reports = [json.loads((tmp_path / f"model{r}.json").read_text()) for r in range(2)]
     assert all(r.get("model") and r.get("disk_map") for r in reports), reports

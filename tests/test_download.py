@@ -11,6 +11,7 @@ import subprocess
 import pytest
 
 from diffsynth_c import DownloadError, ModelConfig, _core
+from diffsynth_c.hub import transfer
 from diffsynth_c.loader import config as cfg
 from tests.hub import Hub, fake_bytes
 
@@ -82,7 +83,9 @@ def test_folder_pattern_and_all(hub, env):
     assert (env / "org/model/empty.txt").read_bytes() == b""
 
 
-@pytest.mark.parametrize("fault", ["reset", "500", "429", "wrong", "short", "redirect", "ignore_range", "long", "extra"])
+@pytest.mark.parametrize(
+    "fault", ["reset", "500", "429", "wrong", "short", "redirect", "ignore_range", "long", "extra"]
+)
 def test_fault_recovers(hub, env, fault, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "secret")  # the redirect to another host must drop it
     monkeypatch.setenv("MODELSCOPE_API_TOKEN", "secret")
@@ -164,12 +167,12 @@ def test_interrupt_keeps_partial_and_resumes(hub, env, monkeypatch):
         if done > 2 << 20:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(cfg, "_Progress", lambda total, label: _Stop(stop))
+    monkeypatch.setattr(transfer, "_Progress", lambda total, label: _Stop(stop))
     with pytest.raises(KeyboardInterrupt):
         fetch_one(hub, env)
     assert not (env / "org/model/model.safetensors").exists()
     part = env / "org/model" / cfg.PARTIAL / "model.safetensors.incomplete"
-    assert part.exists() and (str(part) + ".json") and os.path.exists(str(part) + ".json")
+    assert part.exists() and os.path.exists(str(part) + ".json")  # the partial file and its record of ranges
     hub.rate = None
     monkeypatch.undo()
     monkeypatch.setenv("MODELSCOPE_ENDPOINT", hub.url)
@@ -239,7 +242,9 @@ def test_skip_download_makes_no_request(hub, env, monkeypatch):
 
 def test_full_disk(hub, env, tmp_path_factory):
     mnt = tmp_path_factory.mktemp("small")
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True).returncode:
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True, check=False
+    ).returncode:
         pytest.skip("cannot mount a small tmpfs here")
     try:
         c = ModelConfig(model_id="org/model", origin_file_pattern="*", local_model_path=str(mnt))
@@ -247,7 +252,7 @@ def test_full_disk(hub, env, tmp_path_factory):
             c.download_if_necessary()
         assert not (mnt / "org/model/model.safetensors").exists()
     finally:
-        subprocess.run(["umount", str(mnt)])
+        subprocess.run(["umount", str(mnt)], check=False)
 
 
 def test_benchmark_runs_from_anywhere(tmp_path):
@@ -259,7 +264,12 @@ def test_benchmark_runs_from_anywhere(tmp_path):
     env["DIFFSYNTH_C_BENCH_DIR"] = str(tmp_path)
     r = subprocess.run(
         [sys.executable, os.path.join(root, "benchmarks", "download.py"), "--size-mib", "6", "--clients", "ours,curl"],
-        cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300,
+        cwd=str(tmp_path),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "unshaped" in r.stdout and "ours" in r.stdout
@@ -275,7 +285,7 @@ def test_the_bar_keeps_files_landed_in_earlier_rounds(hub, env, monkeypatch):
             super().__init__(lambda done: None)
             bars.append(self)
 
-    monkeypatch.setattr(cfg, "_Progress", Recorder)
+    monkeypatch.setattr(transfer, "_Progress", Recorder)
     hub.fault("text_encoder/config.json", "wrong")
     before = len(hub.requests)
     fetch_one(hub, env, "text_encoder/")
@@ -289,7 +299,7 @@ def test_files_complete_early_are_sealed_while_others_transfer(hub, env, monkeyp
     others, not after all of them; every file still lands verified."""
     hub.rate = 8 << 20  # the big file's ranges take about two seconds; the small files, none
     in_fetch, sealed_during = [False], []
-    real_fetch, real_seal = _core.fetch, cfg._seal
+    real_fetch, real_seal = _core.fetch, transfer._seal
 
     def fetch(*args):
         in_fetch[0] = True
@@ -302,14 +312,16 @@ def test_files_complete_early_are_sealed_while_others_transfer(hub, env, monkeyp
         sealed_during.append((os.path.basename(part), in_fetch[0]))
         return real_seal(fd, part, f)
 
-    monkeypatch.setattr(cfg._core, "fetch", fetch)
-    monkeypatch.setattr(cfg, "_seal", seal)
+    monkeypatch.setattr(transfer._core, "fetch", fetch)
+    monkeypatch.setattr(transfer, "_seal", seal)
     fetch_one(hub, env, "")
     for rel, data in hub.repos["org/model"].items():
         assert (env / "org/model" / rel).read_bytes() == data
     during = {name for name, busy in sealed_during if busy}
     assert "model-00001.safetensors.incomplete" in during, sealed_during  # done long before the big one
-    assert sorted(name for name, _ in sealed_during) == sorted(f"{os.path.basename(r)}.incomplete" for r in hub.repos["org/model"])
+    assert sorted(name for name, _ in sealed_during) == sorted(
+        f"{os.path.basename(r)}.incomplete" for r in hub.repos["org/model"]
+    )
 
 
 CONCURRENT = """
@@ -342,8 +354,14 @@ def test_two_downloads_of_one_file_into_one_folder(hub, env, how):
     if how == "processes":
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         children = [
-            subprocess.Popen([sys.executable, "-c", CONCURRENT, str(base)], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, cwd=root, env=dict(os.environ, PYTHONPATH=root))
+            subprocess.Popen(
+                [sys.executable, "-c", CONCURRENT, str(base)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                cwd=root,
+                env=dict(os.environ, PYTHONPATH=root),
+            )
             for _ in range(2)
         ]
         outs = [c.communicate(timeout=120) for c in children]

@@ -21,16 +21,37 @@ BAD = {
     "header length past the end": (GOOD, b"\0" * 8, 4096, r"header length 4096 runs past the end of the file"),
     "header over the cap": ("{}", b"", 100_000_001, r"header length 100000001 is over the format's limit"),
     "invalid JSON": ('{"a":{"dtype":"F32",}', b"", None, r"invalid JSON in header at byte \d+: "),
-    "wrong type in JSON": ('{"a":{"dtype":"F32","shape":"2","data_offsets":[0,8]}}', b"\0" * 8, None,
-                           r"tensor 'a': shape must be an array of integers, found a string"),
-    "overlapping offsets": ('{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}',
-                            b"\0" * 8, None, r"tensor 'b': data_offsets \[4, 8\) overlap tensor 'a'"),
-    "offsets out of range": ('{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}', b"\0" * 8, None,
-                             r"is truncated: the header's tensors need 16 bytes of data \(to tensor 'a'\), the file holds 8"),
-    "shape and size disagree": ('{"w":{"dtype":"BF16","shape":[3,3],"data_offsets":[0,8]}}', b"\0" * 8, None,
-                                r"tensor 'w': dtype BF16 and shape \[3, 3\] need 18 bytes, but data_offsets \[0, 8\) hold 8"),
-    "unknown dtype": ('{"w":{"dtype":"Q7","shape":[8],"data_offsets":[0,8]}}', b"\0" * 8, None, r"tensor 'w': unknown dtype \"Q7\""),
-    "not a safetensors file": ("", b"", 0x6f6c6c6568, r"is over the format's limit"),
+    "wrong type in JSON": (
+        '{"a":{"dtype":"F32","shape":"2","data_offsets":[0,8]}}',
+        b"\0" * 8,
+        None,
+        r"tensor 'a': shape must be an array of integers, found a string",
+    ),
+    "overlapping offsets": (
+        '{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}',
+        b"\0" * 8,
+        None,
+        r"tensor 'b': data_offsets \[4, 8\) overlap tensor 'a'",
+    ),
+    "offsets out of range": (
+        '{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}',
+        b"\0" * 8,
+        None,
+        r"is truncated: the header's tensors need 16 bytes of data \(to tensor 'a'\), the file holds 8",
+    ),
+    "shape and size disagree": (
+        '{"w":{"dtype":"BF16","shape":[3,3],"data_offsets":[0,8]}}',
+        b"\0" * 8,
+        None,
+        r"tensor 'w': dtype BF16 and shape \[3, 3\] need 18 bytes, but data_offsets \[0, 8\) hold 8",
+    ),
+    "unknown dtype": (
+        '{"w":{"dtype":"Q7","shape":[8],"data_offsets":[0,8]}}',
+        b"\0" * 8,
+        None,
+        r"tensor 'w': unknown dtype \"Q7\"",
+    ),
+    "not a safetensors file": ("", b"", 0x6F6C6C6568, r"is over the format's limit"),
     "empty file": (None, b"", None, r"fewer than the 8-byte header length"),
 }
 
@@ -121,12 +142,21 @@ def test_fifo_is_refused_without_blocking(tmp_path, api):
 
     fifo = str(tmp_path / "pipe.safetensors")
     os.mkfifo(fifo)
-    code = (f"import diffsynth_c\ntry:\n    diffsynth_c.{api}({fifo!r})\nexcept diffsynth_c.FormatError as e:\n"
-            "    print('FormatError:', e)\n")
+    code = (
+        f"import diffsynth_c\ntry:\n    diffsynth_c.{api}({fifo!r})\nexcept diffsynth_c.FormatError as e:\n"
+        "    print('FormatError:', e)\n"
+    )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=10, cwd=root,
-                           env=dict(os.environ, PYTHONPATH=root))
+        r = subprocess.run(
+            [sys.executable, "-c", code],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=root,
+            env=dict(os.environ, PYTHONPATH=root),
+        )
     except subprocess.TimeoutExpired:
         pytest.fail(f"{api} of a FIFO blocked")
     assert r.stdout.strip() == f"FormatError: {fifo}: is not a regular file", r.stderr
@@ -134,9 +164,13 @@ def test_fifo_is_refused_without_blocking(tmp_path, api):
 
 def test_a_dimension_over_int64_is_refused_even_beside_a_zero(tmp_path):
     """[0, 2**63] holds no element, so no size overflows; torch's sizes are int64 all the same."""
-    p = raw_safetensors(tmp_path / "z.safetensors", '{"a":{"dtype":"F32","shape":[0,9223372036854775808],"data_offsets":[0,0]}}', b"")
+    p = raw_safetensors(
+        tmp_path / "z.safetensors", '{"a":{"dtype":"F32","shape":[0,9223372036854775808],"data_offsets":[0,0]}}', b""
+    )
     for api in (diffsynth_c.load_state_dict, diffsynth_c.hash_model_file, diffsynth_c.load_keys_dict):
-        with pytest.raises(FormatError, match=r"z\.safetensors: tensor 'a': shape \[0, 9223372036854775808\] of dtype F32 overflows"):
+        with pytest.raises(
+            FormatError, match=r"z\.safetensors: tensor 'a': shape \[0, 9223372036854775808\] of dtype F32 overflows"
+        ):
             api(p)
 
 

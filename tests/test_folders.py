@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import ClassVar
 
 import pytest
 import torch
@@ -59,15 +60,16 @@ def test_save_round_trip_with_safetensors_and_diffsynth(tmp_path, limit):
     else:
         n = len(shards)
         assert n > 1 and os.path.basename(shards[0]) == f"diffusion_pytorch_model-00001-of-{n:05d}.safetensors"
-        index = json.load(open(tmp_path / "out" / "diffusion_pytorch_model.safetensors.index.json"))
+        index = json.loads((tmp_path / "out" / "diffusion_pytorch_model.safetensors.index.json").read_text())
         assert set(index["weight_map"]) == set(sd)
         assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in sd.values())
-        text = open(tmp_path / "out" / "diffusion_pytorch_model.safetensors.index.json").read()
+        text = (tmp_path / "out" / "diffusion_pytorch_model.safetensors.index.json").read_text()
         assert text == json.dumps(index, indent=2, sort_keys=True) + "\n"
     merged = {}
     for f in shards:
         merged.update(load_file(f))
-        assert (8 + int.from_bytes(open(f, "rb").read(8), "little")) % 8 == 0
+        with open(f, "rb") as fh:
+            assert (8 + int.from_bytes(fh.read(8), "little")) % 8 == 0
     assert set(merged) == set(sd) and all(same_tensor(merged[k], sd[k].contiguous()) for k in sd)
     ours = diffsynth_c.load_state_dict(str(tmp_path / "out"))
     assert all(same_tensor(ours[k], sd[k].contiguous()) for k in sd)
@@ -97,7 +99,7 @@ def test_bad_indexes(tmp_path):
     folder = tmp_path / "m"
     save_state_dict(state_dict(), folder, max_shard_size="20KB")
     index_path = folder / "diffusion_pytorch_model.safetensors.index.json"
-    good = json.load(open(index_path))
+    good = json.loads(index_path.read_text())
 
     def write(index):
         index_path.write_text(json.dumps(index) if isinstance(index, dict) else index)
@@ -170,21 +172,27 @@ def test_convert_bin_to_shards_keeps_the_hash(tmp_path):
     src = str(tmp_path / "model.bin")
     sd = state_dict()
     torch.save(sd, src)
-    r = run_python(f"import sys; from diffsynth_c.__main__ import main; sys.exit(main(['convert', {src!r}, {str(tmp_path / 'out')!r}, '--max-shard-size', '20KB']))")
+    r = run_python(
+        f"import sys; from diffsynth_c.__main__ import main; sys.exit(main(['convert', {src!r}, {str(tmp_path / 'out')!r}, '--max-shard-size', '20KB']))"
+    )
     assert r.returncode == 0, r.stderr
     assert diffsynth_c.hash_model_file(str(tmp_path / "out")) == ds_hash_model_file(src)
     got = diffsynth_c.load_state_dict(str(tmp_path / "out"))
     assert all(same_tensor(got[k], sd[k]) for k in sd)
-    r = run_python(f"import sys; from diffsynth_c.__main__ import main; sys.exit(main(['hash', {str(tmp_path / 'out')!r}]))")
+    r = run_python(
+        f"import sys; from diffsynth_c.__main__ import main; sys.exit(main(['hash', {str(tmp_path / 'out')!r}]))"
+    )
     assert r.stdout.strip() == ds_hash_model_file(src)
     nested = str(tmp_path / "nested.pt")
     torch.save({"a": torch.ones(1), "n": {"b": torch.ones(1)}}, nested)
-    r = run_python(f"import sys; from diffsynth_c.__main__ import main; sys.exit(main(['convert', {nested!r}, {str(tmp_path / 'o2')!r}]))")
+    r = run_python(
+        f"import sys; from diffsynth_c.__main__ import main; sys.exit(main(['convert', {nested!r}, {str(tmp_path / 'o2')!r}]))"
+    )
     assert r.returncode == 1 and "nested dicts" in r.stderr
 
 
 class KeepNorm(torch.nn.Module):
-    _keep_in_fp32_modules = ["norm"]
+    _keep_in_fp32_modules: ClassVar[list[str]] = ["norm"]
 
     def __init__(self):
         super().__init__()
@@ -297,8 +305,13 @@ def test_a_save_killed_half_way_never_loads_as_a_mix(tmp_path, where):
     folder = tmp_path / "m"
     save_state_dict(versioned(1.0), folder, max_shard_size="20KB")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    child = subprocess.Popen([sys.executable, "-c", SAVE_KILLED, where, str(folder)], stdout=subprocess.PIPE,
-                             text=True, cwd=root, env=dict(os.environ, PYTHONPATH=root))
+    child = subprocess.Popen(
+        [sys.executable, "-c", SAVE_KILLED, where, str(folder)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=root,
+        env=dict(os.environ, PYTHONPATH=root),
+    )
     try:
         assert child.stdout.readline().strip() == "paused"
     finally:
@@ -369,4 +382,6 @@ def test_a_save_that_fails_while_renaming_leaves_the_folder_refused_then_repaire
         diffsynth_c.load_state_dict(str(folder))
     save_state_dict(versioned(3.0), folder, max_shard_size="20KB")
     got = diffsynth_c.load_state_dict(str(folder))
-    assert all(same_tensor(got[k], versioned(3.0)[k]) for k in got) and not [f for f in os.listdir(folder) if ".saving" in f]
+    assert all(same_tensor(got[k], versioned(3.0)[k]) for k in got) and not [
+        f for f in os.listdir(folder) if ".saving" in f
+    ]

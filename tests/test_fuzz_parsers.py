@@ -75,10 +75,13 @@ def _run(kind: str, base: str, tmp_path, seed: int, n: int) -> None:
         text=True,
         timeout=600,
         env=dict(os.environ, PYTHONPATH=ROOT),
+        check=False,
     )
     if r.returncode < 0:
-        raise AssertionError(f"{kind} fuzz (seed {seed}) killed by {signal.Signals(-r.returncode).name} after case "
-                             f"{r.stdout.split()[-1] if r.stdout.split() else '?'}")
+        raise AssertionError(
+            f"{kind} fuzz (seed {seed}) killed by {signal.Signals(-r.returncode).name} after case "
+            f"{r.stdout.split()[-1] if r.stdout.split() else '?'}"
+        )
     assert r.returncode == 0 and r.stdout.strip().endswith("done"), r.stderr[-2000:]
 
 
@@ -86,8 +89,16 @@ def _checkpoint(tmp_path) -> str:
     p = str(tmp_path / "base.bin")
     g = torch.Generator().manual_seed(0)
     base = torch.randn(4, 6, generator=g)
-    torch.save({"a": base, "v": base[1:, 2:], "n": {"b": torch.ones(3, dtype=torch.bfloat16)},
-                "f8": torch.zeros(5, dtype=torch.float8_e4m3fn), "p": torch.nn.Parameter(torch.ones(2))}, p)
+    torch.save(
+        {
+            "a": base,
+            "v": base[1:, 2:],
+            "n": {"b": torch.ones(3, dtype=torch.bfloat16)},
+            "f8": torch.zeros(5, dtype=torch.float8_e4m3fn),
+            "p": torch.nn.Parameter(torch.ones(2)),
+        },
+        p,
+    )
     return p
 
 
@@ -103,6 +114,9 @@ def test_fuzz_safetensors_bytes(tmp_path):
     from safetensors.torch import save_file
 
     p = str(tmp_path / "base.safetensors")
-    save_file({"a": torch.randn(4, 6), "b": torch.ones(3, dtype=torch.bfloat16), "e": torch.empty(0)}, p,
-              metadata={"format": "pt"})
+    save_file(
+        {"a": torch.randn(4, 6), "b": torch.ones(3, dtype=torch.bfloat16), "e": torch.empty(0)},
+        p,
+        metadata={"format": "pt"},
+    )
     _run("safetensors", p, tmp_path, 3, 1500)

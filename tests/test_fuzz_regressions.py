@@ -49,7 +49,12 @@ def cases():
 
 @pytest.mark.parametrize("harness,name", cases())
 def test_fuzzer_finding_stays_fixed(harness, name):
-    r = subprocess.run([sys.executable, "-c", CHILD, harness, os.path.join(REGRESSIONS, harness, name)],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", CHILD, harness, os.path.join(REGRESSIONS, harness, name)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert r.returncode == 0, f"{harness}/{name}: exit {r.returncode}\n{r.stderr[-2000:]}"
     assert r.stdout.startswith(("accepted", "refused:"))

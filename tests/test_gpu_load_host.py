@@ -27,9 +27,28 @@ def fake_lib(tmp_path_factory):
     if cxx is None:
         pytest.fail("a C++ compiler is needed to build tests/cuda_fake (scripts/env.sh installs g++)")
     out = str(tmp_path_factory.mktemp("fake") / "fake_cuda.so")
-    cmd = [cxx, "-std=c++17", "-O1", "-g", "-shared", "-fPIC", "-fvisibility=hidden", "-Wall", "-Wextra", "-Werror",
-           "-DDSK_FAKE_CUDA", "-Itests/cuda_fake", "-Ikernels", "-x", "c++", "kernels/upload.cu",
-           "tests/cuda_fake/fake_kernels.cpp", "-o", out, "-lpthread"]
+    cmd = [
+        cxx,
+        "-std=c++17",
+        "-O1",
+        "-g",
+        "-shared",
+        "-fPIC",
+        "-fvisibility=hidden",
+        "-Wall",
+        "-Wextra",
+        "-Werror",
+        "-DDSK_FAKE_CUDA",
+        "-Itests/cuda_fake",
+        "-Ikernels",
+        "-x",
+        "c++",
+        "kernels/upload.cu",
+        "tests/cuda_fake/fake_kernels.cpp",
+        "-o",
+        out,
+        "-lpthread",
+    ]
     subprocess.run(cmd, check=True, cwd=ROOT)
     return out
 
@@ -89,7 +108,9 @@ def shards(tmp_path):
 @pytest.mark.parametrize("staging_mib", ["2", "3", "256"])
 def test_host_pipeline_gives_the_cpu_load(fake_lib, shards, staging_mib):
     """Every target dtype (None, and conversions on the "GPU" from each float dtype in the files)."""
-    out = _run(fake_lib, f"""
+    out = _run(
+        fake_lib,
+        f"""
 paths = {shards!r}
 for dtype in (None, torch.bfloat16, torch.float32, torch.float16, torch.float8_e5m2):
     dicts = placement.load_to_cuda(paths, paths, dtype, "cuda:0")
@@ -99,7 +120,9 @@ for dtype in (None, torch.bfloat16, torch.float32, torch.float16, torch.float8_e
         for k in r:
             assert same(d[k], r[k]), (dtype, k, d[k].dtype, r[k].dtype)
     print("ok", dtype, sum(len(d) for d in dicts))
-""", {"DIFFSYNTH_C_STAGING_MIB": staging_mib, "DIFFSYNTH_C_THREADS": "3"})
+""",
+        {"DIFFSYNTH_C_STAGING_MIB": staging_mib, "DIFFSYNTH_C_THREADS": "3"},
+    )
     assert out.count(" 12\n") == 5, out
 
 
@@ -110,12 +133,16 @@ def test_host_pipeline_many_small_tensors(fake_lib, tmp_path):
     g = torch.Generator().manual_seed(5)
     p = str(tmp_path / "small.safetensors")
     save_file({f"t{i:05d}": torch.randn(3 + i % 7, generator=g) for i in range(20000)}, p)
-    out = _run(fake_lib, f"""
+    out = _run(
+        fake_lib,
+        f"""
 d = placement.load_to_cuda([{p!r}], [{p!r}], torch.bfloat16, "cuda:0")[0]
 r = diffsynth_c.load_state_dict({p!r}, torch_dtype=torch.bfloat16)
 assert list(d) == list(r) and all(same(d[k], r[k]) for k in r)
 print("ok")
-""", {"DIFFSYNTH_C_STAGING_MIB": "2"})
+""",
+        {"DIFFSYNTH_C_STAGING_MIB": "2"},
+    )
     assert out.strip() == "ok"
 
 
@@ -124,7 +151,9 @@ def test_host_pipeline_truncated_file_names_file_and_tensor(fake_lib, tmp_path):
 
     p = str(tmp_path / "t.safetensors")
     save_file({"a": torch.zeros(10), "w": torch.zeros(1 << 18)}, p)
-    out = _run(fake_lib, f"""
+    out = _run(
+        fake_lib,
+        f"""
 real = placement._headers
 def cut(paths, displays):
     h = real(paths, displays)
@@ -135,12 +164,15 @@ try:
     placement.load_to_cuda([{p!r}], [{p!r}], None, "cuda:0")
 except OSError as e:
     print(e)
-""")
+""",
+    )
     assert "t.safetensors: tensor 'w': the file ends before offset" in out
 
 
 def test_host_pipeline_copy_failure_raises_with_cuda_message(fake_lib, shards):
-    out = _run(fake_lib, f"""
+    out = _run(
+        fake_lib,
+        f"""
 fake.fake_set_fail_copy_at(3)
 try:
     placement.load_to_cuda({shards!r}, {shards!r}, torch.bfloat16, "cuda:0")
@@ -149,6 +181,8 @@ except RuntimeError as e:
 fake.fake_set_fail_copy_at(-1)
 d = placement.load_to_cuda({shards!r}, {shards!r}, None, "cuda:0")  # and the next load works
 print(len(d))
-""", {"DIFFSYNTH_C_STAGING_MIB": "2"})
+""",
+        {"DIFFSYNTH_C_STAGING_MIB": "2"},
+    )
     assert "to the GPU: load: cudaMemcpyAsync: cudaErrorFake: injected failure" in out
     assert out.strip().endswith("2")

@@ -20,7 +20,9 @@ from .conftest import random_tensor, sparse_safetensors
 @pytest.mark.parametrize("with_shape", [True, False])
 def test_hash_model_file_matches_diffsynth(model_files, with_shape):
     for path in [model_files[0], model_files[1], model_files, list(reversed(model_files))]:
-        assert diffsynth_c.hash_model_file(path, with_shape=with_shape) == ds_hash_model_file(path, with_shape=with_shape)
+        assert diffsynth_c.hash_model_file(path, with_shape=with_shape) == ds_hash_model_file(
+            path, with_shape=with_shape
+        )
 
 
 def test_hash_of_real_model_layouts(tmp_path):
@@ -107,4 +109,6 @@ def test_empty_list_hashes_as_diffsynth_does():
     from diffsynth_c.patch import original
 
     assert diffsynth_c.hash_model_file([]) == original("diffsynth.core.loader.file", "hash_model_file")([])
-    assert diffsynth_c.hash_model_file([], with_shape=False) == original("diffsynth.core.loader.file", "hash_model_file")([], with_shape=False)
+    assert diffsynth_c.hash_model_file([], with_shape=False) == original(
+        "diffsynth.core.loader.file", "hash_model_file"
+    )([], with_shape=False)

@@ -9,6 +9,7 @@ import random
 import pytest
 
 from diffsynth_c import DownloadError
+from diffsynth_c.hub import hubs
 from diffsynth_c.loader import config as cfg
 
 SHA = "ab" * 32
@@ -16,12 +17,23 @@ SHA = "ab" * 32
 
 def modelscope_replies():
     revisions = {"Code": 200, "Data": {"RevisionMap": {"Branches": [{"Revision": "master"}], "Tags": []}}}
-    files = {"Code": 200, "Data": {"Files": [
-        {"Path": "model.safetensors", "Name": "model.safetensors", "Type": "blob", "Size": 10, "Sha256": SHA,
-         "Revision": "c0ffee"},
-        {"Path": "text_encoder", "Type": "tree", "Size": 0},
-        {"Path": "text_encoder/config.json", "Type": "blob", "Size": "7", "Sha256": SHA.upper()},
-    ]}}
+    files = {
+        "Code": 200,
+        "Data": {
+            "Files": [
+                {
+                    "Path": "model.safetensors",
+                    "Name": "model.safetensors",
+                    "Type": "blob",
+                    "Size": 10,
+                    "Sha256": SHA,
+                    "Revision": "c0ffee",
+                },
+                {"Path": "text_encoder", "Type": "tree", "Size": 0},
+                {"Path": "text_encoder/config.json", "Type": "blob", "Size": "7", "Sha256": SHA.upper()},
+            ]
+        },
+    }
     return [revisions, files]
 
 
@@ -46,7 +58,7 @@ def listing(monkeypatch, source, replies):
             raise AssertionError(f"unexpected request {url}")
         return queue.pop(0), b""
 
-    monkeypatch.setattr(cfg, "_get_json", fake_get_json)
+    monkeypatch.setattr(hubs, "_get_json", fake_get_json)
     hub_class, _ = HUBS[source]
     return hub_class().listing("org/model")
 
@@ -68,7 +80,9 @@ def set_first_path(source, replies, path):
 
 
 @pytest.mark.parametrize("source", HUBS)
-@pytest.mark.parametrize("path", ["../evil", "a/../../evil", "/etc/evil", "a//b", "./a", "a\\..\\b", "a\0b", "", None, 7])
+@pytest.mark.parametrize(
+    "path", ["../evil", "a/../../evil", "/etc/evil", "a//b", "./a", "a\\..\\b", "a\0b", "", None, 7]
+)
 def test_a_path_outside_the_model_folder_is_refused(monkeypatch, source, path):
     replies = HUBS[source][1]()
     set_first_path(source, replies, path)
@@ -78,8 +92,15 @@ def test_a_path_outside_the_model_folder_is_refused(monkeypatch, source, path):
 
 @pytest.mark.parametrize("source", HUBS)
 def test_bad_sizes_and_hashes_are_refused(monkeypatch, source):
-    for field, value in (("size", -1), ("size", "ten"), ("size", None), ("size", True), ("hash", "abc"),
-                         ("hash", "z" * 64), ("hash", 12)):
+    for field, value in (
+        ("size", -1),
+        ("size", "ten"),
+        ("size", None),
+        ("size", True),
+        ("hash", "abc"),
+        ("hash", "z" * 64),
+        ("hash", 12),
+    ):
         replies = HUBS[source][1]()
         entry = replies[1]["Data"]["Files"][0] if source == "modelscope" else replies[1][0]
         if field == "size":

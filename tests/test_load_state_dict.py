@@ -99,7 +99,7 @@ def test_conversion_of_large_tensor_spans_many_tasks(tmp_path):
     )
 
 
-def test_bin_files_go_through_torch_load_like_diffsynth(tmp_path, model_files):
+def test_bin_files_load_like_diffsynth(tmp_path, model_files):
     sd = {"a": random_tensor((4, 4), torch.bfloat16, 1), "b": torch.arange(3)}
     p = str(tmp_path / "model.bin")
     torch.save({"state_dict": sd}, p)  # a single wrapper key is unwrapped
@@ -161,7 +161,9 @@ def test_misaligned_data_section(tmp_path):
 def test_f6_has_no_torch_dtype(tmp_path):
     from .conftest import raw_safetensors
 
-    p = raw_safetensors(tmp_path / "f6.safetensors", '{"w":{"dtype":"F6_E2M3","shape":[4],"data_offsets":[0,3]}}', b"abc")
+    p = raw_safetensors(
+        tmp_path / "f6.safetensors", '{"w":{"dtype":"F6_E2M3","shape":[4],"data_offsets":[0,3]}}', b"abc"
+    )
     with pytest.raises(FormatError, match=r"f6\.safetensors: tensor 'w': safetensors dtype F6_E2M3 has no torch dtype"):
         diffsynth_c.load_state_dict(p)
     # the header is valid: DiffSynth hashes it, and so do we

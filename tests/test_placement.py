@@ -43,12 +43,25 @@ def test_units_are_the_blocks_in_order():
 
 def test_auto_fills_the_fastest_device_first():
     plan = placement.plan_device_map(_units(), "auto", placement.default_budgets({0: "5MB", 1: "5MB", "cpu": "10MB"}))
-    assert plan == {"scale": 0, "stem": 0, "blocks.0": 0, "blocks.1": 0, "blocks.2": 1, "blocks.3": 1,
-                    "blocks.4": "cpu", "blocks.5": "cpu", "blocks.6": "cpu", "blocks.7": "cpu", "head": "cpu"}
+    assert plan == {
+        "scale": 0,
+        "stem": 0,
+        "blocks.0": 0,
+        "blocks.1": 0,
+        "blocks.2": 1,
+        "blocks.3": 1,
+        "blocks.4": "cpu",
+        "blocks.5": "cpu",
+        "blocks.6": "cpu",
+        "blocks.7": "cpu",
+        "head": "cpu",
+    }
 
 
 def test_balanced_spreads_over_the_gpus():
-    plan = placement.plan_device_map(_units(), "balanced", placement.default_budgets({0: "40MB", 1: "40MB", "cpu": "1MB"}))
+    plan = placement.plan_device_map(
+        _units(), "balanced", placement.default_budgets({0: "40MB", 1: "40MB", "cpu": "1MB"})
+    )
     on = {d: [n for n, p in plan.items() if p == d] for d in (0, 1)}
     # 16.03 MB in all: each GPU's share is capped at half of it plus the largest block (10.01 MB);
     # a fifth block would bring GPU 0 to 10.02 MB
@@ -59,8 +72,11 @@ def test_balanced_spreads_over_the_gpus():
 def test_disk_takes_what_the_cpu_cannot_when_allowed():
     plan = placement.plan_device_map(_units(), "auto", placement.default_budgets({"cpu": "5MB", "disk": None}))
     assert [plan[f"blocks.{i}"] for i in range(8)] == ["cpu", "cpu"] + ["disk"] * 6
-    with pytest.raises(ValueError, match=r"'blocks.2' needs 0.00 GiB and no device has room for it \(cpu: 0.00 GiB left\); "
-                                         r"raise max_memory or allow 'disk'"):
+    with pytest.raises(
+        ValueError,
+        match=r"'blocks.2' needs 0.00 GiB and no device has room for it \(cpu: 0.00 GiB left\); "
+        r"raise max_memory or allow 'disk'",
+    ):
         placement.plan_device_map(_units(), "auto", placement.default_budgets({"cpu": "5MB"}))
 
 
@@ -103,7 +119,9 @@ def test_whole_model_placements_record_the_device(net_file):
     placed = diffsynth_c.load_model(Net, net_file, device_map="cpu")
     assert placed.hf_device_map == {"": torch.device("cpu")}
     assert _same_outputs(diffsynth_c.load_model(Net, net_file), placed)
-    with pytest.raises(ValueError, match=r"device_map='cpu': the model needs 0.01 GiB, max_memory\['cpu'\] is 0.00 GiB"):
+    with pytest.raises(
+        ValueError, match=r"device_map='cpu': the model needs 0.01 GiB, max_memory\['cpu'\] is 0.00 GiB"
+    ):
         diffsynth_c.load_model(Net, net_file, device_map="cpu", max_memory={"cpu": "1MB"})
     with pytest.raises(ValueError, match="device_map: unknown value 'gpu'"):
         diffsynth_c.load_model(Net, net_file, device_map="gpu")

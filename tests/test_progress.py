@@ -16,7 +16,7 @@ from diffsynth.core.loader.file import load_state_dict as ds_load_state_dict
 
 import diffsynth_c
 from diffsynth_c import progress
-from diffsynth_c.loader import config as cfg
+from diffsynth_c.hub import transfer
 
 from .conftest import assert_same_state_dict
 
@@ -88,6 +88,7 @@ def test_convert_shows_bars_only_when_forced(tmp_path):
             text=True,
             env=env,
             timeout=300,
+            check=False,
         )
 
     shown = convert("shown", "1")
@@ -159,7 +160,7 @@ def test_download_bar_counts_resumed_bytes_and_closes(monkeypatch, capsys, with_
     if not with_tqdm:
         _no_tqdm(monkeypatch)
     monkeypatch.setenv(progress.ENV, "1")
-    bar = cfg._Progress(64 << 20, "org/model")
+    bar = transfer._Progress(64 << 20, "org/model")
     bar.base = 16 << 20  # already on disk from an earlier, interrupted download
     for done in (0, 16 << 20, 48 << 20):
         bar(done)
@@ -173,13 +174,13 @@ def test_download_bar_counts_resumed_bytes_and_closes(monkeypatch, capsys, with_
 def test_download_bar_follows_the_old_rules(monkeypatch):
     monkeypatch.delenv(progress.ENV, raising=False)
     monkeypatch.setattr(sys, "stderr", _Terminal())
-    cfg._Progress(1 << 20, "small").close()  # under 8 MiB: no bar, even on a terminal
+    transfer._Progress(1 << 20, "small").close()  # under 8 MiB: no bar, even on a terminal
     monkeypatch.setenv(progress.ENV, "0")
-    cfg._Progress(1 << 30, "off").close()
+    transfer._Progress(1 << 30, "off").close()
     assert sys.stderr.getvalue() == ""
     monkeypatch.setattr(sys, "stderr", io.StringIO())
     monkeypatch.setenv(progress.ENV, "1")
-    cfg._Progress(1, "forced")(1)
+    transfer._Progress(1, "forced")(1)
     assert "forced" in sys.stderr.getvalue()
 
 

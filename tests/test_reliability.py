@@ -18,6 +18,7 @@ import safetensors.torch
 import torch
 
 import diffsynth_c
+
 from .conftest import sparse_safetensors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,8 +26,15 @@ LONG = os.environ.get("DIFFSYNTH_C_LONG_TESTS") == "1"
 
 
 def child(code: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+        check=False,
+    )
 
 
 CHANGES = {
@@ -42,7 +50,8 @@ CHANGES = {
 def test_a_file_changed_under_its_mapped_tensors_keeps_their_bytes(tmp_path, change):
     """mmap-mode tensors hold a read lease on their file: a writer waits while they are copied, so
     every thread (here a worker thread first) reads what was loaded."""
-    r = child("""
+    r = child(
+        """
         import os, subprocess, sys, threading, torch, safetensors.torch as st, diffsynth_c
         p = sys.argv[1]
         want = {"a": torch.arange(1 << 20, dtype=torch.float32), "b": torch.ones(1 << 20)}
@@ -54,7 +63,10 @@ def test_a_file_changed_under_its_mapped_tensors_keeps_their_bytes(tmp_path, cha
         worker.start(); worker.join()
         same = [torch.equal(got["b"], want["b"]), torch.equal(sd["a"], want["a"])]
         print("same", same)
-    """, str(tmp_path / "m.safetensors"), CHANGES[change])
+    """,
+        str(tmp_path / "m.safetensors"),
+        CHANGES[change],
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "same [True, True]", r.stdout + r.stderr
 
@@ -62,7 +74,8 @@ def test_a_file_changed_under_its_mapped_tensors_keeps_their_bytes(tmp_path, cha
 def test_a_converting_load_keeps_the_bytes_of_the_tensors_it_did_not_convert(tmp_path):
     """With torch_dtype, a tensor already in that dtype stays a view of the mapping (only its range
     is copied when the file changes); the converted ones never depended on the file."""
-    r = child("""
+    r = child(
+        """
         import os, sys, threading, torch, safetensors.torch as st, diffsynth_c
         p = sys.argv[1]
         st.save_file({"f": torch.arange(1 << 20, dtype=torch.float32), "h": torch.ones(1 << 20, dtype=torch.bfloat16),
@@ -74,14 +87,17 @@ def test_a_converting_load_keeps_the_bytes_of_the_tensors_it_did_not_convert(tmp
         worker = threading.Thread(target=lambda: got.update({k: v.clone() for k, v in sd.items()}))
         worker.start(); worker.join()
         print("same", [torch.equal(got[k], want[k]) for k in "fhz"])
-    """, str(tmp_path / "m.safetensors"))
+    """,
+        str(tmp_path / "m.safetensors"),
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "same [True, True, True]", r.stdout + r.stderr
 
 
 def test_a_torch_checkpoint_truncated_under_its_mapped_tensors_keeps_their_bytes(tmp_path):
     """The same for torch.save files (read through map_ranges): torch.load's tensors are the reference."""
-    r = child("""
+    r = child(
+        """
         import os, sys, threading, torch, diffsynth_c
         p = sys.argv[1]
         torch.save({"a": torch.arange(1 << 20, dtype=torch.float32), "b": torch.ones(1 << 20)}, p)
@@ -92,7 +108,9 @@ def test_a_torch_checkpoint_truncated_under_its_mapped_tensors_keeps_their_bytes
         worker = threading.Thread(target=lambda: got.update(b=sd["b"].clone()))
         worker.start(); worker.join()
         print("same", [torch.equal(got["b"], want["b"]), torch.equal(sd["a"], want["a"])])
-    """, str(tmp_path / "m.bin"))
+    """,
+        str(tmp_path / "m.bin"),
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "same [True, True]", r.stdout + r.stderr
 
@@ -103,7 +121,8 @@ def test_without_leases_a_truncated_mapping_raises_not_sigbus_past_1024_mappings
     guard, which has no limit on the number of mappings: 1,100 mapped tensors, the file truncated
     under the last ones, gives FormatError naming it. The big file is sparse (no disk blocks)."""
     big = sparse_safetensors(tmp_path / "big.safetensors", {f"t{i:04d}": (1 << 18,) for i in range(1100)}, "F32", 4)
-    r = child("""
+    r = child(
+        """
         import os, signal, sys, torch, safetensors.torch as st
         signal.signal(signal.SIGRTMIN + 5, lambda *a: None)   # the lease's signal is someone else's
         import diffsynth_c
@@ -123,7 +142,10 @@ def test_without_leases_a_truncated_mapping_raises_not_sigbus_past_1024_mappings
         except diffsynth_c.FormatError as e:
             print("FormatError:", e)
         print("alive", float(views[3].sum()) == 0.0)
-    """, str(tmp_path), big)
+    """,
+        str(tmp_path),
+        big,
+    )
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0] == "loaded True", r.stdout
@@ -134,7 +156,8 @@ def test_without_leases_a_truncated_mapping_raises_not_sigbus_past_1024_mappings
 def test_eleven_hundred_mapped_files_one_truncated_keeps_its_bytes(tmp_path):
     """With leases, 1,100 mapped files (more leases than a quarter of the descriptor limit falls
     back on copies): the truncated one's tensors keep their bytes."""
-    r = child("""
+    r = child(
+        """
         import os, resource, sys, torch, safetensors.torch as st
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))  # the usual default: 256 leases
@@ -147,7 +170,9 @@ def test_eleven_hundred_mapped_files_one_truncated_keeps_its_bytes(tmp_path):
         for k in (3, 1050):
             os.truncate(paths[k], 4096)
         print("same", all(float(sds[k][n].sum()) == k * 4096.0 for k in (3, 1050) for n in "ab"))
-    """, str(tmp_path))
+    """,
+        str(tmp_path),
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "same True", r.stdout + r.stderr
 
@@ -216,7 +241,9 @@ def test_sixteen_threads_on_one_disk_map_and_many_files(tmp_path):
     for i in range(4):
         p = str(tmp_path / f"f{i}.safetensors")
         g = torch.Generator().manual_seed(i)
-        safetensors.torch.save_file({f"k{j}": torch.randn(64, 64 + j, generator=g).to(torch.bfloat16) for j in range(40)}, p)
+        safetensors.torch.save_file(
+            {f"k{j}": torch.randn(64, 64 + j, generator=g).to(torch.bfloat16) for j in range(40)}, p
+        )
         paths.append(p)
     dm = diffsynth_c.DiskMap(paths[0], "cpu", torch_dtype=torch.float32)
     serial_keys = {k: dm[k] for k in dm}
@@ -224,7 +251,7 @@ def test_sixteen_threads_on_one_disk_map_and_many_files(tmp_path):
 
     def job(i):
         if i % 2:
-            return "map", {k: dm[k] for k in list(dm)[i % 7::3]}
+            return "map", {k: dm[k] for k in list(dm)[i % 7 :: 3]}
         return "file", (i % 4, diffsynth_c.load_state_dict(paths[i % 4], torch_dtype=torch.float16))
 
     with ThreadPoolExecutor(16) as pool:
@@ -241,7 +268,8 @@ def test_ctrl_c_stops_a_long_load_promptly_and_frees_its_buffers(tmp_path):
     p = str(tmp_path / "big.safetensors")
     # F32 -> F16 is converted by the C core while it reads (U8 would be converted by torch afterwards)
     safetensors.torch.save_file({f"t{i}": torch.zeros(8 << 20, dtype=torch.float32) for i in range(16)}, p)  # 512 MiB
-    r = child("""
+    r = child(
+        """
         import json, os, signal, sys, threading, time, torch, diffsynth_c
         # a shell's background job starts with SIGINT ignored, and Python then keeps it ignored
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -265,7 +293,9 @@ def test_ctrl_c_stops_a_long_load_promptly_and_frees_its_buffers(tmp_path):
                 outcomes.append(time.perf_counter() - t)
                 break
         print(json.dumps({"outcomes": outcomes, "grown": rss() - start}))
-    """, p)
+    """,
+        p,
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.splitlines()[-1])
     interrupted = [o for o in out["outcomes"] if o != "finished"]
@@ -282,8 +312,11 @@ def _raw_safetensors(path, header: dict, data: bytes = b"") -> str:
 
 
 def test_a_header_claiming_huge_shapes_is_refused(tmp_path):
-    p = _raw_safetensors(tmp_path / "huge.safetensors",
-                         {"w": {"dtype": "F32", "shape": [1 << 40, 1 << 40], "data_offsets": [0, 16]}}, b"\0" * 16)
+    p = _raw_safetensors(
+        tmp_path / "huge.safetensors",
+        {"w": {"dtype": "F32", "shape": [1 << 40, 1 << 40], "data_offsets": [0, 16]}},
+        b"\0" * 16,
+    )
     with pytest.raises(diffsynth_c.FormatError, match=r"huge.safetensors: .*'w'"):
         diffsynth_c.load_state_dict(p)
     with pytest.raises(diffsynth_c.FormatError):
@@ -298,13 +331,16 @@ def test_a_header_over_the_format_cap_is_refused(tmp_path):
         diffsynth_c.load_state_dict(str(p))
 
 
-@pytest.mark.skipif(os.environ.get("DIFFSYNTH_C_EXPECT_SANITIZED") == "1",
-                    reason="AddressSanitizer's shadow memory makes the memory bound meaningless (and large)")
+@pytest.mark.skipif(
+    os.environ.get("DIFFSYNTH_C_EXPECT_SANITIZED") == "1",
+    reason="AddressSanitizer's shadow memory makes the memory bound meaningless (and large)",
+)
 def test_a_million_tiny_tensors_load(tmp_path):
     n = 1_000_000
     header = {f"t{i}": {"dtype": "U8", "shape": [1], "data_offsets": [i, i + 1]} for i in range(n)}
     p = _raw_safetensors(tmp_path / "many.safetensors", header, bytes(range(256)) * (n // 256) + bytes(range(n % 256)))
-    r = child("""
+    r = child(
+        """
         import sys, diffsynth_c
         sd = diffsynth_c.load_state_dict(sys.argv[1])
         assert len(sd) == 1_000_000 and int(sd["t999999"]) == 999999 % 256
@@ -312,7 +348,9 @@ def test_a_million_tiny_tensors_load(tmp_path):
         # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent across exec
         with open("/proc/self/status") as f:
             print(next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) // 1024)
-    """, p)
+    """,
+        p,
+    )
     assert r.returncode == 0, r.stderr
     peak_mib = int(r.stdout.split()[-1])
     assert peak_mib < 4096, peak_mib  # a million tensors stay in the low gigabytes of Python objects

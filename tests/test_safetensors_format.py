@@ -121,7 +121,7 @@ CASES: dict[str, tuple[bytes, bytes]] = {
     "invalid UTF-8 in ignored field": (b'{"a":{' + T.encode() + b',"z":"\xff"}}', D8),
     "overlong UTF-8": (b'{"a\xc0\xaf":{' + T.encode() + b"}}", D8),
     "UTF-8 surrogate bytes": (b'{"a\xed\xa0\x80":{' + T.encode() + b"}}", D8),
-    "non-ASCII key": (("{\"é 中文\":{" + T + "}}").encode(), D8),
+    "non-ASCII key": (('{"é 中文":{' + T + "}}").encode(), D8),
     "bad literal": (b'{"a":{' + T.encode() + b',"x":tru}}', D8),
     "number out of range": (b'{"a":{' + T.encode() + b',"x":1e400}}', D8),
     "number just below max": (b'{"a":{' + T.encode() + b',"x":1.7976931348623157e308}}', D8),
@@ -136,11 +136,13 @@ CASES: dict[str, tuple[bytes, bytes]] = {
     "nesting 128": (b'{"a":{' + T.encode() + b',"z":' + b"[" * 126 + b"]" * 126 + b"}}", D8),
     "nesting 400": (b'{"a":{' + T.encode() + b',"z":' + b"[" * 400 + b"]" * 400 + b"}}", D8),
     "every dtype": (
-        b'{"b":{"dtype":"BOOL","shape":[],"data_offsets":[0,1]},"u8":{"dtype":"U8","shape":[1],"data_offsets":[1,2]},'
-        b'"f4":{"dtype":"F4","shape":[2],"data_offsets":[2,3]},"f6":{"dtype":"F6_E2M3","shape":[4],"data_offsets":[3,6]},'
-        b'"f6b":{"dtype":"F6_E3M2","shape":[4],"data_offsets":[6,9]},"e8":{"dtype":"F8_E8M0","shape":[1],"data_offsets":[9,10]},'
-        b'"fz":{"dtype":"F8_E4M3FNUZ","shape":[1],"data_offsets":[10,11]},"gz":{"dtype":"F8_E5M2FNUZ","shape":[1],"data_offsets":[11,12]},'
-        b'"c":{"dtype":"C64","shape":[1],"data_offsets":[12,20]}}',
+        (
+            b'{"b":{"dtype":"BOOL","shape":[],"data_offsets":[0,1]},"u8":{"dtype":"U8","shape":[1],"data_offsets":[1,2]},'
+            b'"f4":{"dtype":"F4","shape":[2],"data_offsets":[2,3]},"f6":{"dtype":"F6_E2M3","shape":[4],"data_offsets":[3,6]},'
+            b'"f6b":{"dtype":"F6_E3M2","shape":[4],"data_offsets":[6,9]},"e8":{"dtype":"F8_E8M0","shape":[1],"data_offsets":[9,10]},'
+            b'"fz":{"dtype":"F8_E4M3FNUZ","shape":[1],"data_offsets":[10,11]},"gz":{"dtype":"F8_E5M2FNUZ","shape":[1],"data_offsets":[11,12]},'
+            b'"c":{"dtype":"C64","shape":[1],"data_offsets":[12,20]}}'
+        ),
         b"\1" * 20,
     ),
     "F4 0-d": (b'{"a":{"dtype":"F4","shape":[],"data_offsets":[0,0]}}', b""),
@@ -210,13 +212,13 @@ def test_messages_say_what_is_wrong(tmp_path):
     assert "tensor 'b'" in err(CASES["overlap"][0], D8) and "overlap tensor 'a'" in err(CASES["overlap"][0], D8)
     m = err(CASES["size mismatch"][0], D8)
     assert "tensor 'a': dtype F32 and shape [3] need 12 bytes, but data_offsets [0, 8) hold 8" in m
-    assert "unknown dtype \"F33\"" in err(CASES["dtype unknown"][0], D8)
+    assert 'unknown dtype "F33"' in err(CASES["dtype unknown"][0], D8)
     assert "is truncated" in err(CASES["short data"][0], b"\0" * 4)
     assert "4 bytes follow the last tensor" in err(CASES["trailing data"][0], D8)
     assert "over the format's limit" in err(b"{}", length=100_000_001)
     assert "runs past the end of the file" in err(b"{}", length=1000)
     assert "invalid UTF-8 in header at byte" in err(CASES["invalid UTF-8 in ignored field"][0], D8)
-    assert "missing field \"data_offsets\"" in err(CASES["missing field"][0], D8)
+    assert 'missing field "data_offsets"' in err(CASES["missing field"][0], D8)
     assert "shape [4294967296, 4294967296] of dtype U8 overflows" in err(CASES["shape overflow"][0], D8)
 
 

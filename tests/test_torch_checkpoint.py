@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import io
 import os
+import pathlib
 import pickle
 import struct
 import warnings
@@ -208,7 +209,9 @@ def tensor_pickle(obj) -> bytes:
 
 def test_crafted_checkpoint_loads(tmp_path):
     s = _Storage("0", torch.FloatStorage, 6)
-    p = craft(tmp_path / "ok.bin", tensor_pickle({"t": _Tensor(s, 1, (2, 2), (2, 1))}), {"0": struct.pack("<6f", *range(6))})
+    p = craft(
+        tmp_path / "ok.bin", tensor_pickle({"t": _Tensor(s, 1, (2, 2), (2, 1))}), {"0": struct.pack("<6f", *range(6))}
+    )
     got = ours_file.load_state_dict_from_bin(p)
     assert torch.equal(got["t"], torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
 
@@ -230,7 +233,14 @@ def _refused(path, *words):
 )
 def test_refused_globals_run_nothing(tmp_path, module, name):
     marker = tmp_path / "pwned"
-    pkl = b"\x80\x02c" + f"{module}\n{name}\n".encode() + b"X" + struct.pack("<I", len(f"touch {marker}")) + f"touch {marker}".encode() + b"\x85R."
+    pkl = (
+        b"\x80\x02c"
+        + f"{module}\n{name}\n".encode()
+        + b"X"
+        + struct.pack("<I", len(f"touch {marker}"))
+        + f"touch {marker}".encode()
+        + b"\x85R."
+    )
     p = craft(tmp_path / "evil.bin", pkl)
     _refused(p, f"{module}.{name}", "refused")
     assert not marker.exists()
@@ -242,14 +252,14 @@ def test_stack_global_refused(tmp_path):
 
 
 def test_truncated_zip(tmp_path, ckpt):
-    data = open(ckpt, "rb").read()
+    data = pathlib.Path(ckpt).read_bytes()
     p = tmp_path / "cut.bin"
     p.write_bytes(data[: len(data) - 30])
     _refused(str(p), "truncated")
 
 
 def test_central_directory_past_the_end(tmp_path, ckpt):
-    data = bytearray(open(ckpt, "rb").read())
+    data = bytearray(pathlib.Path(ckpt).read_bytes())
     eocd = data.rfind(b"PK\x05\x06")
     struct.pack_into("<I", data, eocd + 16, len(data) + 1000)
     p = tmp_path / "cd.bin"
@@ -296,10 +306,23 @@ def test_big_endian_falls_back(tmp_path, ckpt):
         for info in zin.infolist():
             data = zin.read(info)
             zout.writestr(info.filename, b"big" if info.filename.endswith("byteorder") else data)
+    # torch's own reader decides what big-endian bytes mean: ours hands the file over (with a
+    # warning) and must end as torch.load does, with the same tensors or the same exception.
+    ref = _outcome(lambda: torch.load(p, weights_only=True))
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        try:
-            diffsynth_c.load_state_dict(p)
-        except Exception:  # torch's own reader decides what big-endian bytes mean; we only hand over
-            pass
+        got = _outcome(lambda: diffsynth_c.load_state_dict(p))
     assert any("byte order" in str(x.message) for x in w)
+    if isinstance(ref, BaseException):
+        assert type(got) is type(ref) and str(got) == str(ref), (got, ref)
+    else:
+        assert not isinstance(got, BaseException), got
+        assert same(got, ref)
+
+
+def _outcome(load):
+    """What a load ends with: its result, or the exception it raised."""
+    try:
+        return load()
+    except Exception as e:  # noqa: BLE001 - the exception is the outcome compared
+        return e

@@ -102,5 +102,7 @@ def test_load_model_takes_a_variant_as_diffusers_does(tmp_path, shard):
         for k in theirs:
             assert got[k].dtype == theirs[k].dtype and torch.equal(got[k], theirs[k]), (variant, k)
         # a folder given directly, without subfolder, takes the variant too
-        direct = diffsynth_c.load_model(Tiny, str(root / "transformer"), torch_dtype=dtype, variant=variant).state_dict()
+        direct = diffsynth_c.load_model(
+            Tiny, str(root / "transformer"), torch_dtype=dtype, variant=variant
+        ).state_dict()
         assert all(torch.equal(direct[k], theirs[k]) for k in theirs)

@@ -13,9 +13,12 @@ from __future__ import annotations
 import copy
 import importlib
 
+import diffsynth.core.vram.layers as DL
 import pytest
 import safetensors.torch
 import torch
+from diffsynth.configs.vram_management_module_maps import VRAM_MANAGEMENT_MODULE_MAPS
+from diffsynth.models.wan_video_dit import WanModel, sinusoidal_embedding_1d
 
 import diffsynth_c
 from diffsynth_c.patch import original
@@ -24,13 +27,20 @@ from diffsynth_c.vram.prefetch import Scheduler
 
 from .conftest import run_python
 
-import diffsynth.core.vram.layers as DL
-from diffsynth.configs.vram_management_module_maps import VRAM_MANAGEMENT_MODULE_MAPS
-from diffsynth.models.wan_video_dit import WanModel, sinusoidal_embedding_1d
-
 BF16, F8 = torch.bfloat16, torch.float8_e4m3fn
-WAN = dict(dim=256, in_dim=16, ffn_dim=512, out_dim=16, text_dim=32, freq_dim=32, eps=1e-6, patch_size=(1, 2, 2),
-           num_heads=2, num_layers=2, has_image_input=False)
+WAN = {
+    "dim": 256,
+    "in_dim": 16,
+    "ffn_dim": 512,
+    "out_dim": 16,
+    "text_dim": 32,
+    "freq_dim": 32,
+    "eps": 1e-6,
+    "patch_size": (1, 2, 2),
+    "num_heads": 2,
+    "num_layers": 2,
+    "has_image_input": False,
+}
 
 
 def _cls(dotted: str) -> type:
@@ -39,14 +49,19 @@ def _cls(dotted: str) -> type:
 
 
 DS_MAP = {_cls(k): _cls(v) for k, v in VRAM_MANAGEMENT_MODULE_MAPS["diffsynth.models.wan_video_dit.WanModel"].items()}
-_OURS = {DL.AutoWrappedLinear: L.AutoWrappedLinear, DL.AutoWrappedModule: L.AutoWrappedModule,
-         DL.AutoWrappedNonRecurseModule: L.AutoWrappedNonRecurseModule}
+_OURS = {
+    DL.AutoWrappedLinear: L.AutoWrappedLinear,
+    DL.AutoWrappedModule: L.AutoWrappedModule,
+    DL.AutoWrappedNonRecurseModule: L.AutoWrappedNonRecurseModule,
+}
 OUR_MAP = {k: _OURS[v] for k, v in DS_MAP.items()}
 
 
 def _config(offload, onload, preparing, computation=(BF16, "cpu")) -> dict:
     out = {}
-    for state, (dtype, device) in zip(("offload", "onload", "preparing", "computation"), (offload, onload, preparing, computation)):
+    for state, (dtype, device) in zip(
+        ("offload", "onload", "preparing", "computation"), (offload, onload, preparing, computation)
+    ):
         out[f"{state}_dtype"], out[f"{state}_device"] = dtype, device
     return out
 
@@ -77,7 +92,11 @@ def fake_memory(monkeypatch):
 
 def _inputs():
     g = torch.Generator().manual_seed(1)
-    return torch.randn(1, 16, 2, 8, 8, generator=g).to(BF16), torch.tensor([500.0]), torch.randn(1, 7, 32, generator=g).to(BF16)
+    return (
+        torch.randn(1, 16, 2, 8, 8, generator=g).to(BF16),
+        torch.tensor([500.0]),
+        torch.randn(1, 7, 32, generator=g).to(BF16),
+    )
 
 
 def run_wan(model, x, t, ctx):
@@ -88,11 +107,14 @@ def run_wan(model, x, t, ctx):
     x = model.patch_embedding(x)
     f, h, w = x.shape[2:]
     x = x.flatten(2).transpose(1, 2).contiguous()
-    freqs = torch.cat([
-        model.freqs[0][:f].view(f, 1, 1, -1).expand(f, h, w, -1),
-        model.freqs[1][:h].view(1, h, 1, -1).expand(f, h, w, -1),
-        model.freqs[2][:w].view(1, 1, w, -1).expand(f, h, w, -1),
-    ], dim=-1).reshape(f * h * w, 1, -1)
+    freqs = torch.cat(
+        [
+            model.freqs[0][:f].view(f, 1, 1, -1).expand(f, h, w, -1),
+            model.freqs[1][:h].view(1, h, 1, -1).expand(f, h, w, -1),
+            model.freqs[2][:w].view(1, 1, w, -1).expand(f, h, w, -1),
+        ],
+        dim=-1,
+    ).reshape(f * h * w, 1, -1)
     for block in model.blocks:
         x = block(x, c, tm, freqs)
     return model.head(x, te)
@@ -100,8 +122,11 @@ def run_wan(model, x, t, ctx):
 
 def load_both(path, vram_config, vram_limit):
     theirs = original("diffsynth.core.loader.model", "load_model")(
-        WanModel, path, config=WAN, module_map=DS_MAP, vram_config=vram_config, vram_limit=vram_limit)
-    ours = diffsynth_c.load_model(WanModel, path, config=WAN, module_map=OUR_MAP, vram_config=vram_config, vram_limit=vram_limit)
+        WanModel, path, config=WAN, module_map=DS_MAP, vram_config=vram_config, vram_limit=vram_limit
+    )
+    ours = diffsynth_c.load_model(
+        WanModel, path, config=WAN, module_map=OUR_MAP, vram_config=vram_config, vram_limit=vram_limit
+    )
     return theirs, ours
 
 
@@ -128,8 +153,15 @@ def passes(model, n=3, cycle=False):
 
 @pytest.mark.parametrize(
     "name,vram_limit",
-    [("cpu_offload", None), ("fp8_storage", None), ("fp8_storage", 0), ("disk_fp8", None), ("disk_fp8", 0),
-     ("disk_fp8", 13), ("disk_bf16", 0)],
+    [
+        ("cpu_offload", None),
+        ("fp8_storage", None),
+        ("fp8_storage", 0),
+        ("disk_fp8", None),
+        ("disk_fp8", 0),
+        ("disk_fp8", 13),
+        ("disk_bf16", 0),
+    ],
 )
 def test_guide_configs_match_diffsynth(wan_file, fake_memory, name, vram_limit):
     theirs, ours = load_both(wan_file, GUIDE[name], vram_limit)
@@ -163,7 +195,7 @@ def test_prefetch_off_gives_the_same_results(wan_file, monkeypatch):
 
 def test_a_changed_order_is_relearned_never_miscomputed(wan_file):
     theirs, ours = load_both(wan_file, GUIDE["fp8_storage"], 0)
-    x, t, ctx = _inputs()
+    x, t, _ctx = _inputs()
     passes(ours, n=2)
     # another branch: only the first block, then the head twice
     with torch.no_grad():
@@ -255,8 +287,9 @@ def test_disk_offload_leaves_weights_on_meta_and_reads_them_back(wan_file):
 
 # --- bad configurations, refused at enable time ----------------------------------------------
 def _enable(vram_config, disk_map=None, module_map=None):
-    return L.enable_vram_management(_linear_stack(), module_map or {torch.nn.Linear: L.AutoWrappedLinear}, vram_config,
-                                    disk_map=disk_map)
+    return L.enable_vram_management(
+        _linear_stack(), module_map or {torch.nn.Linear: L.AutoWrappedLinear}, vram_config, disk_map=disk_map
+    )
 
 
 def test_unknown_key_is_refused():
@@ -291,8 +324,12 @@ def test_load_model_refuses_disk_offload_of_a_torch_checkpoint(tmp_path):
     bin_path = tmp_path / "model.bin"
     torch.save(_linear_stack().state_dict(), bin_path)
     with pytest.raises(ValueError, match=r"model\.bin: disk offload"):
-        diffsynth_c.load_model(_linear_stack, str(bin_path), module_map={torch.nn.Linear: L.AutoWrappedLinear},
-                               vram_config=GUIDE["disk_bf16"])
+        diffsynth_c.load_model(
+            _linear_stack,
+            str(bin_path),
+            module_map={torch.nn.Linear: L.AutoWrappedLinear},
+            vram_config=GUIDE["disk_bf16"],
+        )
 
 
 def test_module_map_of_non_modules_is_refused():

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 
 import diffsynth_c
-from diffsynth_c.loader.settings import mode, threads
-from diffsynth_c.loader.torchfile import load_tree
+from diffsynth_c.core.settings import mode, threads
+from diffsynth_c.core.torchfile import load_tree
 
 
 def torch_load(path: Any) -> Any:

@@ -17,9 +17,9 @@ import os
 from typing import Any
 
 from .. import _core
+from ..core.conversion import c_converts
+from ..core.settings import threads
 from ..dlpack import TORCH_DTYPES, safetensors_name_of, torch_dtype_of, view_bytes
-from .conversion import c_converts
-from .settings import threads
 
 _ALIGN = 256  # bytes between tensors inside one buffer, as torch's allocator would give
 _MIB = 1 << 20
@@ -173,7 +173,6 @@ def _pin(x: Any) -> Any:
 
 def load_pinned(paths: list, displays: list[str], torch_dtype: Any) -> list[dict[str, Any]]:
     """One dict per file, tensors in pinned CPU memory that the C core read (and converted) into."""
-    import torch
 
     headers = _headers(paths, displays)
     target = safetensors_name_of(torch_dtype) if torch_dtype is not None else None

@@ -27,13 +27,12 @@ in the list are read by every rank (their storages can be shared between tensors
 from __future__ import annotations
 
 import hashlib
-import os
 import socket
 from typing import Any
 
 from .. import _core
+from ..core.settings import threads
 from ..dlpack import view_bytes
-from .settings import threads
 
 _ALIGN = 64
 last_load_stats: dict = {}
@@ -101,7 +100,9 @@ def plan(headers: list[tuple[int, list]], readers: int, bucket_bytes: int) -> tu
         buckets[b][2].append((fi, data_start + begin, nbytes, dtype, off, name))
         buckets[b][1] = off + (nbytes + _ALIGN - 1) // _ALIGN * _ALIGN
         placed[name] = (b, off)
-    order = [(name, fi, placed[name][0], placed[name][1], ent[5] - ent[4], ent[2], tuple(ent[3])) for name, (fi, ent) in runs]
+    order = [
+        (name, fi, placed[name][0], placed[name][1], ent[5] - ent[4], ent[2], tuple(ent[3])) for name, (fi, ent) in runs
+    ]
     return order, buckets
 
 
@@ -116,8 +117,15 @@ def _readers(group: Any, size: int, node_local: bool) -> list[int]:
     return sorted(first.values())
 
 
-def load_safetensors_distributed(paths: list, displays: list[str], torch_dtype: Any, device: Any, group: Any,
-                                 node_local: bool = False, bucket_mib: int = 256) -> dict:
+def load_safetensors_distributed(
+    paths: list,
+    displays: list[str],
+    torch_dtype: Any,
+    device: Any,
+    group: Any,
+    node_local: bool = False,
+    bucket_mib: int = 256,
+) -> dict:
     """The merged state dict of the safetensors files, read once across the group (see above)."""
     import torch
     import torch.distributed as dist
@@ -136,8 +144,11 @@ def load_safetensors_distributed(paths: list, displays: list[str], torch_dtype: 
     digest = hashlib.sha256(repr((order, [(b[0], b[1]) for b in buckets])).encode()).hexdigest()
     digests = all_ranks(group, digest)
     if len(set(digests)) != 1:
-        raise RuntimeError("distributed load: the ranks see different files (their plans differ: "
-                           + ", ".join(f"rank {r}: {d[:12]}" for r, d in enumerate(digests)) + ")")
+        raise RuntimeError(
+            "distributed load: the ranks see different files (their plans differ: "
+            + ", ".join(f"rank {r}: {d[:12]}" for r, d in enumerate(digests))
+            + ")"
+        )
     me = readers.index(rank) if rank in readers else None
     target = torch.device(device)
     buffers: dict[int, Any] = {}
@@ -148,8 +159,9 @@ def load_safetensors_distributed(paths: list, displays: list[str], torch_dtype: 
                 continue
             host = torch.empty(max(nbytes, 1), dtype=torch.uint8)
             base = host.data_ptr()
-            _core.read_into(paths, [(fi, off, n, dt, dt, base + boff, key) for fi, off, n, dt, boff, key in items if n],
-                            threads())
+            _core.read_into(
+                paths, [(fi, off, n, dt, dt, base + boff, key) for fi, off, n, dt, boff, key in items if n], threads()
+            )
             read_bytes += sum(n for _, _, n, _, _, _ in items)
             buffers[bi] = host if target.type == "cpu" else host.to(target)
     except (OSError, ValueError, RuntimeError) as e:
@@ -162,11 +174,16 @@ def load_safetensors_distributed(paths: list, displays: list[str], torch_dtype: 
         dist.broadcast(buf, src=_global(group, readers[reader]), group=group)
     result: dict[str, Any] = {}
     for name, fi, bi, off, nbytes, dtype, shape in order:
-        x = view_bytes(buffers[bi][off:off + nbytes], dtype, shape, displays[fi], name)
+        x = view_bytes(buffers[bi][off : off + nbytes], dtype, shape, displays[fi], name)
         if torch_dtype is not None and x.dtype != torch_dtype:
             x = x.to(torch_dtype)
         result[name] = x
     last_load_stats.clear()
-    last_load_stats.update(rank=rank, readers=len(readers), bytes_read=read_bytes, buckets=len(buckets),
-                           total_bytes=sum(b[1] for b in buckets))
+    last_load_stats.update(
+        rank=rank,
+        readers=len(readers),
+        bytes_read=read_bytes,
+        buckets=len(buckets),
+        total_bytes=sum(b[1] for b in buckets),
+    )
     return result

@@ -9,21 +9,26 @@ first, maps each file privately (copy-on-write, as safetensors itself does) and 
 on a pool of threads with the GIL released, so the tensors returned are resident, not lazily
 faulted. A ``torch_dtype`` among F32/F16/BF16/F8 is converted in C while the pages are read, into
 one buffer per file, bit-identical to ``tensor.to(torch_dtype)``. ``.bin``/``.pth``/``.ckpt``
-files still go through ``torch.load(weights_only=True)`` as in DiffSynth.
+files (torch's zip format) are read by the C core's own reader (``core/torchfile.py``: zip
+directory, an allow-listed unpickler, storages read into memory it owns) with the results of
+``torch.load(weights_only=True)``; what that reader does not take (legacy files, globals outside
+its allow-list, big-endian data) goes to ``torch.load(weights_only=True)`` itself, with a warning.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from .. import _core, progress
+from ..core.conversion import c_sources_for
+from ..core.formats import is_safetensors
+from ..core.settings import mode, threads
+from ..core.torchfile import load_tree, map_leaves, read_tree
 from ..dlpack import safetensors_name_of, to_torch
-from .conversion import c_sources_for
-from .settings import mode, threads
 from .device import load_pinned, load_to_cuda
-from .torchfile import _map, load_tree, read_tree
 
 PathLike = str | os.PathLike
 
@@ -37,10 +42,6 @@ def _as_list(file_path: PathLike | list[PathLike], what: str, variant: str | Non
     if not paths:
         raise ValueError(f"{what}: the list of files is empty")
     return expand(paths, variant)
-
-
-def _is_safetensors(path: PathLike) -> bool:
-    return os.fspath(path).endswith(".safetensors") if not isinstance(path, bytes) else path.endswith(b".safetensors")
 
 
 def _is_cpu(device: Any) -> bool:
@@ -126,7 +127,9 @@ def load_state_dict(
     if process_group is not None:
         if variant is not None:
             file_path = _as_list(file_path, "load_state_dict", variant)
-        return _load_in_group(file_path, torch_dtype, device, pin_memory, verbose, process_group, node_local, bucket_mib)
+        return _load_in_group(
+            file_path, torch_dtype, device, pin_memory, verbose, process_group, node_local, bucket_mib
+        )
     if isinstance(file_path, (list, tuple)) and not file_path:
         return {}  # DiffSynth's merge of no files
     paths = _as_list(file_path, "load_state_dict", variant)
@@ -148,7 +151,7 @@ def load_state_dict(
         for batch in batches:
             if verbose >= 1:
                 print(f"Loading file [started]: {displays[batch[0]]}")
-            safetensors_idx = [i for i in batch if _is_safetensors(paths[i])]
+            safetensors_idx = [i for i in batch if is_safetensors(paths[i])]
             # safetensors files read straight into pinned memory when CUDA is there to pin it
             pinned = bool(safetensors_idx) and pin_memory and _is_cpu(device) and _gpu_path("cuda")
             loaded: dict[int, dict[str, Any]] = {}
@@ -188,8 +191,16 @@ def _size_of(path: PathLike) -> int:
         return 0
 
 
-def _load_in_group(file_path: Any, torch_dtype: Any, device: Any, pin_memory: bool, verbose: int, group: Any,
-                   node_local: bool, bucket_mib: int) -> dict[str, Any]:
+def _load_in_group(
+    file_path: Any,
+    torch_dtype: Any,
+    device: Any,
+    pin_memory: bool,
+    verbose: int,
+    group: Any,
+    node_local: bool,
+    bucket_mib: int,
+) -> dict[str, Any]:
     """load_state_dict across a process group: safetensors files read once across the ranks, torch
     checkpoints by every rank; merged in file order as without a group. A rank that cannot find
     its files makes every rank raise (no rank is left waiting in a collective)."""
@@ -206,23 +217,27 @@ def _load_in_group(file_path: Any, torch_dtype: Any, device: Any, pin_memory: bo
     except (OSError, ValueError) as e:
         error = str(e)
     agree(group, dist.get_rank(group), error, "finding the files")
-    kinds = all_ranks(group, [_is_safetensors(p) for p in paths])
+    kinds = all_ranks(group, [is_safetensors(p) for p in paths])
     if any(k != kinds[0] for k in kinds):  # every rank must walk the same collectives
-        raise RuntimeError("distributed load: the ranks were given different file lists (count or formats): "
-                           + "; ".join(f"rank {r}: {len(k)} files" for r, k in enumerate(kinds)))
+        raise RuntimeError(
+            "distributed load: the ranks were given different file lists (count or formats): "
+            + "; ".join(f"rank {r}: {len(k)} files" for r, k in enumerate(kinds))
+        )
     displays = [os.fsdecode(p) for p in paths]
     single = not isinstance(file_path, (list, tuple)) and len(paths) == 1
 
     if verbose >= 1:
         for d in displays:
             print(f"Loading file [started]: {d}")
-    if all(_is_safetensors(p) for p in paths):
+    if all(is_safetensors(p) for p in paths):
         state_dict = load_safetensors_distributed(paths, displays, torch_dtype, device, group, node_local, bucket_mib)
     else:
         state_dict = {}
         for p, d in zip(paths, displays):
-            if _is_safetensors(p):
-                state_dict.update(load_safetensors_distributed([p], [d], torch_dtype, device, group, node_local, bucket_mib))
+            if is_safetensors(p):
+                state_dict.update(
+                    load_safetensors_distributed([p], [d], torch_dtype, device, group, node_local, bucket_mib)
+                )
             else:
                 sd = load_state_dict_from_bin(p, torch_dtype=torch_dtype, device=device)
                 if single:
@@ -252,7 +267,7 @@ def _unwrap(state_dict: Any) -> Any:
 
 
 def load_state_dict_from_bin(file_path: PathLike, torch_dtype: Any = None, device: Any = "cpu") -> dict:
-    """A PyTorch checkpoint, read by the C core (diffsynth_c/loader/torchfile.py) with the results of
+    """A PyTorch checkpoint, read by the C core (diffsynth_c/core/torchfile.py) with the results of
     ``torch.load(weights_only=True)``, unwrapping a single ``state_dict`` / ``module`` /
     ``model_state`` key and converting the top-level tensors, as DiffSynth does. Files the C reader
     does not take go through torch.load itself."""
@@ -262,7 +277,7 @@ def load_state_dict_from_bin(file_path: PathLike, torch_dtype: Any = None, devic
     if state_dict is None:
         state_dict = torch.load(file_path, map_location=device, weights_only=True)
     elif not _is_cpu(device):
-        state_dict = _map(state_dict, torch.Tensor, lambda t: t.to(device))
+        state_dict = map_leaves(state_dict, torch.Tensor, lambda t: t.to(device))
     state_dict = _unwrap(state_dict)
     if torch_dtype is not None:
         for k in state_dict:
@@ -372,7 +387,7 @@ def load_keys_dict(file_path: PathLike | list[PathLike]) -> dict:
         for p in file_path:
             keys_dict.update(load_keys_dict(p))
         return keys_dict
-    if _is_safetensors(file_path):
+    if is_safetensors(file_path):
         return load_keys_dict_from_safetensors(file_path)
     return load_keys_dict_from_bin(file_path)
 
@@ -426,7 +441,7 @@ def hash_model_file(path: PathLike | list[PathLike], with_shape: bool = True) ->
     if isinstance(path, (list, tuple)) and not path:
         return _core.md5_hex(b"")
     paths = _as_list(path, "hash_model_file")
-    if all(_is_safetensors(p) for p in paths):
+    if all(is_safetensors(p) for p in paths):
         return _core.hash_files(paths, with_shape)
     keys_dict = load_keys_dict(paths)
     budget = _Budget(64 * sum(os.path.getsize(p) for p in paths) + (1 << 20), ", ".join(map(os.fsdecode, paths)))

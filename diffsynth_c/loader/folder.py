@@ -23,14 +23,24 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .. import _core, progress
+from ..core.settings import threads
 from ..dlpack import safetensors_name_of
-from .settings import threads
 
 WEIGHTS = ("diffusion_pytorch_model", "model", "pytorch_model")
 _SAVING = ".saving"  # suffix of the marker of a save in progress (see _commit)
 _SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.(safetensors|bin)$")
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(size: Any) -> int:
@@ -50,6 +60,7 @@ def parse_size(size: Any) -> int:
 
 def _read_index(index_path: str) -> tuple[dict[str, str], Any]:
     """(weight_map, metadata.total_size or None) of an index json, checked for repeated keys."""
+
     def no_repeats(pairs):
         seen = {}
         for k, v in pairs:
@@ -101,7 +112,9 @@ def _check_index(index_path: str, folder: str, weight_map: dict[str, str], decla
         if declared is not None and (isinstance(declared, bool) or not isinstance(declared, int)):
             raise ValueError(f"{index_path}: metadata.total_size must be a whole number of bytes, not {declared!r}")
         if declared is not None and declared != total:
-            raise ValueError(f"{index_path}: metadata.total_size is {declared} but the shards hold {total} bytes of tensors")
+            raise ValueError(
+                f"{index_path}: metadata.total_size is {declared} but the shards hold {total} bytes of tensors"
+            )
     return paths
 
 
@@ -161,7 +174,9 @@ def resolve(path: Any, subfolder: str | None = None, variant: str | None = None)
         if len(counts) == 1 and len(shards) == int(counts.pop()):
             return [os.path.join(path, f) for f in shards]
         raise FileNotFoundError(f"{path}: the shards there do not form one complete set: {shards[:6]}")
-    raise IsADirectoryError(errno.EISDIR, f"{path}: is a directory with no index json, weights file or shards of a model", path)
+    raise IsADirectoryError(
+        errno.EISDIR, f"{path}: is a directory with no index json, weights file or shards of a model", path
+    )
 
 
 def expand(paths: list, variant: str | None = None) -> list:
@@ -251,8 +266,13 @@ def save_state_dict(
     folder = os.fspath(path)
     if not isinstance(state_dict, dict):
         raise TypeError(f"{folder}: save_state_dict needs a dict of tensors, not {type(state_dict).__name__}")
-    if (not isinstance(weights_name, str) or weights_name in ("", ".", "..") or "\0" in weights_name
-            or os.path.basename(weights_name) != weights_name or "/" in weights_name):
+    if (
+        not isinstance(weights_name, str)
+        or weights_name in ("", ".", "..")
+        or "\0" in weights_name
+        or os.path.basename(weights_name) != weights_name
+        or "/" in weights_name
+    ):
         raise ValueError(f"{folder}: weights_name must be a file name inside the folder, not {weights_name!r}")
     limit = parse_size(max_shard_size)
     for k, v in state_dict.items():
@@ -288,16 +308,18 @@ def save_state_dict(
     # the bar moves (on this thread) once a shard is written and durable
     label = f"Saving {os.path.basename(os.path.normpath(folder))}"
     try:
-        with progress.Progress(sum(s for _, s in sizes), label, min_total=progress.LOAD_MIN_BYTES) as bar:
-            with ThreadPoolExecutor(workers) as pool:
-                jobs = [pool.submit(write_shard, t, k) for t, k in zip(temps, shards or [[]])]
-                try:
-                    for job in jobs:
-                        bar.update(job.result())
-                except BaseException:
-                    for job in jobs:
-                        job.cancel()  # shards not started are not written; running ones finish or clean up
-                    raise
+        with (
+            progress.Progress(sum(s for _, s in sizes), label, min_total=progress.LOAD_MIN_BYTES) as bar,
+            ThreadPoolExecutor(workers) as pool,
+        ):
+            jobs = [pool.submit(write_shard, t, k) for t, k in zip(temps, shards or [[]])]
+            try:
+                for job in jobs:
+                    bar.update(job.result())
+            except BaseException:
+                for job in jobs:
+                    job.cancel()  # shards not started are not written; running ones finish or clean up
+                raise
     except BaseException:
         for t in temps:
             _remove(t)
@@ -342,8 +364,9 @@ def _remove(path: str) -> None:
         pass
 
 
-def _commit(folder: str, weights_name: str, moves: list[tuple[str, str]], index_path: str, index_text: str | None,
-            suffix: str) -> None:
+def _commit(
+    folder: str, weights_name: str, moves: list[tuple[str, str]], index_path: str, index_text: str | None, suffix: str
+) -> None:
     """Puts a save's files in place, all or nothing as a loader sees the folder: every new file is
     already written and fsynced under a temporary name. A marker naming this process goes first;
     while it is there, resolve() refuses the folder. Then the old index goes, the new files are
@@ -366,8 +389,15 @@ def _locked(folder: str) -> Iterator[None]:
         os.close(fd)
 
 
-def _commit_locked(folder: str, weights_name: str, moves: list[tuple[str, str]], index_path: str,
-                   index_text: str | None, suffix: str, marker: str) -> None:
+def _commit_locked(
+    folder: str,
+    weights_name: str,
+    moves: list[tuple[str, str]],
+    index_path: str,
+    index_text: str | None,
+    suffix: str,
+    marker: str,
+) -> None:
     with open(marker + suffix, "w", encoding="utf-8") as f:
         f.write(f"{os.getpid()}\n")
         f.flush()
@@ -440,4 +470,3 @@ def _check_no_unfinished_save(path: str) -> None:
                 f"{path}: a save of '{name[: -len('.safetensors' + _SAVING)]}' into this folder has not finished "
                 f"(process {pid}, {state}); its files may mix two versions of the model (save it again)"
             )
-

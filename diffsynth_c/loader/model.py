@@ -115,28 +115,67 @@ def load_model(
     if subfolder is not None or variant is not None:
         from .folder import resolve
 
-        path = [f for p in (path if isinstance(path, (list, tuple)) else [path]) for f in resolve(p, subfolder, variant)]
+        path = [
+            f for p in (path if isinstance(path, (list, tuple)) else [path]) for f in resolve(p, subfolder, variant)
+        ]
     torch_dtype = _dtype(torch_dtype)
     if device_map is not None:
-        return _load_with_device_map(model_class, path, config or {}, torch_dtype, state_dict_converter,
-                                     device_map, max_memory, module_map, quantize, state_dict)
+        return _load_with_device_map(
+            model_class,
+            path,
+            config or {},
+            torch_dtype,
+            state_dict_converter,
+            device_map,
+            max_memory,
+            module_map,
+            quantize,
+            state_dict,
+        )
     config = {} if config is None else config
     if quantize is not None:
-        model = _load_quantized(model_class, path, config, torch_dtype, device, state_dict_converter, use_disk_map,
-                                module_map, vram_config, vram_limit, state_dict, quantize)
+        model = _load_quantized(
+            model_class,
+            path,
+            config,
+            torch_dtype,
+            device,
+            state_dict_converter,
+            use_disk_map,
+            module_map,
+            vram_config,
+            vram_limit,
+            state_dict,
+            quantize,
+        )
         model.quantize_config = quantize  # LoRA hot-loading needs it to find the quantised layers
         return model.eval() if hasattr(model, "eval") else model
     if module_map is not None:
-        return _load_vram_managed(model_class, path, config, torch_dtype, device, state_dict_converter,
-                                  module_map, vram_config, vram_limit, state_dict)
+        return _load_vram_managed(
+            model_class,
+            path,
+            config,
+            torch_dtype,
+            device,
+            state_dict_converter,
+            module_map,
+            vram_config,
+            vram_limit,
+            state_dict,
+        )
     model = _build(model_class, config, torch_dtype, device)
     keep = _kept(model_class, torch_dtype)
     load_dtype = None if keep else torch_dtype  # kept modules must come from the file's own values
     if state_dict is None and process_group is not None and not _zero3():
-        state_dict = (DiskMap(path, device, torch_dtype=load_dtype, process_group=process_group) if use_disk_map
-                      else load_state_dict(path, load_dtype, device, process_group=process_group))
+        state_dict = (
+            DiskMap(path, device, torch_dtype=load_dtype, process_group=process_group)
+            if use_disk_map
+            else load_state_dict(path, load_dtype, device, process_group=process_group)
+        )
     if state_dict is None:
-        state_dict = DiskMap(path, device, torch_dtype=load_dtype) if use_disk_map else load_state_dict(path, load_dtype, device)
+        state_dict = (
+            DiskMap(path, device, torch_dtype=load_dtype) if use_disk_map else load_state_dict(path, load_dtype, device)
+        )
     state_dict = _state_dict_of(state_dict, state_dict_converter)
     if keep:
         state_dict = {k: _keep_cast(k, v, keep, torch_dtype) for k, v in state_dict.items()}
@@ -158,33 +197,52 @@ def load_model(
     return model
 
 
-def _load_with_device_map(model_class: Any, path: Any, config: dict, torch_dtype: Any, state_dict_converter: Any,
-                          device_map: Any, max_memory: Any, module_map: Any, quantize: Any, state_dict: Any) -> Any:
+def _load_with_device_map(
+    model_class: Any,
+    path: Any,
+    config: dict,
+    torch_dtype: Any,
+    state_dict_converter: Any,
+    device_map: Any,
+    max_memory: Any,
+    module_map: Any,
+    quantize: Any,
+    state_dict: Any,
+) -> Any:
     import torch
 
     from . import placement
 
     if module_map is not None or quantize is not None or state_dict is not None:
-        raise ValueError("load_model: device_map places the model's blocks itself; it does not combine with "
-                         "module_map/vram_config, quantize or a given state_dict")
+        raise ValueError(
+            "load_model: device_map places the model's blocks itself; it does not combine with "
+            "module_map/vram_config, quantize or a given state_dict"
+        )
     whole = isinstance(device_map, torch.device) or (
-        isinstance(device_map, str) and (device_map in ("cuda", "cpu") or device_map.startswith("cuda:")))
+        isinstance(device_map, str) and (device_map in ("cuda", "cpu") or device_map.startswith("cuda:"))
+    )
     if whole:
         device = torch.device(device_map)
         budgets = placement.parse_max_memory(max_memory)
         key = "cpu" if device.type == "cpu" else (device.index or 0)
         if key in budgets:
             model = _build(model_class, config, torch_dtype, "meta")
-            need = sum(size for _, size in placement.placement_units(model, torch_dtype, _kept(model_class, torch_dtype)))
+            need = sum(
+                size for _, size in placement.placement_units(model, torch_dtype, _kept(model_class, torch_dtype))
+            )
             if need > budgets[key]:
-                raise ValueError(f"device_map={device_map!r}: the model needs {need / (1 << 30):.2f} GiB, "
-                                 f"max_memory[{key!r}] is {budgets[key] / (1 << 30):.2f} GiB")
+                raise ValueError(
+                    f"device_map={device_map!r}: the model needs {need / (1 << 30):.2f} GiB, "
+                    f"max_memory[{key!r}] is {budgets[key] / (1 << 30):.2f} GiB"
+                )
         model = load_model(model_class, path, config, torch_dtype, device, state_dict_converter)
         model.hf_device_map = {"": device}
         return model
     if isinstance(device_map, str) and device_map not in placement.STRATEGIES:
-        raise ValueError(f"device_map: unknown value {device_map!r}; expected one of "
-                         f"{', '.join(placement.STRATEGIES)}, 'cuda:N', a torch.device or a dict")
+        raise ValueError(
+            f"device_map: unknown value {device_map!r}; expected one of "
+            f"{', '.join(placement.STRATEGIES)}, 'cuda:N', a torch.device or a dict"
+        )
     model = _build(model_class, config, torch_dtype, "meta")
     keep = _kept(model_class, torch_dtype)
 
@@ -226,15 +284,24 @@ def _state_dict_of(source: Any, state_dict_converter: Any) -> dict:
     return {k: source[k] for k in source}
 
 
-def _load_vram_managed(model_class: Any, path: Any, config: dict, torch_dtype: Any, device: Any,
-                       state_dict_converter: Any, module_map: Any, vram_config: Any, vram_limit: Any,
-                       state_dict: Any) -> Any:
+def _load_vram_managed(
+    model_class: Any,
+    path: Any,
+    config: dict,
+    torch_dtype: Any,
+    device: Any,
+    state_dict_converter: Any,
+    module_map: Any,
+    vram_config: Any,
+    vram_limit: Any,
+    state_dict: Any,
+) -> Any:
     """DiffSynth's VRAM-managed branch of load_model, on diffsynth_c's layers: the weights are loaded
     in the first dtype and device of vram_config that is not 'disk' and the layers take it from
     there; with offload on disk, only a DiskMap is made and the layers read from it."""
-    from ..vram.layers import _check_module_map, check_vram_config, enable_vram_management
+    from ..vram.layers import check_module_map, check_vram_config, enable_vram_management
 
-    _check_module_map(module_map)
+    check_module_map(module_map)
     on_disk = isinstance(vram_config, dict) and vram_config.get("offload_device") == "disk"
     if not on_disk:
         check_vram_config(vram_config)
@@ -250,15 +317,28 @@ def _load_vram_managed(model_class: Any, path: Any, config: dict, torch_dtype: A
     else:
         disk_map = DiskMap(path, load_device, state_dict_converter=state_dict_converter)
         check_vram_config(vram_config, disk_map)
-        model = enable_vram_management(model, module_map, vram_config=vram_config, disk_map=disk_map, vram_limit=vram_limit)
+        model = enable_vram_management(
+            model, module_map, vram_config=vram_config, disk_map=disk_map, vram_limit=vram_limit
+        )
     if hasattr(model, "eval"):
         model = model.eval()
     return model
 
 
-def _load_quantized(model_class: Any, path: Any, config: dict, torch_dtype: Any, device: Any,
-                    state_dict_converter: Any, use_disk_map: bool, module_map: Any, vram_config: Any,
-                    vram_limit: Any, state_dict: Any, quantize: Any) -> Any:
+def _load_quantized(
+    model_class: Any,
+    path: Any,
+    config: dict,
+    torch_dtype: Any,
+    device: Any,
+    state_dict_converter: Any,
+    use_disk_map: bool,
+    module_map: Any,
+    vram_config: Any,
+    vram_limit: Any,
+    state_dict: Any,
+    quantize: Any,
+) -> Any:
     """DiffSynth's quantised branches of load_model, branch for branch, on diffsynth_c's reads and
     layers: the backend of ``quantize`` (a ``diffsynth.core.quant`` QuantizeConfig) quantises the
     targeted Linears after the load, or shells them before a pre-quantised checkpoint is loaded
@@ -274,13 +354,22 @@ def _load_quantized(model_class: Any, path: Any, config: dict, torch_dtype: Any,
         states = ("offload", "onload", "preparing", "computation")
         if "disk" in vram_config.values():
             if not quantize.load_prequantized:
-                raise ValueError("Disk offload with quantization is only supported for pre-quantized checkpoints (load_prequantized=True).")
+                raise ValueError(
+                    "Disk offload with quantization is only supported for pre-quantized checkpoints (load_prequantized=True)."
+                )
             load_device = next(vram_config[f"{s}_device"] for s in states if vram_config[f"{s}_device"] != "disk")
             disk_map = DiskMap(path, load_device, torch_dtype=None, state_dict_converter=state_dict_converter)
             metadata = load_metadata_from_safetensors(path)
             model = quantize.prepare_for_prequantized_load(model, compute_dtype=vram_config["computation_dtype"])
-            return enable_vram_management(model, module_map, vram_config=vram_config, disk_map=disk_map,
-                                          vram_limit=vram_limit, quantize=quantize, metadata=metadata)
+            return enable_vram_management(
+                model,
+                module_map,
+                vram_config=vram_config,
+                disk_map=disk_map,
+                vram_limit=vram_limit,
+                quantize=quantize,
+                metadata=metadata,
+            )
         offload_device = vram_config["offload_device"]
         computation_device, computation_dtype = vram_config["computation_device"], vram_config["computation_dtype"]
         load_dtype = None if quantize.load_prequantized else computation_dtype
@@ -293,18 +382,23 @@ def _load_quantized(model_class: Any, path: Any, config: dict, torch_dtype: Any,
         _assign(model, state_dict, path)
         del state_dict
         model = quantize.quantize_model(model, compute_device=computation_device, model_device=offload_device)
-        model = quantize.dequantize_model(model, compute_dtype=computation_dtype, compute_device=computation_device,
-                                          model_device=offload_device)
+        model = quantize.dequantize_model(
+            model, compute_dtype=computation_dtype, compute_device=computation_device, model_device=offload_device
+        )
         model = model.to(dtype=computation_dtype, device=offload_device)
-        return enable_vram_management(model, module_map, vram_config=vram_config, disk_map=None,
-                                      vram_limit=vram_limit, quantize=quantize)
+        return enable_vram_management(
+            model, module_map, vram_config=vram_config, disk_map=None, vram_limit=vram_limit, quantize=quantize
+        )
     if quantize.load_prequantized:
         load_device, load_dtype = device, None
     else:
         load_device, load_dtype = "cpu", torch_dtype
     if state_dict is None:
-        state_dict = (DiskMap(path, load_device, torch_dtype=load_dtype) if use_disk_map
-                      else load_state_dict(path, load_dtype, load_device))
+        state_dict = (
+            DiskMap(path, load_device, torch_dtype=load_dtype)
+            if use_disk_map
+            else load_state_dict(path, load_dtype, load_device)
+        )
     state_dict = _state_dict_of(state_dict, state_dict_converter)
     if quantize.load_prequantized:
         model = quantize.prepare_for_prequantized_load(model, compute_dtype=torch_dtype or torch.bfloat16)
@@ -316,8 +410,15 @@ def _load_quantized(model_class: Any, path: Any, config: dict, torch_dtype: Any,
     return model.to(dtype=torch_dtype, device=device)
 
 
-def load_model_with_disk_offload(model_class: Any, path: Any, config: dict | None = None, torch_dtype: Any = BFLOAT16,
-                                 device: Any = "cpu", state_dict_converter: Any = None, module_map: Any = None) -> Any:
+def load_model_with_disk_offload(
+    model_class: Any,
+    path: Any,
+    config: dict | None = None,
+    torch_dtype: Any = BFLOAT16,
+    device: Any = "cpu",
+    state_dict_converter: Any = None,
+    module_map: Any = None,
+) -> Any:
     """DiffSynth's ``load_model_with_disk_offload``: the model built on the meta device and wrapped
     in diffsynth_c's layers with every weight left on disk (read ahead by the prefetch scheduler
     when a layer is about to run), fp8 in the preparing state, computing in ``torch_dtype`` on
@@ -359,23 +460,11 @@ def detect_model(path: Any) -> list[dict]:
     return [c for c in MODEL_CONFIGS if c["model_hash"] == model_hash]
 
 
-def load_model_auto(path: Any, vram_config: Any = None, vram_limit: Any = None, state_dict: Any = None,
-                    quantize: Any = None) -> list:
-    """What DiffSynth's ModelPool.auto_load_model does for one file set, through diffsynth_c: every
-    model whose hash matches, built and loaded. Raises ValueError naming the file and hash when no
-    entry matches, as DiffSynth does."""
-    from diffsynth.models.model_loader import ModelPool
+def __getattr__(name: str) -> Any:
+    # load_model_auto runs DiffSynth's ModelPool under the patch, so it lives in the patch's layer
+    # (diffsynth_c.patch); this path keeps finding it without importing upward at import time.
+    if name == "load_model_auto":
+        from ..patch import load_model_auto
 
-    from ..patch import is_patched, patch_diffsynth, unpatch_diffsynth
-
-    pool = ModelPool()
-    was_patched = is_patched()
-    if not was_patched:
-        patch_diffsynth()
-    try:
-        pool.auto_load_model(path, vram_config=vram_config, vram_limit=vram_limit, state_dict=state_dict,
-                             quantize=quantize)
-    finally:
-        if not was_patched:
-            unpatch_diffsynth()
-    return pool.model
+        return load_model_auto
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

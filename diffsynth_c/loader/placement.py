@@ -95,8 +95,10 @@ def placement_units(model: Any, torch_dtype: Any = None, keep: list | None = Non
             if type(child).__name__ in _CONTAINERS and len(child._parameters) == 0 and len(child._buffers) == 0:
                 walk(full + ".", child)
                 continue
-            size = sum(_tensor_bytes(full + "." + n, t, torch_dtype, keep)
-                       for n, t in list(child.named_parameters()) + list(child.named_buffers()))
+            size = sum(
+                _tensor_bytes(full + "." + n, t, torch_dtype, keep)
+                for n, t in list(child.named_parameters()) + list(child.named_buffers())
+            )
             units.append((full, size))
 
     walk("", model)
@@ -107,8 +109,10 @@ def plan_device_map(units: list[tuple[str, int]], strategy: str, budgets: dict) 
     """{unit name: device} for "auto" or "balanced" over budgets (see default_budgets). Raises
     ValueError naming the unit that fits nowhere."""
     if strategy not in ("auto", "balanced"):
-        raise ValueError(f"device_map: unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}, "
-                         "'cuda:N', a torch.device or a dict")
+        raise ValueError(
+            f"device_map: unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}, "
+            "'cuda:N', a torch.device or a dict"
+        )
     left = dict(budgets)
     gpus = [d for d in budgets if isinstance(d, int)]
     if strategy == "balanced" and len(gpus) > 1:
@@ -171,7 +175,9 @@ def _set_tensor(model: Any, key: str, value: Any) -> None:
     module, attr = _owner(model, key)
     if attr in module._parameters:
         old = module._parameters[attr]
-        module._parameters[attr] = torch.nn.Parameter(value, requires_grad=old.requires_grad if old is not None else False)
+        module._parameters[attr] = torch.nn.Parameter(
+            value, requires_grad=old.requires_grad if old is not None else False
+        )
     else:
         module._buffers[attr] = value
 
@@ -183,8 +189,16 @@ def _inputs_to(device: Any) -> Any:
     return hook
 
 
-def load_placed(model: Any, path: Any, device_map: Any, max_memory: Any, torch_dtype: Any, keep: list,
-                state_dict_converter: Any, cast: Any) -> Any:
+def load_placed(
+    model: Any,
+    path: Any,
+    device_map: Any,
+    max_memory: Any,
+    torch_dtype: Any,
+    keep: list,
+    state_dict_converter: Any,
+    cast: Any,
+) -> Any:
     """Loads the weights of the meta-built model onto the devices of device_map (a strategy or a
     dict), installs the hooks, sets ``hf_device_map``. cast(name, tensor) applies torch_dtype and
     the kept-fp32 modules."""
@@ -210,8 +224,10 @@ def load_placed(model: Any, path: Any, device_map: Any, max_memory: Any, torch_d
     unexpected = [k for k in source if k not in set(expected)]
     if missing or unexpected:
         paths = ", ".join(map(str, source.path))
-        raise RuntimeError(f"{paths}: Error(s) in loading state_dict for {type(model).__name__}: "
-                           f"missing key(s) {missing[:8]}, unexpected key(s) {unexpected[:8]}")
+        raise RuntimeError(
+            f"{paths}: Error(s) in loading state_dict for {type(model).__name__}: "
+            f"missing key(s) {missing[:8]}, unexpected key(s) {unexpected[:8]}"
+        )
     for name in list(plan):  # a root tensor is not a module: it cannot be read on demand
         if plan[name] == "disk" and not _is_module(model, name):
             plan[name] = execution.index if execution.type == "cuda" else "cpu"
@@ -236,7 +252,7 @@ def load_placed(model: Any, path: Any, device_map: Any, max_memory: Any, torch_d
         module.register_forward_pre_hook(_inputs_to(device), with_kwargs=True)
         if where == "disk":
             keys = [k for k in expected if covering[k] == name]
-            following = disk_units[disk_units.index(name) + 1:disk_units.index(name) + 2]
+            following = disk_units[disk_units.index(name) + 1 : disk_units.index(name) + 2]
             ahead = [k for k in expected if following and covering[k] == following[0]]
             _disk_hooks(model, module, keys, ahead, source, cast, device)
     model.hf_device_map = {n: d for n, d in plan.items()}
@@ -255,6 +271,7 @@ def _is_module(model: Any, name: str) -> bool:
 def _disk_hooks(model: Any, module: Any, keys: list, ahead: list, source: Any, cast: Any, device: Any) -> None:
     """Weights of a disk unit: read onto device before its forward (and the next disk unit's read
     started), back to the meta device after it."""
+
     def before(mod: Any, args: tuple, kwargs: dict) -> None:
         if ahead:
             source.prefetch(ahead)

@@ -28,9 +28,9 @@ import threading
 from typing import Any, Self
 
 from .. import _core
+from ..core.conversion import c_converts
+from ..core.settings import threads
 from ..dlpack import safetensors_name_of, to_torch, torch_dtype_of, view_bytes
-from .conversion import c_converts
-from .settings import threads
 
 # tensors at least this large get a private mapping of their own in DiskMap; smaller ones are
 # copied by pread (as fast, and it keeps the number of mappings down)

@@ -7,22 +7,25 @@ from typing import Any, Union  # noqa: F401  DiffSynth's package exports Union (
 from .disk_map import DiskMap
 from .initialization import skip_model_initialization
 
-LAYER_NAMES = (
+# A literal list, so linters and type checkers (which do not run code) see every exported name.
+__all__ = [
+    "IS_NPU_AVAILABLE",
     "AutoTorchModule",
     "AutoWrappedLinear",
     "AutoWrappedModule",
     "AutoWrappedNonRecurseModule",
     "AutoWrappedQuantizedModule",
+    "DiskMap",
     "LoRAHotLoadMixin",
     "enable_vram_management",
     "enable_vram_management_recursively",
     "fill_vram_config",
-    "parse_device_type",
     "get_device_name",
-    "IS_NPU_AVAILABLE",
-)
-
-__all__ = ["DiskMap", "skip_model_initialization", *LAYER_NAMES]
+    "parse_device_type",
+    "skip_model_initialization",
+]
+# the VRAM-managed layers' names, resolved by __getattr__ on first use
+LAYER_NAMES = tuple(n for n in __all__ if n not in ("DiskMap", "skip_model_initialization"))
 
 
 def __getattr__(name: str) -> Any:

@@ -16,11 +16,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from .. import _core
+from ..core.settings import mode, threads
+from ..core.torchfile import load_tree, map_leaves, read_tree, tensor_of
 from ..dlpack import to_torch
 from ..loader.folder import expand
 from ..loader.safetensors_file import SafetensorsFile
-from ..loader.settings import mode, threads
-from ..loader.torchfile import _map, load_tree, read_tree, tensor_of
 
 _PREFETCH_THREADS = 4
 
@@ -81,11 +81,15 @@ class _TorchFile:
         try:
             view = tensor_of(ref, raw)
         except (ValueError, RuntimeError) as e:  # a view outside its storage, a dtype torch lacks
-            raise _core.FormatError(f"{where} at offset {ref.offset} does not fit its storage of {nbytes} bytes: {e}") from None
+            raise _core.FormatError(
+                f"{where} at offset {ref.offset} does not fit its storage of {nbytes} bytes: {e}"
+            ) from None
         try:
             return view.clone()
         except RuntimeError as e:  # a zero-stride view too large to copy out (DiffSynth's clone fails alike)
-            raise type(e)(f"{where}: its {view.numel()} elements do not fit in memory as a tensor of their own: {e}") from None
+            raise type(e)(
+                f"{where}: its {view.numel()} elements do not fit in memory as a tensor of their own: {e}"
+            ) from None
 
     def read(self, name: Any, torch_dtype: Any) -> Any:
         """The value under name: a tensor, or (a nested dict such as IP-adapters' ``image_proj``)
@@ -98,7 +102,7 @@ class _TorchFile:
         ref = self.obj[name]
         if isinstance(ref, _core.TensorRef):
             return self._tensor(ref, name)
-        return _map(ref, _core.TensorRef, lambda r: self._tensor(r, name))
+        return map_leaves(ref, _core.TensorRef, lambda r: self._tensor(r, name))
 
 
 class SafetensorsCompatibleTensor:
@@ -129,7 +133,7 @@ class SafetensorsCompatibleBinaryLoader:
         if value is None:
             value = torch.load(path, weights_only=True, map_location=device)
         elif torch.device(device) != torch.device("cpu"):
-            value = _map(value, torch.Tensor, lambda t: t.to(device))
+            value = map_leaves(value, torch.Tensor, lambda t: t.to(device))
         self.state_dict = value
 
     def keys(self) -> Iterable[Any]:
@@ -248,7 +252,12 @@ class DiskMap:
             param = self._read_shared(name, owner)
         else:
             param = self.files[self.name_map[name]].read(name, self.torch_dtype if on_cpu else None)
-        if on_cpu and self.torch_dtype is not None and isinstance(param, torch.Tensor) and param.dtype != self.torch_dtype:
+        if (
+            on_cpu
+            and self.torch_dtype is not None
+            and isinstance(param, torch.Tensor)
+            and param.dtype != self.torch_dtype
+        ):
             param = param.to(self.torch_dtype)
         if isinstance(param, torch.Tensor) and not on_cpu:
             param = param.to(self.device)

@@ -33,6 +33,7 @@ from typing import Any, Union  # noqa: F401  Union: DiffSynth's layers export it
 
 import torch
 
+from ..upstream import FOREIGN_BASES
 from .disk_map import DiskMap
 from .initialization import skip_model_initialization
 from .prefetch import Need, Scheduler, materialize
@@ -49,17 +50,16 @@ VRAM_CONFIG_KEYS = (
 )
 _FP8_COMPUTE = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
 
-# DiffSynth's own base classes, registered by patch_diffsynth: with ours in DiffSynth's place,
-# DiffSynth's isinstance checks must still see layers made from its classes held from before the
-# patch.
-_FOREIGN: dict[type, type] = {}
-
 
 class _Interop(type):
+    """With ours in DiffSynth's place, DiffSynth's isinstance checks must still see layers made
+    from its classes held from before the patch: FOREIGN_BASES (filled by patch_diffsynth, kept in
+    the leaf module ``upstream``) names DiffSynth's class for each of our bases."""
+
     def __instancecheck__(cls, obj: Any) -> bool:
         if type.__instancecheck__(cls, obj):
             return True
-        other = _FOREIGN.get(cls)
+        other = FOREIGN_BASES.get(cls)
         return other is not None and isinstance(obj, other)
 
 
@@ -161,8 +161,15 @@ class AutoTorchModule(torch.nn.Module, metaclass=_Interop):
             # patch rebound to this class: its own MRO continues at torch.nn.Module, as here
             torch.nn.Module.__init__(self)
         self.set_dtype_and_device(
-            offload_dtype, offload_device, onload_dtype, onload_device,
-            preparing_dtype, preparing_device, computation_dtype, computation_device, vram_limit,
+            offload_dtype,
+            offload_device,
+            onload_dtype,
+            onload_device,
+            preparing_dtype,
+            preparing_device,
+            computation_dtype,
+            computation_device,
+            vram_limit,
         )
         self.state = 0
         self.name = ""
@@ -279,9 +286,13 @@ class LoRAHotLoadMixin(metaclass=_Interop):
         """out plus every hot-loaded LoRA's x @ A.T @ B.T, or the lora_merger's combination of them."""
         if self.lora_merger is None:
             for lora_A, lora_B in zip(self.lora_A_weights, self.lora_B_weights):
-                out = out + x @ lora_A.T.to(device=x.device, dtype=x.dtype) @ lora_B.T.to(device=x.device, dtype=x.dtype)
+                out = out + x @ lora_A.T.to(device=x.device, dtype=x.dtype) @ lora_B.T.to(
+                    device=x.device, dtype=x.dtype
+                )
             return out
-        lora_output = torch.stack([x @ lora_A.T @ lora_B.T for lora_A, lora_B in zip(self.lora_A_weights, self.lora_B_weights)])
+        lora_output = torch.stack(
+            [x @ lora_A.T @ lora_B.T for lora_A, lora_B in zip(self.lora_A_weights, self.lora_B_weights)]
+        )
         return self.lora_merger(out, lora_output)
 
 
@@ -372,8 +383,15 @@ class AutoWrappedModule(_ManagedLayer):
         **kwargs: Any,
     ):
         super().__init__(
-            offload_dtype, offload_device, onload_dtype, onload_device,
-            preparing_dtype, preparing_device, computation_dtype, computation_device, vram_limit,
+            offload_dtype,
+            offload_device,
+            onload_dtype,
+            onload_device,
+            preparing_dtype,
+            preparing_device,
+            computation_dtype,
+            computation_device,
+            vram_limit,
         )
         self.module = module
         if offload_dtype == "disk":
@@ -392,7 +410,9 @@ class AutoWrappedModule(_ManagedLayer):
         """The module with its parameters read from the disk map in torch_dtype on device (a deep copy
         with copy_module, else the module itself)."""
         module = copy.deepcopy(self.module) if copy_module else self.module
-        state_dict = {n: self.disk_map[self.param_name(n)].to(dtype=torch_dtype, device=device) for n in self.required_params}
+        state_dict = {
+            n: self.disk_map[self.param_name(n)].to(dtype=torch_dtype, device=device) for n in self.required_params
+        }
         module.load_state_dict(state_dict, assign=True)
         module.to(dtype=torch_dtype, device=device)
         return module
@@ -526,7 +546,9 @@ class AutoWrappedNonRecurseModule(AutoWrappedModule):
             module, shared_ids = self._copy_with_shared_children(self.module)
         else:
             module = self.module
-        state_dict = {n: self.disk_map[self.param_name(n)].to(dtype=torch_dtype, device=device) for n in self.required_params}
+        state_dict = {
+            n: self.disk_map[self.param_name(n)].to(dtype=torch_dtype, device=device) for n in self.required_params
+        }
         if copy_module:
             detached = self._detach_shared_children(module, shared_ids)
             try:
@@ -574,10 +596,19 @@ class AutoWrappedLinear(torch.nn.Linear, _ManagedLayer, LoRAHotLoadMixin):
         **kwargs: Any,
     ):
         with skip_model_initialization():
-            super().__init__(in_features=module.in_features, out_features=module.out_features, bias=module.bias is not None)
+            super().__init__(
+                in_features=module.in_features, out_features=module.out_features, bias=module.bias is not None
+            )
         self.set_dtype_and_device(
-            offload_dtype, offload_device, onload_dtype, onload_device,
-            preparing_dtype, preparing_device, computation_dtype, computation_device, vram_limit,
+            offload_dtype,
+            offload_device,
+            onload_dtype,
+            onload_device,
+            preparing_dtype,
+            preparing_device,
+            computation_dtype,
+            computation_device,
+            vram_limit,
         )
         self.weight = module.weight
         self.bias = module.bias
@@ -631,7 +662,14 @@ class AutoWrappedLinear(torch.nn.Linear, _ManagedLayer, LoRAHotLoadMixin):
             sources, keys = [None] * len(names), [self.name + "." + n for n in names]
         else:
             sources, keys = [getattr(self, n) for n in names], [None] * len(names)
-        return Need(names, sources, keys, [self.computation_dtype] * len(names), self.computation_device, self.__dict__.get("disk_map"))
+        return Need(
+            names,
+            sources,
+            keys,
+            [self.computation_dtype] * len(names),
+            self.computation_device,
+            self.__dict__.get("disk_map"),
+        )
 
     def computation(self) -> tuple[Any, Any]:
         """The weight and bias in the computation dtype on the computation device. Inside a graph
@@ -643,7 +681,9 @@ class AutoWrappedLinear(torch.nn.Linear, _ManagedLayer, LoRAHotLoadMixin):
         if torch.compiler.is_compiling():
             if on_disk:
                 return self.load_from_disk(self.computation_dtype, self.computation_device, assign=False)
-            bias = None if self.bias is None else self.cast_to(self.bias, self.computation_dtype, self.computation_device)
+            bias = (
+                None if self.bias is None else self.cast_to(self.bias, self.computation_dtype, self.computation_device)
+            )
             return self.cast_to(self.weight, self.computation_dtype, self.computation_device), bias
         tensors = self._fetch(self._need(on_disk))
         return tensors["weight"], tensors.get("bias")
@@ -713,8 +753,16 @@ class AutoWrappedQuantizedModule(torch.nn.Linear, AutoTorchModule, LoRAHotLoadMi
                 "so each layer can rebuild its packed weight and quant state lazily."
             )
         AutoTorchModule.__init__(
-            self, offload_dtype, offload_device, onload_dtype, onload_device,
-            preparing_dtype, preparing_device, computation_dtype, computation_device, vram_limit,
+            self,
+            offload_dtype,
+            offload_device,
+            onload_dtype,
+            onload_device,
+            preparing_dtype,
+            preparing_device,
+            computation_dtype,
+            computation_device,
+            vram_limit,
         )
         self.in_features = module.in_features
         self.out_features = module.out_features
@@ -738,7 +786,7 @@ class AutoWrappedQuantizedModule(torch.nn.Linear, AutoTorchModule, LoRAHotLoadMi
         module = self.module if target is None else target
         prefix = self.name + "."
         rebuilt = self.quantize.unflatten_state_dict(subdict, self.metadata or {})
-        module.load_state_dict({key[len(prefix):]: value for key, value in rebuilt.items()}, assign=True)
+        module.load_state_dict({key[len(prefix) :]: value for key, value in rebuilt.items()}, assign=True)
         module.to(device=device)
         return module
 
@@ -756,7 +804,9 @@ class AutoWrappedQuantizedModule(torch.nn.Linear, AutoTorchModule, LoRAHotLoadMi
         """To the offload state: on disk, the layer becomes an empty shell of the backend."""
         if self.state != 0:
             if self.disk_offload:
-                self.module = self.quantize.build_quantized_shell(self.module, self.computation_dtype, layer_name=self.name)
+                self.module = self.quantize.build_quantized_shell(
+                    self.module, self.computation_dtype, layer_name=self.name
+                )
             else:
                 self.module.to(device=self.offload_device)
             self.state = 0
@@ -800,8 +850,14 @@ class AutoWrappedQuantizedModule(torch.nn.Linear, AutoTorchModule, LoRAHotLoadMi
         if not _plain_tensors(self.module):
             return None
         own = _own_tensors(self.module, True)
-        return Need([n for n, _, _ in own], [t for _, t, _ in own], [None] * len(own), [None] * len(own),
-                    self.computation_device, None)
+        return Need(
+            [n for n, _, _ in own],
+            [t for _, t, _ in own],
+            [None] * len(own),
+            [None] * len(own),
+            self.computation_device,
+            None,
+        )
 
     @torch._dynamo.disable
     def computation_module(self) -> torch.nn.Module:
@@ -870,12 +926,14 @@ def _norm_by_kernel(module: torch.nn.Module, tensors: dict | None, args: tuple, 
     x = args[0]
     if not (isinstance(x, torch.Tensor) and x.is_cuda and x.is_contiguous() and x.dim() > 0):
         return None
-    get = (lambda n: tensors[n] if tensors is not None and n in tensors else getattr(module, n, None))
+    get = lambda n: tensors[n] if tensors is not None and n in tensors else getattr(module, n, None)
     weight, bias = get("weight"), get("bias") if kind == "torch_layer" else None
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return None  # the kernels have no backward: autograd needs the module's own forward
     for t in (x, weight, bias):
-        if t is not None and (safetensors_name_of(t.dtype) not in NORM_DTYPES or t.device != x.device or not t.is_contiguous()):
+        if t is not None and (
+            safetensors_name_of(t.dtype) not in NORM_DTYPES or t.device != x.device or not t.is_contiguous()
+        ):
             return None
     if kind == "diffsynth_rms":
         if weight is not None and weight.dtype != x.dtype:  # torch would promote the product's dtype
@@ -907,10 +965,14 @@ def check_vram_config(vram_config: dict, disk_map: Any = None) -> None:
     computation dtype or device, a state on disk after one that is not, disk offload without a
     DiskMap of .safetensors files, fp8 computation on a GPU without fp8 matrix multiplication."""
     if not isinstance(vram_config, dict):
-        raise TypeError(f"vram_config must be a dict with the keys {', '.join(VRAM_CONFIG_KEYS)}, got {type(vram_config).__name__}")
+        raise TypeError(
+            f"vram_config must be a dict with the keys {', '.join(VRAM_CONFIG_KEYS)}, got {type(vram_config).__name__}"
+        )
     unknown = sorted(set(vram_config) - set(VRAM_CONFIG_KEYS))
     if unknown:
-        raise ValueError(f"vram_config: unknown key(s) {', '.join(map(repr, unknown))}; the keys are {', '.join(VRAM_CONFIG_KEYS)}")
+        raise ValueError(
+            f"vram_config: unknown key(s) {', '.join(map(repr, unknown))}; the keys are {', '.join(VRAM_CONFIG_KEYS)}"
+        )
     for k in ("computation_dtype", "computation_device"):
         if vram_config.get(k) is None:
             raise ValueError(f"vram_config: '{k}' is required")
@@ -920,15 +982,21 @@ def check_vram_config(vram_config: dict, disk_map: Any = None) -> None:
     for state in ("offload", "onload", "preparing"):
         dtype, device = vram_config.get(f"{state}_dtype"), vram_config.get(f"{state}_device")
         if dtype is not None and device is not None and _is_disk(dtype) != _is_disk(device):
-            raise ValueError(f"vram_config: {state}_dtype={dtype!r} and {state}_device={device!r}: 'disk' must be both or neither")
+            raise ValueError(
+                f"vram_config: {state}_dtype={dtype!r} and {state}_device={device!r}: 'disk' must be both or neither"
+            )
         on_disk.append(_is_disk(dtype) or _is_disk(device))
     for i, state in enumerate(("onload", "preparing"), start=1):
         if on_disk[i] and not on_disk[i - 1]:
             before = ("offload", "onload")[i - 1]
-            raise ValueError(f"vram_config: {state} on 'disk' needs {before} on 'disk' too (weights only move towards the computation)")
+            raise ValueError(
+                f"vram_config: {state} on 'disk' needs {before} on 'disk' too (weights only move towards the computation)"
+            )
     if on_disk[0]:
         if disk_map is None:
-            raise ValueError("vram_config: disk offload needs a disk_map (load_model passes one; or give DiskMap(paths, device))")
+            raise ValueError(
+                "vram_config: disk offload needs a disk_map (load_model passes one; or give DiskMap(paths, device))"
+            )
         for p in getattr(disk_map, "path", []):
             if not str(p).endswith(".safetensors"):
                 raise ValueError(
@@ -945,7 +1013,8 @@ def check_vram_config(vram_config: dict, disk_map: Any = None) -> None:
             )
 
 
-def _check_module_map(module_map: dict) -> None:
+def check_module_map(module_map: dict) -> None:
+    """Raises TypeError unless module_map is {torch.nn.Module class: wrapper class}, as DiffSynth needs."""
     if not isinstance(module_map, dict):
         raise TypeError(f"module_map must be a dict {{module class: wrapper class}}, got {type(module_map).__name__}")
     for source, target in module_map.items():
@@ -972,21 +1041,46 @@ def enable_vram_management_recursively(
     for name, module in model.named_children():
         layer_name = name if name_prefix == "" else name_prefix + "." + name
         if quantize is not None and quantize.is_quantized_linear(module):
-            wrapped = AutoWrappedQuantizedModule(module, **vram_config, vram_limit=vram_limit, name=layer_name,
-                                                 disk_map=disk_map, quantize=quantize, **kwargs)
+            wrapped = AutoWrappedQuantizedModule(
+                module,
+                **vram_config,
+                vram_limit=vram_limit,
+                name=layer_name,
+                disk_map=disk_map,
+                quantize=quantize,
+                **kwargs,
+            )
             setattr(model, name, wrapped)
             continue
         for source_module, target_module in module_map.items():
             if isinstance(module, source_module):
-                wrapped = target_module(module, **vram_config, vram_limit=vram_limit, name=layer_name, disk_map=disk_map, **kwargs)
+                wrapped = target_module(
+                    module, **vram_config, vram_limit=vram_limit, name=layer_name, disk_map=disk_map, **kwargs
+                )
                 if isinstance(wrapped, AutoWrappedNonRecurseModule):
-                    enable_vram_management_recursively(wrapped, module_map, vram_config, vram_limit=vram_limit,
-                                                       name_prefix=layer_name, disk_map=disk_map, quantize=quantize, **kwargs)
+                    enable_vram_management_recursively(
+                        wrapped,
+                        module_map,
+                        vram_config,
+                        vram_limit=vram_limit,
+                        name_prefix=layer_name,
+                        disk_map=disk_map,
+                        quantize=quantize,
+                        **kwargs,
+                    )
                 setattr(model, name, wrapped)
                 break
         else:
-            enable_vram_management_recursively(module, module_map, vram_config, vram_limit=vram_limit,
-                                               name_prefix=layer_name, disk_map=disk_map, quantize=quantize, **kwargs)
+            enable_vram_management_recursively(
+                module,
+                module_map,
+                vram_config,
+                vram_limit=vram_limit,
+                name_prefix=layer_name,
+                disk_map=disk_map,
+                quantize=quantize,
+                **kwargs,
+            )
 
 
 def fill_vram_config(model: torch.nn.Module, vram_config: dict) -> dict:
@@ -1031,7 +1125,7 @@ def enable_vram_management(
     ``check_vram_config``). With ``quantize``, the quantised Linears of its backend become
     AutoWrappedQuantizedModule layers (``metadata``, in kwargs: the checkpoint's, for rebuilding
     pre-quantised layers read from disk)."""
-    _check_module_map(module_map)
+    check_module_map(module_map)
     check_vram_config(vram_config, disk_map)
     for source_module, target_module in module_map.items():
         if isinstance(model, source_module):
@@ -1039,8 +1133,9 @@ def enable_vram_management(
             model = target_module(model, **vram_config, vram_limit=vram_limit, disk_map=disk_map, **kwargs)
             break
     else:
-        enable_vram_management_recursively(model, module_map, vram_config, vram_limit=vram_limit, disk_map=disk_map,
-                                           quantize=quantize, **kwargs)
+        enable_vram_management_recursively(
+            model, module_map, vram_config, vram_limit=vram_limit, disk_map=disk_map, quantize=quantize, **kwargs
+        )
         if disk_map is not None:
             _materialize_root_params_from_disk(model, disk_map)
     attach_scheduler(model)

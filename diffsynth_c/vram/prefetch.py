@@ -30,11 +30,13 @@ Settings: ``DIFFSYNTH_C_PREFETCH=0`` turns prefetching off (every fetch on deman
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any
 
 _ALIGN = 256  # slab offsets: aligned for vector loads of every dtype
 _HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable
@@ -84,7 +86,7 @@ class Need:
     def __post_init__(self) -> None:
         self.versions = [None if s is None else s._version for s in self.sources]
 
-    def same_sources(self, other: "Need") -> bool:
+    def same_sources(self, other: Need) -> bool:
         """True when other names the same tensors at the same versions (nothing was rewritten)."""
         if self.names != other.names or self.keys != other.keys or self.dtypes != other.dtypes:
             return False
@@ -131,17 +133,22 @@ def _cast_on_cpu(src: Any, dtype: Any) -> Any:
     import torch
 
     from .. import _core
+    from ..core.conversion import c_converts
+    from ..core.settings import threads
     from ..dlpack import safetensors_name_of
-    from ..loader.conversion import c_converts
-    from ..loader.settings import threads
 
     s, d = safetensors_name_of(src.dtype), safetensors_name_of(dtype)
     if src.device.type != "cpu" or not src.is_contiguous() or s is None or d is None or not c_converts(s, d):
         return None
     out = torch.empty(src.shape, dtype=dtype)
     if src.numel():
-        _core.convert_into(s, d, src.reshape(-1).view(torch.uint8).numpy(), out.reshape(-1).view(torch.uint8).numpy(),
-                           threads(per_cpu=1) if src.numel() >= (1 << 20) else 1)
+        _core.convert_into(
+            s,
+            d,
+            src.reshape(-1).view(torch.uint8).numpy(),
+            out.reshape(-1).view(torch.uint8).numpy(),
+            threads(per_cpu=1) if src.numel() >= (1 << 20) else 1,
+        )
     return out
 
 
@@ -175,7 +182,7 @@ def materialize(need: Need) -> dict:
 class _Ticket:
     """One layer's fetch in flight."""
 
-    __slots__ = ("layer", "need", "handle", "nbytes")
+    __slots__ = ("handle", "layer", "nbytes", "need")
 
     def __init__(self, layer: Any, need: Need, handle: Any, nbytes: int):
         self.layer, self.need, self.handle, self.nbytes = layer, need, handle, nbytes
@@ -271,7 +278,7 @@ class Scheduler:
         """Drops what is in flight for one layer."""
         self.inflight.pop(id(layer), None)
 
-    def __deepcopy__(self, memo: dict) -> "Scheduler":
+    def __deepcopy__(self, memo: dict) -> Scheduler:
         return self  # copies of a layer (DiffSynth's computation copies) share their model's scheduler
 
     def reset(self) -> None:
@@ -363,12 +370,11 @@ class _PinnedSlab:
 
     def __del__(self) -> None:
         if getattr(self, "registered", False):
-            try:
+            # at interpreter shutdown torch (or its CUDA runtime) may already be gone: nothing to undo then
+            with contextlib.suppress(Exception):
                 import torch
 
                 torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
-            except Exception:  # interpreter shutdown
-                pass
 
 
 def slab_layout(tensors: list) -> tuple[list[int], int]:
@@ -382,7 +388,6 @@ def slab_layout(tensors: list) -> tuple[list[int], int]:
 
 def pack_into_slab(tensors: list) -> tuple[Any, list]:
     """One pinned slab holding copies of the CPU tensors, and views of it shaped as they are."""
-    import torch
 
     offsets, size = slab_layout(tensors)
     slab = _PinnedSlab(size)
@@ -410,7 +415,7 @@ class CudaTransport:
         self.retired: list = []  # (event, slab): host memory a copy may still be reading
         self.staging: list = []  # pinned slabs free for the next disk read
 
-    def _upload(self, slab: "_PinnedSlab", nbytes: int, layout: list) -> tuple[Any, Any, list]:
+    def _upload(self, slab: _PinnedSlab, nbytes: int, layout: list) -> tuple[Any, Any, list]:
         """Starts the copy of the first nbytes of a pinned slab; returns (device buffer, event,
         layout). The slab stays referenced until the copy has ended."""
         import torch
@@ -435,7 +440,7 @@ class CudaTransport:
                     self.staging.append(slab)
             self.retired = busy
 
-    def _staging_slab(self, nbytes: int) -> "_PinnedSlab":
+    def _staging_slab(self, nbytes: int) -> _PinnedSlab:
         with self.lock:
             fits = [s for s in self.staging if s.tensor.numel() >= nbytes]
             if fits:
@@ -449,7 +454,10 @@ class CudaTransport:
     def _stage_from_disk(self, need: Need) -> tuple[Any, Any, list]:
         """On a reader thread: the layer's tensors read into a pinned staging slab (page cache to
         pinned memory, one copy), then its upload started."""
-        tensors = [s.detach().cpu() if s is not None else read_stored(need.disk_map, k) for s, k in zip(need.sources, need.keys)]
+        tensors = [
+            s.detach().cpu() if s is not None else read_stored(need.disk_map, k)
+            for s, k in zip(need.sources, need.keys)
+        ]
         offsets, size = slab_layout(tensors)
         slab = self._staging_slab(size)
         layout = []
@@ -503,7 +511,7 @@ class CudaTransport:
             event.synchronize()
 
 
-def _resident_slab(need: Need) -> tuple["_PinnedSlab", int, list]:
+def _resident_slab(need: Need) -> tuple[_PinnedSlab, int, list]:
     """The pinned slab holding a layer's resident CPU weights, its size and layout. The first time,
     the weights are copied into one slab and the layer's tensors are pointed at it (same values,
     one copy in host memory); later fetches find them there."""

@@ -25,21 +25,31 @@ def state_dicts() -> list[dict]:
     g = torch.Generator().manual_seed(0)
     return [
         {"w": torch.randn(3, 4, generator=g)},
-        {"a.weight": torch.randn(8, 8, generator=g).to(torch.bfloat16), "a.bias": torch.zeros(8, dtype=torch.float16),
-         "ids": torch.arange(5), "flag": torch.tensor([True, False]), "f8": torch.zeros(4, dtype=torch.float8_e4m3fn)},
+        {
+            "a.weight": torch.randn(8, 8, generator=g).to(torch.bfloat16),
+            "a.bias": torch.zeros(8, dtype=torch.float16),
+            "ids": torch.arange(5),
+            "flag": torch.tensor([True, False]),
+            "f8": torch.zeros(4, dtype=torch.float8_e4m3fn),
+        },
         {"empty": torch.empty(0, 3), "scalar": torch.tensor(1.5), "u8": torch.arange(3, dtype=torch.uint8)},
         {f"blocks.{i}.weight": torch.randn(2, 2, generator=g) for i in range(12)},
     ]
 
 
 def main(out: str) -> None:
-    dirs = {name: os.path.join(out, name) for name in ("fuzz_safetensors", "fuzz_torchfile", "fuzz_torchzip", "fuzz_unpickle")}
+    dirs = {
+        name: os.path.join(out, name)
+        for name in ("fuzz_safetensors", "fuzz_torchfile", "fuzz_torchzip", "fuzz_unpickle")
+    }
     for d in dirs.values():
         os.makedirs(d, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for i, sd in enumerate(state_dicts()):
             st = os.path.join(dirs["fuzz_safetensors"], f"seed{i}.safetensors")
-            safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, st, metadata={"format": "pt"} if i % 2 else None)
+            safetensors.torch.save_file(
+                {k: v.contiguous() for k, v in sd.items()}, st, metadata={"format": "pt"} if i % 2 else None
+            )
             for j, obj in enumerate((sd, collections.OrderedDict(sd), {"state_dict": sd}, {"model": sd, "step": 3})):
                 path = os.path.join(tmp, f"{i}-{j}.bin")
                 torch.save(obj, path)
@@ -53,7 +63,9 @@ def main(out: str) -> None:
         base = torch.randn(16)
         path = os.path.join(dirs["fuzz_torchfile"], "shared.bin")
         torch.save({"a": base, "b": base[4:8], "c": base.view(4, 4).t()}, path)
-        torch.save({"a": base}, os.path.join(dirs["fuzz_torchfile"], "legacy.bin"), _use_new_zipfile_serialization=False)
+        torch.save(
+            {"a": base}, os.path.join(dirs["fuzz_torchfile"], "legacy.bin"), _use_new_zipfile_serialization=False
+        )
     regressions = os.path.join(HERE, "regressions")
     for name, d in dirs.items():
         src = os.path.join(regressions, name)

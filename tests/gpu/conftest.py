@@ -33,7 +33,11 @@ def write_safetensors(path, tensors: dict[str, torch.Tensor]) -> str:
     header, blobs, off = {}, [], 0
     for name, t in tensors.items():
         data = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        header[name] = {"dtype": safetensors_name_of(t.dtype), "shape": list(t.shape), "data_offsets": [off, off + len(data)]}
+        header[name] = {
+            "dtype": safetensors_name_of(t.dtype),
+            "shape": list(t.shape),
+            "data_offsets": [off, off + len(data)],
+        }
         blobs.append(data)
         off += len(data)
     h = json.dumps(header).encode()

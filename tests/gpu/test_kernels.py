@@ -7,10 +7,15 @@ import torch
 import torch.nn.functional as F
 
 from diffsynth_c import _core, kernels
-from diffsynth_c.loader.conversion import _probe
+from diffsynth_c.core.conversion import probe
 
-DT = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-      "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+DT = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
 PAIRS = [(s, d) for s in DT for d in DT if s != d]
 WORD = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
 
@@ -21,14 +26,14 @@ def bits(t):
 
 @pytest.mark.parametrize("src, dst", PAIRS)
 def test_cast_every_pattern_bit_identical(src, dst):
-    x = _probe(src).cuda()
+    x = probe(src).cuda()
     want = x.to(DT[dst])
     got = kernels.cast(x, torch.empty_like(want))
     assert torch.equal(bits(got), bits(want))
     # the rule the kernel settled on reproduces the CPU-side helpers bit for bit
     rules = kernels.cast_rules(src, dst, x.device.index or 0)
     assert rules is not None, f"no rule matches torch's CUDA {src}->{dst}"
-    ref = _core.convert(src, dst, _probe(src).view(torch.uint8).numpy(), rules=rules)
+    ref = _core.convert(src, dst, probe(src).view(torch.uint8).numpy(), rules=rules)
     assert bytes(got.view(torch.uint8).cpu().numpy()) == ref
 
 
@@ -46,8 +51,25 @@ def test_cast_sizes_and_offsets(src, dst, n):
 
 
 def test_cast_specials_overflow_and_subnormals():
-    v = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e6, -1e6, 500.0, 448.0, 464.0, 1e-9, -0.0,
-                      2.0**-10, 2.0**-17, 65519.0, 65520.0], device="cuda")
+    v = torch.tensor(
+        [
+            float("nan"),
+            float("inf"),
+            -float("inf"),
+            1e6,
+            -1e6,
+            500.0,
+            448.0,
+            464.0,
+            1e-9,
+            -0.0,
+            2.0**-10,
+            2.0**-17,
+            65519.0,
+            65520.0,
+        ],
+        device="cuda",
+    )
     for d in ("F16", "BF16", "F8_E4M3", "F8_E5M2"):
         want = v.to(DT[d])
         assert torch.equal(bits(kernels.cast(v, torch.empty_like(want))), bits(want)), d
@@ -83,8 +105,11 @@ def test_cast_bad_arguments(make, exc, words):
         kernels.cast(a, b)
 
 
-TOL = {torch.float32: dict(rtol=1.3e-6, atol=1e-5), torch.float16: dict(rtol=1e-3, atol=1e-3),
-       torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2)}
+TOL = {
+    torch.float32: {"rtol": 1.3e-6, "atol": 1e-5},
+    torch.float16: {"rtol": 1e-3, "atol": 1e-3},
+    torch.bfloat16: {"rtol": 1.6e-2, "atol": 1e-2},
+}
 
 
 def _ref_rms(x, w, eps):

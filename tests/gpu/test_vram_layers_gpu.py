@@ -41,14 +41,26 @@ class Stack(torch.nn.Module):
         return x
 
 
-MODULE_MAP = {torch.nn.Linear: L.AutoWrappedLinear, torch.nn.LayerNorm: L.AutoWrappedModule, torch.nn.RMSNorm: L.AutoWrappedModule}
+MODULE_MAP = {
+    torch.nn.Linear: L.AutoWrappedLinear,
+    torch.nn.LayerNorm: L.AutoWrappedModule,
+    torch.nn.RMSNorm: L.AutoWrappedModule,
+}
 
 
 def config(stored, preparing=None):
     dtype, device = stored
     p_dtype, p_device = preparing or stored
-    return dict(offload_dtype=dtype, offload_device=device, onload_dtype=dtype, onload_device=device,
-                preparing_dtype=p_dtype, preparing_device=p_device, computation_dtype=BF16, computation_device="cuda")
+    return {
+        "offload_dtype": dtype,
+        "offload_device": device,
+        "onload_dtype": dtype,
+        "onload_device": device,
+        "preparing_dtype": p_dtype,
+        "preparing_device": p_device,
+        "computation_dtype": BF16,
+        "computation_device": "cuda",
+    }
 
 
 @pytest.fixture
