@@ -35,7 +35,7 @@ CUDA_ARCHS = [("80", "sm_80"), ("89", "sm_89"), ("90", "sm_90"), ("90", "compute
 
 def project_version() -> str:
     with open(os.path.join(HERE, "pyproject.toml"), encoding="utf-8") as f:
-        return re.search(r'^version = "([^"]+)"', f.read(), re.M).group(1)
+        return re.search(r'^version = "([^"]+)"', f.read(), re.MULTILINE).group(1)
 
 
 def core_extension() -> Extension:
