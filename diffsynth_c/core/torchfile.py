@@ -4,10 +4,11 @@
 entry per storage. The C core reads the zip directory and runs ``data.pkl`` through a restricted
 pickle machine (csrc/unpickle.c) that only knows what a tensor checkpoint needs: no global is ever
 imported or called, one outside its allow-list is refused with an error naming it. What comes
-back describes every tensor as a view (dtype, offset, shape, stride) into a storage; a load reads
-the storages' bytes (in parallel, each once) into memory it owns and builds the tensors as views of
-them, so tensors that shared a storage still share it, and the user's file can be rewritten (even
-by ``torch.save`` of what we returned) while the tensors live. A hash or a keys dict needs only
+back describes every tensor as a view (dtype, offset, shape, stride) into a storage; a load maps
+the storages' bytes (their pages read in parallel, each once; read mode reads them into memory it
+owns) and builds the tensors as views of them, so tensors that shared a storage still share it, and
+the user's file can be rewritten (even by ``torch.save`` of what we returned) while the tensors
+live: the mapping is held under a read lease that copies it out first (``load_tree``). A hash or a keys dict needs only
 ``data.pkl``.
 
 What the pickle shares stays shared: an object met twice (its memo) is one object in what we
@@ -149,15 +150,17 @@ def tensor_of(ref: Any, storage: Any, typed: dict | None = None) -> Any:
 
 
 def load_tree(path: Any, threads: int, mode: str) -> Any | None:
-    """The saved value with torch tensors on the CPU (views of the storages' bytes, read into
-    memory of our own whatever the mode, so the file may change or be rewritten afterwards), or
-    None when the C reader does not take the file."""
-    del mode  # a mapping of the user's file would break when they save over it (torch.save truncates first)
+    """The saved value with torch tensors on the CPU (views of the storages' bytes), or None when
+    the C reader does not take the file. In mmap mode the storages are a private mapping of the
+    file under a read lease: before any writer may open or truncate the file (``torch.save`` of
+    these very tensors over it included), the mapped ranges are copied into memory of our own
+    (csrc/lease.c), and a file that cannot be leased is read instead; read mode always reads. Either
+    way the file may change or be rewritten while the tensors live."""
     tree = read_tree(path)
     if tree is None:
         return None
     obj, storages = tree
-    flat = [to_torch(t) for t in _core.map_ranges(path, [(off, n) for _, _, n, off in storages], threads, "read")]
+    flat = [to_torch(t) for t in _core.map_ranges(path, [(off, n) for _, _, n, off in storages], threads, mode)]
     typed: dict[tuple[int, str], Any] = {}  # one typed view per (storage, dtype), shared by its tensors
 
     def make(ref: Any) -> Any:

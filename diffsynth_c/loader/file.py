@@ -10,7 +10,7 @@ on a pool of threads with the GIL released, so the tensors returned are resident
 faulted. A ``torch_dtype`` among F32/F16/BF16/F8 is converted in C while the pages are read, into
 one buffer per file, bit-identical to ``tensor.to(torch_dtype)``. ``.bin``/``.pth``/``.ckpt``
 files (torch's zip format) are read by the C core's own reader (``core/torchfile.py``: zip
-directory, an allow-listed unpickler, storages read into memory it owns) with the results of
+directory, an allow-listed unpickler, storages mapped under a read lease) with the results of
 ``torch.load(weights_only=True)``; what that reader does not take (legacy files, globals outside
 its allow-list, big-endian data) goes to ``torch.load(weights_only=True)`` itself, with a warning.
 """
