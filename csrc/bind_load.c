@@ -1,5 +1,5 @@
-/* bind_load.c: the load bindings: read_header, load, read_into, map_ranges, map_file,
- * region_view, and the SIGBUS guard of the mappings they make.
+/* bind_load.c: the load bindings: read_header, load, read_into, map_ranges, region_view (a view
+ * of a Region that OpenFile.map made), and the SIGBUS guard of the mappings they make.
  *
  * Argument checks and Python objects only: the planning and the reads are plan.c's, run with the
  * GIL released; the memory they fill is handed to Region objects, and the tensors become Tensor
@@ -447,35 +447,6 @@ done:
     return result;
 }
 
-PyDoc_STRVAR(map_file_doc, "map_file(path) -> Region\n\n"
-                           "A private (copy-on-write) mapping of the whole file; nothing is read until a view asks.");
-
-static PyObject *map_file(PyObject *module, PyObject *arg) {
-    module_state *st = state_of(module);
-    path_arg path = {NULL, NULL};
-    PyObject *result = NULL;
-    if (!path_converter(arg, &path))
-        return NULL;
-    io_file f;
-    ds_error err;
-    void *map = NULL;
-    int rc;
-    Py_BEGIN_ALLOW_THREADS
-    rc = io_open(path_fs(&path), &f, &err);
-    if (!rc) {
-        map = f.size ? io_map_file(f.fd, f.size, &err) : NULL;
-        rc = f.size && !map;
-        io_close(&f);
-    }
-    Py_END_ALLOW_THREADS
-    if (rc)
-        raise_ds(st, &err, path.display);
-    else
-        result = region_new(st, map, (size_t)f.size, 1);
-    path_clear(&path);
-    return result;
-}
-
 PyDoc_STRVAR(region_view_doc, "region_view(region, offset, nbytes, threads=1) -> Tensor\n\n"
                               "A 1-D U8 Tensor over [offset, offset+nbytes) of a file Region, its pages read in first\n"
                               "(on `threads` worker threads, GIL released).");
@@ -514,7 +485,6 @@ PyMethodDef bind_load_methods[] = {
     {"load", (PyCFunction)(void (*)(void))load, METH_VARARGS | METH_KEYWORDS, load_doc},
     {"guard_install", (PyCFunction)guard_install, METH_VARARGS, guard_install_doc},
     {"guard_faults", (PyCFunction)guard_faults, METH_NOARGS, guard_faults_doc},
-    {"map_file", (PyCFunction)map_file, METH_O, map_file_doc},
     {"region_view", (PyCFunction)region_view, METH_VARARGS, region_view_doc},
     {"map_ranges", (PyCFunction)(void (*)(void))map_ranges, METH_VARARGS | METH_KEYWORDS, map_ranges_doc},
     {"read_into", (PyCFunction)(void (*)(void))read_into, METH_VARARGS | METH_KEYWORDS, read_into_doc},
