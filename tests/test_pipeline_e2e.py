@@ -27,27 +27,12 @@ if ORDER == "before":
     diffsynth_c.patch_diffsynth()
 from diffsynth.pipelines.wan_video import WanVideoPipeline, ModelConfig
 from diffsynth.models.wan_video_dit import sinusoidal_embedding_1d
-from diffsynth.core.quant import QuantizeConfig
-from tests import quant_cpu_backend as qb
+from tests.vram_configs import BF16, configs
 if ORDER == "after":
     import diffsynth_c
     diffsynth_c.patch_diffsynth()
 
-BF16, F8, F32 = torch.bfloat16, torch.float8_e4m3fn, torch.float32
-def vram(offload, onload, preparing, computation):
-    out = {}
-    for s, (dt, dev) in zip(("offload", "onload", "preparing", "computation"), (offload, onload, preparing, computation)):
-        out[s + "_dtype"], out[s + "_device"] = dt, dev
-    return out
-CONFIGS = {
-    "none": {},
-    "fp8_storage": vram((F8, "cpu"), (F8, "cpu"), (F8, "cpu"), (BF16, "cpu")),
-    "disk": vram(("disk", "disk"), ("disk", "disk"), (BF16, "cpu"), (BF16, "cpu")),
-    "bf16_storage_fp32_compute": vram((BF16, "cpu"), (BF16, "cpu"), (BF16, "cpu"), (F32, "cpu")),
-    "quantize": {"quantize": QuantizeConfig(method=qb.METHOD, exclude_modules=["linear.4"])},
-    "quantize_cpu_offload": {"quantize": QuantizeConfig(method=qb.METHOD, exclude_modules=["linear.4"]),
-                             **vram((BF16, "cpu"), (BF16, "cpu"), (BF16, "cpu"), (BF16, "cpu"))},
-}
+CONFIGS = configs(exclude=["linear.4"])
 results = {}
 for name, kw in CONFIGS.items():
     pipe = WanVideoPipeline.from_pretrained(torch_dtype=BF16, device="cpu", tokenizer_config=None,

@@ -32,28 +32,10 @@ if ORDER == "before":
     diffsynth_c.patch_diffsynth()
 from diffsynth.pipelines.flux_image import FluxImagePipeline, ModelConfig
 from diffsynth.pipelines.flux2_image import Flux2ImagePipeline
-from diffsynth.core.quant import QuantizeConfig
-from tests import quant_cpu_backend as qb
+from tests.vram_configs import BF16, configs
 if ORDER == "after":
     import diffsynth_c
     diffsynth_c.patch_diffsynth()
-
-BF16, F8, F32 = torch.bfloat16, torch.float8_e4m3fn, torch.float32
-def vram(offload, onload, preparing, computation):
-    out = {}
-    for s, (dt, dev) in zip(("offload", "onload", "preparing", "computation"), (offload, onload, preparing, computation)):
-        out[s + "_dtype"], out[s + "_device"] = dt, dev
-    return out
-def configs(exclude):
-    quant = QuantizeConfig(method=qb.METHOD, exclude_modules=exclude)
-    return {
-        "none": {},
-        "fp8_storage": vram((F8, "cpu"), (F8, "cpu"), (F8, "cpu"), (BF16, "cpu")),
-        "disk": vram(("disk", "disk"), ("disk", "disk"), (BF16, "cpu"), (BF16, "cpu")),
-        "bf16_storage_fp32_compute": vram((BF16, "cpu"), (BF16, "cpu"), (BF16, "cpu"), (F32, "cpu")),
-        "quantize": {"quantize": quant},
-        "quantize_cpu_offload": {"quantize": quant, **vram((BF16, "cpu"), (BF16, "cpu"), (BF16, "cpu"), (BF16, "cpu"))},
-    }
 
 def lora_merge(model, step, dtype):  # one LoraMerger: a base output and two LoRA outputs
     x = torch.linspace(-2, 2, 3 * 3072).reshape(3, 1, 3072).roll(step, -1).to(dtype)
