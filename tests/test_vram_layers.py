@@ -429,3 +429,38 @@ def test_weights_that_need_grad_are_cast_on_the_callers_thread():
         assert not _needs_grad(need)
     p.requires_grad_(False)
     assert not _needs_grad(need)
+
+
+def test_every_signature_spells_the_one_definition_of_the_vram_states():
+    """The eight state parameters are written out in each signature (DiffSynth's are), so a test
+    keeps them equal to the one definition in core/vram_state.py, and to DiffSynth's own."""
+    import dataclasses
+    import inspect
+
+    from diffsynth.core.loader.config import ModelConfig as DSModelConfig
+
+    from diffsynth_c.core.vram_state import MODEL_CONFIG_KEYS, VRAM_CONFIG_KEYS
+    from diffsynth_c.loader.config import ModelConfig
+
+    def vram_params(fn):
+        return tuple(p for p in inspect.signature(fn).parameters if p.endswith(("_dtype", "_device")))
+
+    for fn in (
+        L.AutoTorchModule.__init__,
+        L.AutoTorchModule.set_dtype_and_device,
+        L.AutoWrappedModule.__init__,
+        L.AutoWrappedNonRecurseModule.__init__,
+        L.AutoWrappedLinear.__init__,
+        L.AutoWrappedQuantizedModule.__init__,
+        DL.AutoTorchModule.__init__,
+        DL.AutoWrappedLinear.__init__,
+    ):
+        assert vram_params(fn) == VRAM_CONFIG_KEYS, fn.__qualname__
+    for cls in (ModelConfig, DSModelConfig):
+        fields = tuple(f.name for f in dataclasses.fields(cls) if f.name.endswith(("_dtype", "_device")))
+        assert fields == MODEL_CONFIG_KEYS, cls
+    cfg = ModelConfig(path="x", offload_dtype=BF16, computation_device="cpu")
+    assert cfg.vram_config() == DSModelConfig(path="x", offload_dtype=BF16, computation_device="cpu").vram_config()
+    assert list(cfg.vram_config()) == list(DSModelConfig(path="x").vram_config())
+    layer = L.AutoWrappedLinear(torch.nn.Linear(2, 3), offload_dtype="disk", computation_dtype=BF16)
+    assert (layer.offload_device, layer.onload_dtype, layer.onload_device) == ("disk", BF16, None)

@@ -15,6 +15,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from ..core.vram_state import MODEL_CONFIG_KEYS
+
 # The download engine lives in diffsynth_c.hub; its names stay importable from here, where they were.
 from ..hub.hubs import DownloadError, HuggingFace, ModelScope, RemoteFile, matches  # noqa: F401  RemoteFile: old path
 from ..hub.manifest import (  # noqa: F401  LOCK, MANIFEST: old paths
@@ -229,13 +231,4 @@ class ModelConfig:
 
     def vram_config(self) -> dict:
         """The eight offload/onload/preparing/computation device and dtype fields."""
-        return {
-            "offload_device": self.offload_device,
-            "offload_dtype": self.offload_dtype,
-            "onload_device": self.onload_device,
-            "onload_dtype": self.onload_dtype,
-            "preparing_device": self.preparing_device,
-            "preparing_dtype": self.preparing_dtype,
-            "computation_device": self.computation_device,
-            "computation_dtype": self.computation_dtype,
-        }
+        return {k: getattr(self, k) for k in MODEL_CONFIG_KEYS}

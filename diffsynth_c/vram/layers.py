@@ -33,21 +33,12 @@ from typing import Any, Union  # noqa: F401  Union: DiffSynth's layers export it
 
 import torch
 
+from ..core.vram_state import STATES, VRAM_CONFIG_KEYS, vram_args
 from ..upstream import FOREIGN_BASES
 from .disk_map import DiskMap
 from .initialization import skip_model_initialization
 from .prefetch import Need, Scheduler, materialize
 
-VRAM_CONFIG_KEYS = (
-    "offload_dtype",
-    "offload_device",
-    "onload_dtype",
-    "onload_device",
-    "preparing_dtype",
-    "preparing_device",
-    "computation_dtype",
-    "computation_device",
-)
 _FP8_COMPUTE = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
 
 
@@ -161,15 +152,8 @@ class AutoTorchModule(torch.nn.Module, metaclass=_Interop):
             # patch rebound to this class: its own MRO continues at torch.nn.Module, as here
             torch.nn.Module.__init__(self)
         self.set_dtype_and_device(
-            offload_dtype,
-            offload_device,
-            onload_dtype,
-            onload_device,
-            preparing_dtype,
-            preparing_device,
-            computation_dtype,
-            computation_device,
-            vram_limit,
+            **vram_args(locals()),
+            vram_limit=vram_limit,
         )
         self.state = 0
         self.name = ""
@@ -189,12 +173,12 @@ class AutoTorchModule(torch.nn.Module, metaclass=_Interop):
     ) -> None:
         """Unset dtypes default to the computation dtype, unset devices to 'disk' for a 'disk'
         dtype and to the computation device otherwise (DiffSynth's defaults)."""
-        self.offload_dtype = offload_dtype or computation_dtype
-        self.offload_device = offload_device or ("disk" if self.offload_dtype == "disk" else computation_device)
-        self.onload_dtype = onload_dtype or computation_dtype
-        self.onload_device = onload_device or ("disk" if self.onload_dtype == "disk" else computation_device)
-        self.preparing_dtype = preparing_dtype or computation_dtype
-        self.preparing_device = preparing_device or ("disk" if self.preparing_dtype == "disk" else computation_device)
+        given = locals()
+        for state in STATES[:-1]:
+            dtype = given[f"{state}_dtype"] or computation_dtype
+            device = given[f"{state}_device"] or ("disk" if dtype == "disk" else computation_device)
+            setattr(self, f"{state}_dtype", dtype)
+            setattr(self, f"{state}_device", device)
         self.computation_dtype = computation_dtype
         self.computation_device = computation_device
         self.vram_limit = vram_limit
@@ -383,15 +367,8 @@ class AutoWrappedModule(_ManagedLayer):
         **kwargs: Any,
     ):
         super().__init__(
-            offload_dtype,
-            offload_device,
-            onload_dtype,
-            onload_device,
-            preparing_dtype,
-            preparing_device,
-            computation_dtype,
-            computation_device,
-            vram_limit,
+            **vram_args(locals()),
+            vram_limit=vram_limit,
         )
         self.module = module
         if offload_dtype == "disk":
@@ -600,15 +577,8 @@ class AutoWrappedLinear(torch.nn.Linear, _ManagedLayer, LoRAHotLoadMixin):
                 in_features=module.in_features, out_features=module.out_features, bias=module.bias is not None
             )
         self.set_dtype_and_device(
-            offload_dtype,
-            offload_device,
-            onload_dtype,
-            onload_device,
-            preparing_dtype,
-            preparing_device,
-            computation_dtype,
-            computation_device,
-            vram_limit,
+            **vram_args(locals()),
+            vram_limit=vram_limit,
         )
         self.weight = module.weight
         self.bias = module.bias
@@ -754,15 +724,8 @@ class AutoWrappedQuantizedModule(torch.nn.Linear, AutoTorchModule, LoRAHotLoadMi
             )
         AutoTorchModule.__init__(
             self,
-            offload_dtype,
-            offload_device,
-            onload_dtype,
-            onload_device,
-            preparing_dtype,
-            preparing_device,
-            computation_dtype,
-            computation_device,
-            vram_limit,
+            **vram_args(locals()),
+            vram_limit=vram_limit,
         )
         self.in_features = module.in_features
         self.out_features = module.out_features
