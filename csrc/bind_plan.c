@@ -106,16 +106,18 @@ static PyObject *plan_buffers(PyObject *module, PyObject *args, PyObject *kwargs
     unsigned long long align, bucket_bytes = 0;
     const char *split_name = "file";
     int merge = 0;
-    unsigned int readers = 1;
+    int readers = 1;
     plan_layout_spec spec = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OK|s$pOOIK:plan_buffers", kwlist, &seq, &align, &split_name, &merge,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OK|s$pOOiK:plan_buffers", kwlist, &seq, &align, &split_name, &merge,
                                      &target_obj, &from_obj, &readers, &bucket_bytes))
         return NULL;
     if (split_from_name(split_name, &spec.split) < 0)
         return NULL;
     spec.merge = merge;
     spec.align = align;
-    spec.readers = readers;
+    if (readers < 1)
+        return PyErr_Format(PyExc_ValueError, "plan_buffers: readers must be at least 1, not %d", readers);
+    spec.readers = (unsigned)readers;
     spec.bucket_bytes = bucket_bytes;
     if (target_obj != Py_None && dtype_from_name(target_obj, &spec.target) < 0)
         return NULL;

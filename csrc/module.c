@@ -26,6 +26,7 @@
 #include "convert.h"
 #include "cuda.h"
 #include "io.h"
+#include "plan.h"
 
 static PyObject *build_info(PyObject *module, PyObject *unused) {
     (void)module;
@@ -82,7 +83,9 @@ static int module_exec(PyObject *m) {
             return -1;
     if (PyModule_AddStringConstant(m, "__version__", DS_VERSION) < 0)
         return -1;
-    if (PyModule_AddIntConstant(m, "MAX_HEADER", (long)ST_MAX_HEADER) < 0)
+    if (PyModule_AddIntConstant(m, "MAX_HEADER", (long)ST_MAX_HEADER) < 0 ||
+        PyModule_AddIntConstant(m, "ALIGN_HOST", PLAN_ALIGN_HOST) < 0 ||
+        PyModule_AddIntConstant(m, "ALIGN_TORCH", PLAN_ALIGN_TORCH) < 0)
         return -1;
     return 0;
 }

@@ -14,6 +14,8 @@ _Path: TypeAlias = str | bytes | PathLike[str] | PathLike[bytes]
 
 __version__: str
 MAX_HEADER: int  # the safetensors header length limit (bytes)
+ALIGN_HOST: int  # plan_buffers' alignment for buffers of our own (64; csrc/plan.h explains)
+ALIGN_TORCH: int  # plan_buffers' alignment for buffers torch allocates, pinned or CUDA (256)
 
 class FormatError(ValueError):
     """A model file breaks its format (the message names the file, the tensor and what is wrong)."""

@@ -51,7 +51,7 @@ def test_bad_arguments_and_files_raise(two_files, tmp_path):
         _core.plan_buffers(two_files, 64, "rows")
     with pytest.raises(ValueError, match="no conversion from I64 to F32"):
         _core.plan_buffers(two_files, 64, target="F32", convert_from=["I64"])
-    with pytest.raises(ValueError, match="at least one reader"):
+    with pytest.raises(ValueError, match="readers must be at least 1"):
         _core.plan_buffers(two_files, 64, "buckets", readers=0)
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x04\x00\x00\x00\x00\x00\x00\x00{}")

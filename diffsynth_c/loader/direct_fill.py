@@ -24,9 +24,6 @@ from ..core.conversion import c_converts
 from ..core.settings import threads
 from ..dlpack import TORCH_DTYPES, safetensors_name_of, torch_dtype_of, view_bytes
 
-# Bytes between tensors inside one buffer torch allocates (csrc/plan.h, PLAN_ALIGN_TORCH: torch's
-# allocators start blocks 512-byte aligned, so 256 keeps each view as aligned as a tensor alone).
-ALIGN_TORCH = 256
 _MIB = 1 << 20
 _SIZES = ("F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")  # the dtypes C (and the CUDA kernels) convert between
 
@@ -100,11 +97,11 @@ def _plan_cuda(paths: list, target: str | None, dev: Any) -> tuple[Any, tuple]:
             r = cast_rules(d, target, dev.index) if d != target else None
             if r is not None:
                 rules[d] = r
-    plan = _core.plan_buffers(paths, ALIGN_TORCH, "tensor", target=target, convert_from=sorted(rules))
+    plan = _core.plan_buffers(paths, _core.ALIGN_TORCH, "tensor", target=target, convert_from=sorted(rules))
     used = sorted({rules[t.dtype] for t in plan.tensors if t.out_dtype != t.dtype and t.nbytes})
     if len(used) > 1:
         keep = sorted(d for d in rules if rules[d] == used[0])
-        plan = _core.plan_buffers(paths, ALIGN_TORCH, "tensor", target=target, convert_from=keep)
+        plan = _core.plan_buffers(paths, _core.ALIGN_TORCH, "tensor", target=target, convert_from=keep)
     return plan, used[0] if used else (1, 0)
 
 
@@ -173,7 +170,9 @@ def load_pinned(paths: list, displays: list[str], torch_dtype: Any) -> list[dict
 
     target = safetensors_name_of(torch_dtype) if torch_dtype is not None else None
     convert_from = [d for d in _SIZES if target in _SIZES and d != target and c_converts(d, target)]
-    plan = _core.plan_buffers(paths, ALIGN_TORCH, "file", target=target, convert_from=convert_from)
+    # ALIGN_TORCH (256, csrc/plan.h): torch's allocators start blocks 512-byte aligned, so each view
+    # into the buffer is as aligned as a tensor torch allocated alone
+    plan = _core.plan_buffers(paths, _core.ALIGN_TORCH, "file", target=target, convert_from=convert_from)
     _check_dtypes(plan, displays)
     buffers = [_pinned_buffer(max(b.nbytes, 1)) for b in plan.buffers]
     _core.read_into(paths, [_capsule(b) for b in buffers], [t for t in plan.tensors if t.nbytes], threads(per_cpu=1))

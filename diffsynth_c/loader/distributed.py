@@ -35,7 +35,6 @@ from .. import _core
 from ..core.settings import threads
 from ..dlpack import view_bytes
 
-ALIGN_HOST = 64  # buckets are our own torch.empty CPU buffers: csrc/plan.h's PLAN_ALIGN_HOST
 last_load_stats: dict = {}
 _NO_BUFFER = bytearray()  # in read_into's buffer list for the buckets other ranks read
 
@@ -76,7 +75,10 @@ def plan(paths: list, readers: int, bucket_bytes: int) -> Any:
     """The BufferPlan (``_core.plan_buffers``) of a distributed load: the merged dict's tensors (a
     later file's tensor of a name wins, at the name's first place) in buckets, each filled by one
     reader. Deterministic from the headers, so every rank computes the same plan."""
-    return _core.plan_buffers(paths, ALIGN_HOST, "buckets", merge=True, readers=readers, bucket_bytes=bucket_bytes)
+    # ALIGN_HOST (64): buckets are our own torch.empty CPU buffers, as plan_load's conversion buffers
+    return _core.plan_buffers(
+        paths, _core.ALIGN_HOST, "buckets", merge=True, readers=readers, bucket_bytes=bucket_bytes
+    )
 
 
 def _readers(group: Any, size: int, node_local: bool) -> list[int]:
