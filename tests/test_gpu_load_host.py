@@ -126,6 +126,29 @@ for dtype in (None, torch.bfloat16, torch.float32, torch.float16, torch.float8_e
     assert out.count(" 12\n") == 5, out
 
 
+def test_host_pipeline_one_rule_set_per_upload(fake_lib, shards):
+    """Pairs under another rule set than the first, or under none, stay in the file's dtype for
+    torch's .to(): same tensors as the CPU load, and only the first rule set's pairs are planned as
+    GPU conversions."""
+    out = _run(
+        fake_lib,
+        f"""
+kernels.cast_rules = lambda s, d, i: {{"BF16": (1, 0), "F16": (0, 1), "F8_E4M3": None}}.get(s, (1, 0))
+paths = {shards!r}
+plan, rules = direct_fill._plan_cuda(paths, "F32", torch.device("cuda", 0))
+converted = sorted({{t.dtype for t in plan.tensors if t.out_dtype != t.dtype}})
+dicts = direct_fill.load_to_cuda(paths, paths, torch.float32, "cuda:0")
+ref = [diffsynth_c.load_state_dict(p, torch_dtype=torch.float32) for p in paths]
+for d, r in zip(dicts, ref):
+    assert list(d) == list(r)
+    for k in r:
+        assert same(d[k], r[k]), (k, d[k].dtype, r[k].dtype)
+print("rules", rules, converted)
+""",
+    )
+    assert "rules (0, 1) ['F16']" in out, out
+
+
 def test_host_pipeline_many_small_tensors(fake_lib, tmp_path):
     """More pieces than one slot's table holds: chunks close on the table, not only on bytes."""
     from safetensors.torch import save_file

@@ -91,16 +91,13 @@ def _plan_cuda(paths: list, target: str | None, dev: Any) -> tuple[Any, tuple]:
     conversions of the first (in sorted order) run on the GPU and the others are left to torch."""
     from ..kernels import cast_rules
 
-    rules: dict[str, tuple] = {}
-    if target in _SIZES:
-        for d in _SIZES:
-            r = cast_rules(d, target, dev.index) if d != target else None
-            if r is not None:
-                rules[d] = r
-    plan = _core.plan_buffers(paths, _core.ALIGN_TORCH, "tensor", target=target, convert_from=sorted(rules))
-    used = sorted({rules[t.dtype] for t in plan.tensors if t.out_dtype != t.dtype and t.nbytes})
-    if len(used) > 1:
-        keep = sorted(d for d in rules if rules[d] == used[0])
+    gpu = [d for d in _SIZES if d != target] if target in _SIZES else []
+    plan = _core.plan_buffers(paths, _core.ALIGN_TORCH, "tensor", target=target, convert_from=gpu)
+    present = sorted({t.dtype for t in plan.tensors if t.out_dtype != t.dtype})
+    rules = {d: cast_rules(d, target, dev.index) for d in present}  # probed only for the files' dtypes
+    used = sorted({rules[t.dtype] for t in plan.tensors if t.out_dtype != t.dtype and t.nbytes} - {None})
+    keep = [d for d in present if rules[d] is not None and (not used or rules[d] == used[0])]
+    if keep != present:  # planned again, the others left in the file's dtype for torch
         plan = _core.plan_buffers(paths, _core.ALIGN_TORCH, "tensor", target=target, convert_from=keep)
     return plan, used[0] if used else (1, 0)
 
