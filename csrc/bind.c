@@ -3,7 +3,10 @@
  * lists of read_into and cuda_upload. */
 #include "module.h"
 
+#include <stdio.h>
 #include <string.h>
+
+#include "dlpack_abi.h"
 
 /* ---- errors ------------------------------------------------------------------------------- */
 
@@ -210,4 +213,171 @@ void item_files_close(item_files *f) {
 
 PyObject *item_files_raise(module_state *st, item_files *f, const ds_error *err) {
     return raise_ds(st, err, err->input >= 0 && err->input < f->n_paths ? f->paths[err->input].display : NULL);
+}
+
+/* ---- destination buffers and planned items (read_into, cuda_upload) ------------------------- */
+
+static int dest_from_capsule(PyObject *cap, Py_ssize_t index, const char *what, dest_buffer *d) {
+    const DLTensor *t;
+    if (PyCapsule_IsValid(cap, "dltensor_versioned")) {
+        const DLManagedTensorVersioned *m = PyCapsule_GetPointer(cap, "dltensor_versioned");
+        if (m->flags & DL_FLAG_READ_ONLY) {
+            PyErr_Format(PyExc_ValueError, "%s: buffer %zd is read-only", what, index);
+            return -1;
+        }
+        t = &m->dl_tensor;
+    } else if (PyCapsule_IsValid(cap, "dltensor"))
+        t = &((const DLManagedTensor *)PyCapsule_GetPointer(cap, "dltensor"))->dl_tensor;
+    else {
+        PyErr_Format(PyExc_TypeError, "%s: buffer %zd: expected an unconsumed DLPack capsule", what, index);
+        return -1;
+    }
+    uint64_t numel = 1, expect = 1;
+    int overflow = 0;
+    for (int k = t->ndim - 1; k >= 0; k--) {
+        if (t->shape[k] < 0) {
+            PyErr_Format(PyExc_ValueError, "%s: buffer %zd has a negative dimension", what, index);
+            return -1;
+        }
+        if (t->strides && t->shape[k] != 1 && (uint64_t)t->strides[k] != expect) {
+            PyErr_Format(PyExc_ValueError, "%s: buffer %zd is not contiguous", what, index);
+            return -1;
+        }
+        uint64_t s = (uint64_t)t->shape[k];
+        overflow |= s && numel > UINT64_MAX / s;
+        numel *= s;
+        expect *= s;
+    }
+    uint64_t bits = (uint64_t)t->dtype.bits * t->dtype.lanes;
+    if (overflow || (bits && numel > UINT64_MAX / bits)) {
+        PyErr_Format(PyExc_ValueError, "%s: buffer %zd: its size overflows 64 bits", what, index);
+        return -1;
+    }
+    d->data = (char *)t->data + t->byte_offset;
+    d->nbytes = numel * bits / 8; /* whole bytes only: a partial last byte is not ours to write */
+    d->device_type = t->device.device_type;
+    d->device_id = t->device.device_id;
+    d->capsule = Py_NewRef(cap);
+    return 0;
+}
+
+int dest_buffer_get(PyObject *obj, Py_ssize_t index, const char *what, dest_buffer *d) {
+    memset(d, 0, sizeof *d);
+    if (PyCapsule_CheckExact(obj))
+        return dest_from_capsule(obj, index, what, d);
+    if (PyObject_CheckBuffer(obj)) {
+        if (PyObject_GetBuffer(obj, &d->view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
+            return -1;
+        d->has_view = 1;
+        d->data = d->view.buf;
+        d->nbytes = (uint64_t)d->view.len;
+        d->device_type = DL_CPU;
+        return 0;
+    }
+    PyObject *cap = PyObject_CallMethod(obj, "__dlpack__", NULL);
+    if (!cap) {
+        if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError,
+                         "%s: buffer %zd (%.100s) is neither a buffer, a DLPack capsule nor has __dlpack__", what,
+                         index, Py_TYPE(obj)->tp_name);
+        }
+        return -1;
+    }
+    int rc = dest_from_capsule(cap, index, what, d);
+    Py_DECREF(cap);
+    return rc;
+}
+
+void dest_buffer_release(dest_buffer *d) {
+    if (d->has_view)
+        PyBuffer_Release(&d->view);
+    d->has_view = 0;
+    Py_CLEAR(d->capsule);
+}
+
+int dest_buffers_get(PyObject *seq, const char *what, dest_buffers *out) {
+    out->b = NULL;
+    out->n = 0;
+    PyObject *fast = PySequence_Fast(seq, "buffers must be a sequence");
+    if (!fast)
+        return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    out->b = PyMem_Calloc(n ? (size_t)n : 1, sizeof *out->b);
+    if (!out->b) {
+        Py_DECREF(fast);
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (dest_buffer_get(PySequence_Fast_GET_ITEM(fast, i), i, what, &out->b[i]) < 0) {
+            Py_DECREF(fast);
+            dest_buffers_release(out);
+            return -1;
+        }
+        out->n = i + 1;
+    }
+    Py_DECREF(fast);
+    return 0;
+}
+
+void dest_buffers_release(dest_buffers *bufs) {
+    for (Py_ssize_t i = 0; i < bufs->n; i++)
+        dest_buffer_release(&bufs->b[i]);
+    PyMem_Free(bufs->b);
+    bufs->b = NULL;
+    bufs->n = 0;
+}
+
+int planned_item_parse(PyObject *obj, const char *what, planned_item *it) {
+    PyObject *key, *from, *to, *shape;
+    unsigned long long offset, nbytes, boff, out_nbytes;
+    char fmt[64];
+    snprintf(fmt, sizeof fmt, "UiKKUUOnKK:%s item", what);
+    if (!PyArg_ParseTuple(obj, fmt, &key, &it->file, &offset, &nbytes, &from, &to, &shape, &it->buffer, &boff,
+                          &out_nbytes))
+        return -1;
+    (void)shape;
+    it->key = PyUnicode_AsUTF8(key); /* borrowed: the item, which the caller keeps alive, holds the str */
+    if (!it->key || dtype_from_name(from, &it->from) < 0 || dtype_from_name(to, &it->to) < 0)
+        return -1;
+    it->offset = offset;
+    it->nbytes = nbytes;
+    it->buffer_offset = boff;
+    it->out_nbytes = out_nbytes;
+    return 0;
+}
+
+int planned_item_check(const planned_item *it, const dest_buffers *bufs, PyObject *display, const char *what) {
+    PyObject *name = display ? display : Py_None;
+    if (it->from != it->to) {
+        uint64_t fb = st_dtype_bits(it->from) / 8, tb = st_dtype_bits(it->to) / 8;
+        if (fb == 0 || tb == 0 || it->nbytes % fb) {
+            PyErr_Format(PyExc_ValueError, "%S: tensor '%s': %llu bytes is not a whole number of %s elements", name,
+                         it->key, (unsigned long long)it->nbytes, st_dtype_name(it->from));
+            return -1;
+        }
+        if (it->nbytes / fb > UINT64_MAX / tb || it->nbytes / fb * tb != it->out_nbytes) {
+            PyErr_Format(PyExc_ValueError, "%S: tensor '%s': %llu bytes of %s are not %llu bytes of %s", name, it->key,
+                         (unsigned long long)it->nbytes, st_dtype_name(it->from), (unsigned long long)it->out_nbytes,
+                         st_dtype_name(it->to));
+            return -1;
+        }
+    } else if (it->out_nbytes != it->nbytes) {
+        PyErr_Format(PyExc_ValueError, "%S: tensor '%s': a copy of %llu bytes cannot write %llu", name, it->key,
+                     (unsigned long long)it->nbytes, (unsigned long long)it->out_nbytes);
+        return -1;
+    }
+    if (it->buffer < 0 || it->buffer >= bufs->n) {
+        PyErr_Format(PyExc_IndexError, "%s: tensor '%s' names buffer %zd of %zd", what, it->key, it->buffer, bufs->n);
+        return -1;
+    }
+    uint64_t size = bufs->b[it->buffer].nbytes;
+    if (it->buffer_offset > size || it->out_nbytes > size - it->buffer_offset) {
+        PyErr_Format(PyExc_ValueError, "%S: tensor '%s': bytes [%llu, %llu) do not fit in buffer %zd (%llu bytes)",
+                     name, it->key, (unsigned long long)it->buffer_offset,
+                     (unsigned long long)(it->buffer_offset + it->out_nbytes), it->buffer, (unsigned long long)size);
+        return -1;
+    }
+    return 0;
 }

@@ -205,30 +205,58 @@ static PyObject *cuda_norm(PyObject *module, PyObject *args) {
 }
 
 PyDoc_STRVAR(cuda_upload_doc,
-             "cuda_upload(paths, items, device, scratch, scratch_bytes, threads, stream, nan=1, saturate=0)\n\n"
-             "Reads tensors from files into CUDA memory through pinned staging buffers. items: (file, offset,\n"
-             "nbytes, src_dtype or None, dst_dtype or None, address); None copies the bytes as they are.\n"
-             "A failed read raises RuntimeError(message, item index).");
+             "cuda_upload(paths, buffers, items, device, scratch, staging_bytes, threads, stream, nan=1,\n"
+             "            saturate=0)\n\n"
+             "Reads tensors from files into CUDA memory through pinned staging buffers of staging_bytes in all.\n"
+             "buffers: DLPack producers (capsules, or objects with __dlpack__) of memory on `device`; items as\n"
+             "read_into takes them (dtype == out_dtype copies the bytes as they are), each checked to fit in\n"
+             "its buffer before anything is read. scratch: None, or device memory of at least staging_bytes\n"
+             "that conversions need. A failed read raises RuntimeError(message, item index).");
+
+/* Whether d is memory the upload may write on device: CUDA memory of that device, or host memory
+ * when the library is the test stand-in whose device memory is host memory (tests/cuda_fake). */
+static int on_device(const cu_api *api, const dest_buffer *d, int device, const char *what, Py_ssize_t i) {
+    if ((d->device_type == DL_CUDA && d->device_id == device) || (api->device_is_host && d->device_type == DL_CPU))
+        return 0;
+    PyErr_Format(PyExc_ValueError, "cuda_upload: %s %zd is not memory of cuda:%d (DLPack device %d:%d)", what, i,
+                 device, d->device_type, d->device_id);
+    return -1;
+}
 
 static PyObject *cuda_upload(PyObject *module, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"paths",   "items",  "device", "scratch",  "scratch_bytes",
-                             "threads", "stream", "nan",    "saturate", NULL};
+    static char *kwlist[] = {"paths",   "buffers", "items", "device",   "scratch", "staging_bytes",
+                             "threads", "stream",  "nan",   "saturate", NULL};
     module_state *st = state_of(module);
-    PyObject *seq, *items_obj, *scratch_obj, *stream_obj, *result = NULL;
+    PyObject *seq, *bufs_obj, *items_obj, *scratch_obj, *stream_obj, *result = NULL;
     int device, threads, nan = 1, saturate = 0;
-    unsigned long long scratch_bytes;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOiOKiO|ii:cuda_upload", kwlist, &seq, &items_obj, &device,
-                                     &scratch_obj, &scratch_bytes, &threads, &stream_obj, &nan, &saturate))
+    unsigned long long staging_bytes;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOiOKiO|ii:cuda_upload", kwlist, &seq, &bufs_obj, &items_obj,
+                                     &device, &scratch_obj, &staging_bytes, &threads, &stream_obj, &nan, &saturate))
         return NULL;
     const cu_api *api = cuda_api();
-    void *scratch, *stream;
-    if (!api || stream_of(scratch_obj, &scratch) < 0 || stream_of(stream_obj, &stream) < 0)
+    void *stream;
+    if (!api || stream_of(stream_obj, &stream) < 0)
         return NULL;
     item_files f;
+    dest_buffers bufs = {NULL, 0};
+    dest_buffer scratch = {0};
     dsk_item *items = NULL;
     int *item_fi = NULL;
-    if (item_files_init(&f, seq, items_obj) < 0)
+    if (item_files_init(&f, seq, items_obj) < 0 || dest_buffers_get(bufs_obj, "cuda_upload", &bufs) < 0)
         goto done;
+    for (Py_ssize_t b = 0; b < bufs.n; b++)
+        if (on_device(api, &bufs.b[b], device, "buffer", b) < 0)
+            goto done;
+    if (scratch_obj != Py_None) {
+        if (dest_buffer_get(scratch_obj, 0, "cuda_upload: scratch", &scratch) < 0 ||
+            on_device(api, &scratch, device, "scratch", 0) < 0)
+            goto done;
+        if (scratch.nbytes < staging_bytes) {
+            PyErr_Format(PyExc_ValueError, "cuda_upload: the scratch buffer holds %llu bytes, fewer than %llu",
+                         (unsigned long long)scratch.nbytes, staging_bytes);
+            goto done;
+        }
+    }
     items = PyMem_Calloc(f.n_items ? (size_t)f.n_items : 1, sizeof *items);
     item_fi = PyMem_Calloc(f.n_items ? (size_t)f.n_items : 1, sizeof *item_fi);
     if (!items || !item_fi) {
@@ -236,20 +264,27 @@ static PyObject *cuda_upload(PyObject *module, PyObject *args, PyObject *kwargs)
         goto done;
     }
     for (Py_ssize_t i = 0; i < f.n_items; i++) {
-        unsigned long long off, nbytes;
-        PyObject *src, *dst, *addr;
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(f.items, i), "iKKOOO:cuda_upload item", &item_fi[i], &off,
-                              &nbytes, &src, &dst, &addr) ||
-            item_file(&f, i, item_fi[i], "cuda_upload") < 0)
+        planned_item it;
+        if (planned_item_parse(PySequence_Fast_GET_ITEM(f.items, i), "cuda_upload", &it) < 0 ||
+            item_file(&f, i, it.file, "cuda_upload") < 0)
             goto done;
+        item_fi[i] = it.file;
         items[i].src_t = items[i].dst_t = -1;
-        if (src != Py_None && (dsk_from_name(src, &items[i].src_t) < 0 || dsk_from_name(dst, &items[i].dst_t) < 0))
+        if (it.from != it.to) {
+            PyObject *from = PyUnicode_FromString(st_dtype_name(it.from)),
+                     *to = PyUnicode_FromString(st_dtype_name(it.to));
+            int bad =
+                !from || !to || dsk_from_name(from, &items[i].src_t) < 0 || dsk_from_name(to, &items[i].dst_t) < 0;
+            Py_XDECREF(from);
+            Py_XDECREF(to);
+            if (bad)
+                goto done;
+        }
+        if (planned_item_check(&it, &bufs, f.paths[it.file].display, "cuda_upload") < 0)
             goto done;
-        items[i].dst = PyLong_AsVoidPtr(addr);
-        if (!items[i].dst && PyErr_Occurred())
-            goto done;
-        items[i].offset = off;
-        items[i].nbytes = nbytes;
+        items[i].dst = bufs.b[it.buffer].data + it.buffer_offset;
+        items[i].offset = it.offset;
+        items[i].nbytes = it.nbytes;
     }
     ds_error err;
     err.input = -1;
@@ -262,8 +297,8 @@ static PyObject *cuda_upload(PyObject *module, PyObject *args, PyObject *kwargs)
         for (Py_ssize_t i = 0; i < f.n_items; i++)
             items[i].fd = f.files[item_fi[i]].fd;
         dsk_rules rules = {nan, saturate};
-        cuda_rc = api->upload(device, items, (size_t)f.n_items, scratch, (size_t)scratch_bytes, threads, rules, stream,
-                              &bad, msg, sizeof msg);
+        cuda_rc = api->upload(device, items, (size_t)f.n_items, scratch.data, (size_t)staging_bytes, threads, rules,
+                              stream, &bad, msg, sizeof msg);
     }
     item_files_close(&f);
     Py_END_ALLOW_THREADS
@@ -280,6 +315,8 @@ static PyObject *cuda_upload(PyObject *module, PyObject *args, PyObject *kwargs)
 done:
     PyMem_Free(items);
     PyMem_Free(item_fi);
+    dest_buffer_release(&scratch);
+    dest_buffers_release(&bufs);
     item_files_free(&f);
     return result;
 }

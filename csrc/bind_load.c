@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "convert.h"
+#include "dlpack_abi.h"
 #include "guard.h"
 #include "plan.h"
 #include "readinto.h"
@@ -290,55 +291,56 @@ static PyObject *guard_faults(PyObject *module, PyObject *noargs) {
 /* ---- reads into caller-owned memory (pinned loads) ------------------------------------------ */
 
 PyDoc_STRVAR(read_into_doc,
-             "read_into(paths, items, threads=1)\n\n"
-             "Reads tensors into memory the caller owns. items: (file, offset, nbytes, src_dtype, dst_dtype,\n"
-             "address, key) with file an index into paths and offset absolute; src_dtype != dst_dtype converts\n"
-             "(F32/F16/BF16/F8_E4M3/F8_E5M2) as load() does. The caller keeps the memory alive.");
+             "read_into(paths, buffers, items, threads=1)\n\n"
+             "Reads tensors into buffers the caller owns: buffers are buffer-protocol objects or DLPack\n"
+             "producers (capsules, or objects with __dlpack__) of host memory. items: PlannedTensor\n"
+             "(plan_buffers) or tuples of its fields (key, file, offset, nbytes, dtype, out_dtype, shape,\n"
+             "buffer, buffer_offset, out_nbytes), file an index into paths, offset absolute, buffer an index\n"
+             "into buffers; dtype != out_dtype converts (F32/F16/BF16/F8_E4M3/F8_E5M2) as load() does. Every\n"
+             "item is checked to fit in its buffer before anything is read (ValueError naming the tensor).");
 
 static PyObject *read_into(PyObject *module, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"paths", "items", "threads", NULL};
+    static char *kwlist[] = {"paths", "buffers", "items", "threads", NULL};
     module_state *st = state_of(module);
-    PyObject *seq, *items_obj, *result = NULL;
+    PyObject *seq, *bufs_obj, *items_obj, *result = NULL;
     int threads = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|i:read_into", kwlist, &seq, &items_obj, &threads))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|i:read_into", kwlist, &seq, &bufs_obj, &items_obj, &threads))
         return NULL;
     item_files f;
+    dest_buffers bufs = {NULL, 0};
     ri_item *items = NULL;
-    if (item_files_init(&f, seq, items_obj) < 0)
+    if (item_files_init(&f, seq, items_obj) < 0 || dest_buffers_get(bufs_obj, "read_into", &bufs) < 0)
         goto done;
+    for (Py_ssize_t b = 0; b < bufs.n; b++)
+        if (bufs.b[b].device_type != DL_CPU && bufs.b[b].device_type != DL_CUDA_HOST) {
+            PyErr_Format(PyExc_ValueError, "read_into: buffer %zd is not in host memory (DLPack device type %d)", b,
+                         bufs.b[b].device_type);
+            goto done;
+        }
     items = PyMem_Calloc(f.n_items ? (size_t)f.n_items : 1, sizeof *items);
     if (!items) {
         PyErr_NoMemory();
         goto done;
     }
     for (Py_ssize_t i = 0; i < f.n_items; i++) {
-        int file;
-        unsigned long long off, nbytes;
-        PyObject *src, *dst, *addr;
-        const char *key;
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(f.items, i), "iKKUUOs:read_into item", &file, &off, &nbytes,
-                              &src, &dst, &addr, &key) ||
-            item_file(&f, i, file, "read_into") < 0)
+        planned_item it;
+        if (planned_item_parse(PySequence_Fast_GET_ITEM(f.items, i), "read_into", &it) < 0 ||
+            item_file(&f, i, it.file, "read_into") < 0)
             goto done;
-        if (dtype_from_name(src, &items[i].src) < 0 || dtype_from_name(dst, &items[i].dst) < 0)
-            goto done;
-        if (items[i].src != items[i].dst && !cv_supported(items[i].src, items[i].dst)) {
-            PyErr_Format(PyExc_ValueError, "read_into: no conversion from %s to %s", st_dtype_name(items[i].src),
-                         st_dtype_name(items[i].dst));
+        if (it.from != it.to && !cv_supported(it.from, it.to)) {
+            PyErr_Format(PyExc_ValueError, "read_into: no conversion from %s to %s", st_dtype_name(it.from),
+                         st_dtype_name(it.to));
             goto done;
         }
-        if (items[i].src != items[i].dst && nbytes % (st_dtype_bits(items[i].src) / 8)) {
-            PyErr_Format(PyExc_ValueError, "read_into: tensor '%s': %llu bytes is not a whole number of elements", key,
-                         nbytes);
+        if (planned_item_check(&it, &bufs, f.paths[it.file].display, "read_into") < 0)
             goto done;
-        }
-        items[i].out = PyLong_AsVoidPtr(addr);
-        if (!items[i].out && PyErr_Occurred())
-            goto done;
-        items[i].file = file;
-        items[i].offset = off;
-        items[i].nbytes = nbytes;
-        items[i].name = key; /* borrowed from the tuple, which f.items keeps alive */
+        items[i].src = it.from;
+        items[i].dst = it.to;
+        items[i].out = bufs.b[it.buffer].data + it.buffer_offset;
+        items[i].file = it.file;
+        items[i].offset = it.offset;
+        items[i].nbytes = it.nbytes;
+        items[i].name = it.key; /* borrowed from the item, which f.items keeps alive */
     }
     ds_error err;
     err.input = -1;
@@ -357,6 +359,7 @@ static PyObject *read_into(PyObject *module, PyObject *args, PyObject *kwargs) {
         result = Py_NewRef(Py_None);
 done:
     PyMem_Free(items);
+    dest_buffers_release(&bufs);
     item_files_free(&f);
     return result;
 }

@@ -15,7 +15,8 @@
 
 #include "dtype.h"
 
-#if defined(__x86_64__) && defined(__GNUC__)
+/* CV_NO_F16C: the portable path only (scripts/fuzz.sh: clang 14 knows no "f16c" feature string). */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(CV_NO_F16C)
 #include <immintrin.h>
 #define CV_HAVE_F16C_PATH 1
 #endif

@@ -39,6 +39,8 @@ const cu_api *cu_open(const char *path, char *why, size_t whylen) {
         !(*(void **)&a.layer_norm = sym(lib, "dsk_layer_norm", why, whylen)) ||
         !(*(void **)&a.upload = sym(lib, "dsk_upload", why, whylen)))
         goto fail;
+    /* optional: only the test stand-in exports it (its "device" memory is host memory) */
+    a.device_is_host = dlsym(lib, "dsk_fake_device_is_host") != NULL;
     g_api = a;
     g_open = 1;
     return &g_api; /* the library stays loaded for the life of the process */

@@ -15,6 +15,7 @@ typedef struct {
     int (*layer_norm)(int, const void *, void *, dsk_dtype, const void *, const void *, dsk_dtype, size_t, size_t,
                       float, void *, char *, size_t);
     int (*upload)(int, const dsk_item *, size_t, void *, size_t, int, dsk_rules, void *, size_t *, char *, size_t);
+    int device_is_host; /* the test stand-in (tests/cuda_fake): its device memory is host memory */
 } cu_api;
 
 /* Opens the library at path once (later calls return the same table, whatever the path). Returns

@@ -3,7 +3,8 @@
  *
  * The parts (module.h): the types Region (region.c), Tensor (tensor.c), TensorRef (tensorref.c)
  * and OpenFile (openfile.c); the functions of each concern in bind_load.c, bind_hash.c,
- * bind_convert.c, bind_torch.c, bind_write.c, bind_download.c and bind_cuda.c. Under them, plain
+ * bind_convert.c, bind_torch.c, bind_write.c, bind_download.c, bind_cuda.c and bind_plan.c (its types
+ * in bufferplan.c). Under them, plain
  * C without Python: the planner (plan.c), the writer (writer.c), the parsers and io.c.
  *
  * Interpreters. Every Python object the core keeps is in module state (multi-phase init, heap
@@ -25,6 +26,7 @@
 #include "convert.h"
 #include "cuda.h"
 #include "io.h"
+#include "plan.h"
 
 static PyObject *build_info(PyObject *module, PyObject *unused) {
     (void)module;
@@ -46,11 +48,12 @@ static PyMethodDef module_methods[] = {
 /* The functions of each concern, added by module_exec. */
 static PyMethodDef *const part_methods[] = {
     bind_load_methods,  bind_hash_methods,     bind_convert_methods, bind_torch_methods,
-    bind_write_methods, bind_download_methods, bind_cuda_methods,
+    bind_write_methods, bind_download_methods, bind_cuda_methods,    bind_plan_methods,
 };
 
 /* The types, each made by its own file. */
-static int (*const part_exec[])(PyObject *) = {tensorref_exec, region_exec, tensor_exec, openfile_add_type};
+static int (*const part_exec[])(PyObject *) = {tensorref_exec, bufferplan_exec, region_exec, tensor_exec,
+                                               openfile_add_type};
 
 static int module_exec(PyObject *m) {
     module_state *st = state_of(m);
@@ -80,7 +83,9 @@ static int module_exec(PyObject *m) {
             return -1;
     if (PyModule_AddStringConstant(m, "__version__", DS_VERSION) < 0)
         return -1;
-    if (PyModule_AddIntConstant(m, "MAX_HEADER", (long)ST_MAX_HEADER) < 0)
+    if (PyModule_AddIntConstant(m, "MAX_HEADER", (long)ST_MAX_HEADER) < 0 ||
+        PyModule_AddIntConstant(m, "ALIGN_HOST", PLAN_ALIGN_HOST) < 0 ||
+        PyModule_AddIntConstant(m, "ALIGN_TORCH", PLAN_ALIGN_TORCH) < 0)
         return -1;
     return 0;
 }
@@ -90,6 +95,9 @@ static int module_traverse(PyObject *m, visitproc visit, void *arg) {
     Py_VISIT(st->FormatError);
     Py_VISIT(st->NotNativeError);
     Py_VISIT(st->TensorRefType);
+    Py_VISIT(st->BufferPlanType);
+    Py_VISIT(st->PlanBufferType);
+    Py_VISIT(st->PlannedTensorType);
     Py_VISIT(st->OrderedDict);
     Py_VISIT(st->RegionType);
     Py_VISIT(st->TensorType);
@@ -101,6 +109,9 @@ static int module_clear(PyObject *m) {
     Py_CLEAR(st->FormatError);
     Py_CLEAR(st->NotNativeError);
     Py_CLEAR(st->TensorRefType);
+    Py_CLEAR(st->BufferPlanType);
+    Py_CLEAR(st->PlanBufferType);
+    Py_CLEAR(st->PlannedTensorType);
     Py_CLEAR(st->OrderedDict);
     Py_CLEAR(st->RegionType);
     Py_CLEAR(st->TensorType);

@@ -33,6 +33,9 @@ typedef struct {
     PyTypeObject *RegionType;
     PyTypeObject *TensorType;
     PyTypeObject *TensorRefType;
+    PyTypeObject *BufferPlanType; /* bufferplan.c */
+    PyTypeObject *PlanBufferType;
+    PyTypeObject *PlannedTensorType;
     PyObject *OrderedDict;
 } module_state;
 
@@ -130,6 +133,48 @@ int item_files_open(item_files *f, ds_error *err);
 void item_files_close(item_files *f);
 PyObject *item_files_raise(module_state *st, item_files *f, const ds_error *err);
 
+/* A destination of read_into / cuda_upload: memory whose size C knows, so that every write is
+ * checked against it. From a buffer-protocol object (host memory: writable, C-contiguous), a
+ * DLPack capsule, or an object with __dlpack__ (its DLTensor's data pointer, byte offset, shape and
+ * dtype give the bytes; contiguous only). The view or capsule is held until release, which keeps
+ * the producer's memory alive while C writes it. */
+typedef struct {
+    char *data;
+    uint64_t nbytes;
+    int device_type, device_id; /* DLPack's: DL_CPU for a buffer-protocol object */
+    Py_buffer view;
+    int has_view;
+    PyObject *capsule;
+} dest_buffer;
+
+typedef struct {
+    dest_buffer *b;
+    Py_ssize_t n;
+} dest_buffers;
+
+/* Returns 0 with d filled (release with dest_buffer_release), or -1 with an exception set. */
+int dest_buffer_get(PyObject *obj, Py_ssize_t index, const char *what, dest_buffer *d);
+void dest_buffer_release(dest_buffer *d);
+/* Every buffer of a sequence. Returns 0 (release with dest_buffers_release), or -1 with an exception. */
+int dest_buffers_get(PyObject *seq, const char *what, dest_buffers *out);
+void dest_buffers_release(dest_buffers *bufs);
+
+/* An item of read_into / cuda_upload: a PlannedTensor (bufferplan.c) or a tuple of its ten fields. */
+typedef struct {
+    const char *key; /* borrowed from the item */
+    int file;
+    uint64_t offset, nbytes;
+    st_dtype from, to;
+    Py_ssize_t buffer;
+    uint64_t buffer_offset, out_nbytes;
+} planned_item;
+
+/* Parses one item. Returns 0, or -1 with an exception set. */
+int planned_item_parse(PyObject *obj, const char *what, planned_item *it);
+/* Checks an item's sizes and that [buffer_offset, buffer_offset + out_nbytes) lies inside its
+ * buffer: ValueError naming the file (display, may be NULL) and the tensor otherwise. */
+int planned_item_check(const planned_item *it, const dest_buffers *bufs, PyObject *display, const char *what);
+
 /* ---- types ---------------------------------------------------------------------------------- */
 
 /* region.c: memory that tensors point into. */
@@ -155,6 +200,8 @@ int tensor_exec(PyObject *module);
 
 /* tensorref.c: the TensorRef struct sequence of torch_read. */
 int tensorref_exec(PyObject *module);
+/* bufferplan.c: BufferPlan, PlanBuffer, PlannedTensor (what _core.plan_buffers returns). */
+int bufferplan_exec(PyObject *module);
 
 /* openfile.c: the OpenFile type. */
 int openfile_add_type(PyObject *module);
@@ -173,5 +220,6 @@ extern PyMethodDef bind_torch_methods[];    /* bind_torch.c */
 extern PyMethodDef bind_write_methods[];    /* bind_write.c */
 extern PyMethodDef bind_download_methods[]; /* bind_download.c */
 extern PyMethodDef bind_cuda_methods[];     /* bind_cuda.c */
+extern PyMethodDef bind_plan_methods[];     /* bind_plan.c */
 
 #endif

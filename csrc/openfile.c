@@ -23,6 +23,7 @@
 #include <string.h>
 
 #include "convert.h"
+#include "dlpack_abi.h"
 #include "plan.h"
 #include "readinto.h"
 
@@ -222,21 +223,28 @@ static PyObject *OpenFile_map_range(OpenFileObject *self, PyObject *args, PyObje
 }
 
 PyDoc_STRVAR(read_into_doc,
-             "read_into(items, threads=1)\n\n"
-             "Reads tensors of this file into memory the caller owns (and keeps alive). items: (offset,\n"
-             "nbytes, src_dtype, dst_dtype, address, key), offset absolute; src_dtype != dst_dtype converts\n"
-             "as _core.read_into does.");
+             "read_into(buffers, items, threads=1)\n\n"
+             "Reads tensors of this file into buffers the caller owns (host memory: buffer-protocol objects\n"
+             "or DLPack producers). items as _core.read_into takes them, with file 0; each is checked to fit\n"
+             "in its buffer and in the file before anything is read.");
 
 static PyObject *OpenFile_read_into(OpenFileObject *self, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"items", "threads", NULL};
-    PyObject *items_obj, *fast = NULL, *result = NULL;
+    static char *kwlist[] = {"buffers", "items", "threads", NULL};
+    PyObject *bufs_obj, *items_obj, *fast = NULL, *result = NULL;
+    dest_buffers bufs = {NULL, 0};
     ri_item *items = NULL;
     int threads = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|i:read_into", kwlist, &items_obj, &threads))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|i:read_into", kwlist, &bufs_obj, &items_obj, &threads))
         return NULL;
     fast = PySequence_Fast(items_obj, "items must be a sequence of tuples");
-    if (!fast)
+    if (!fast || dest_buffers_get(bufs_obj, "read_into", &bufs) < 0)
         goto done;
+    for (Py_ssize_t b = 0; b < bufs.n; b++)
+        if (bufs.b[b].device_type != DL_CPU && bufs.b[b].device_type != DL_CUDA_HOST) {
+            PyErr_Format(PyExc_ValueError, "read_into: buffer %zd is not in host memory (DLPack device type %d)", b,
+                         bufs.b[b].device_type);
+            goto done;
+        }
     Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
     items = PyMem_Calloc(n ? (size_t)n : 1, sizeof *items);
     if (!items) {
@@ -244,35 +252,33 @@ static PyObject *OpenFile_read_into(OpenFileObject *self, PyObject *args, PyObje
         goto done;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
-        unsigned long long off, nbytes;
-        PyObject *src, *dst, *addr;
-        const char *key;
+        planned_item pi;
         ri_item *it = &items[i];
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(fast, i), "KKUUOs:read_into item", &off, &nbytes, &src, &dst,
-                              &addr, &key) ||
-            bind_dtype_from_name(src, &it->src) < 0 || bind_dtype_from_name(dst, &it->dst) < 0)
+        if (planned_item_parse(PySequence_Fast_GET_ITEM(fast, i), "read_into", &pi) < 0)
             goto done;
-        if (it->src != it->dst && !cv_supported(it->src, it->dst)) {
-            PyErr_Format(PyExc_ValueError, "read_into: no conversion from %s to %s", st_dtype_name(it->src),
-                         st_dtype_name(it->dst));
+        if (pi.file != 0) {
+            PyErr_Format(PyExc_IndexError, "read_into: item %zd names file %d of 1", i, pi.file);
             goto done;
         }
-        if (it->src != it->dst && nbytes % (st_dtype_bits(it->src) / 8)) {
-            PyErr_Format(PyExc_ValueError, "%U: tensor '%s': %llu bytes is not a whole number of elements",
-                         self->display, key, nbytes);
+        if (pi.from != pi.to && !cv_supported(pi.from, pi.to)) {
+            PyErr_Format(PyExc_ValueError, "read_into: no conversion from %s to %s", st_dtype_name(pi.from),
+                         st_dtype_name(pi.to));
             goto done;
         }
-        if (off > self->f.size || nbytes > self->f.size - off) {
+        if (planned_item_check(&pi, &bufs, self->display, "read_into") < 0)
+            goto done;
+        if (pi.offset > self->f.size || pi.nbytes > self->f.size - pi.offset) {
             PyErr_Format(PyExc_ValueError, "%U: tensor '%s': bytes [%llu, %llu) are past the end of the file",
-                         self->display, key, off, off + nbytes);
+                         self->display, pi.key, (unsigned long long)pi.offset,
+                         (unsigned long long)(pi.offset + pi.nbytes));
             goto done;
         }
-        it->out = PyLong_AsVoidPtr(addr);
-        if (!it->out && PyErr_Occurred())
-            goto done;
-        it->offset = off;
-        it->nbytes = nbytes;
-        it->name = key; /* borrowed from the tuple, which fast keeps alive */
+        it->src = pi.from;
+        it->dst = pi.to;
+        it->out = bufs.b[pi.buffer].data + pi.buffer_offset;
+        it->offset = pi.offset;
+        it->nbytes = pi.nbytes;
+        it->name = pi.key; /* borrowed from the item, which fast keeps alive */
     }
     if (begin_read(self) < 0)
         goto done;
@@ -291,6 +297,7 @@ static PyObject *OpenFile_read_into(OpenFileObject *self, PyObject *args, PyObje
         result = Py_NewRef(Py_None);
 done:
     PyMem_Free(items);
+    dest_buffers_release(&bufs);
     Py_XDECREF(fast);
     return result;
 }

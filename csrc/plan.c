@@ -142,6 +142,211 @@ int plan_hash_headers(st_header *hs, size_t n_files, int with_shape, char hex[33
     free(entries);
     return rc;
 }
+/* ---- buffer layout (contract in plan.h) ------------------------------------------------------ */
+
+typedef struct {
+    const st_tensor *t;
+    size_t file, tensor, seq; /* seq: the order in which the files list it */
+} layout_entry;
+
+static int layout_name_seq_cmp(const void *x, const void *y) {
+    const layout_entry *a = x, *b = y;
+    size_t n = a->t->name_len < b->t->name_len ? a->t->name_len : b->t->name_len;
+    int r = memcmp(a->t->name, b->t->name, n);
+    if (r)
+        return r;
+    if (a->t->name_len != b->t->name_len)
+        return a->t->name_len < b->t->name_len ? -1 : 1;
+    return a->seq < b->seq ? -1 : a->seq > b->seq;
+}
+
+static int layout_seq_cmp(const void *x, const void *y) {
+    const layout_entry *a = x, *b = y;
+    return a->seq < b->seq ? -1 : a->seq > b->seq;
+}
+
+/* x rounded up to a multiple of align (a power of two) into *out; -1 on overflow. */
+static int align_up(uint64_t x, uint64_t align, uint64_t *out) {
+    if (x > UINT64_MAX - (align - 1))
+        return -1;
+    *out = (x + (align - 1)) & ~(align - 1);
+    return 0;
+}
+
+static int add_buffer(plan_layout *l, size_t *cap, unsigned reader, size_t file, ds_error *err) {
+    if (l->n_buffers == *cap) {
+        size_t c = *cap ? *cap * 2 : 16;
+        plan_buffer *b = realloc(l->buffers, c * sizeof *b);
+        if (!b)
+            return ds_fail(err, DS_ERR_NOMEM, "out of memory while laying out buffers");
+        l->buffers = b;
+        *cap = c;
+    }
+    l->buffers[l->n_buffers++] = (plan_buffer){0, reader, file};
+    return 0;
+}
+
+/* Places item it (out_nbytes set) at the end of buffer b. Returns 0, or -1 when the buffer's size
+ * would overflow. */
+static int place(plan_layout *l, plan_item *it, size_t b, uint64_t align) {
+    uint64_t padded;
+    plan_buffer *buf = &l->buffers[b];
+    if (align_up(it->out_nbytes, align, &padded) || padded > UINT64_MAX - buf->nbytes)
+        return -1;
+    it->buffer = b;
+    it->buffer_offset = buf->nbytes;
+    buf->nbytes += padded;
+    return 0;
+}
+
+int plan_layout_build(const st_header *hs, size_t n, const plan_layout_spec *spec, plan_layout *out, ds_error *err) {
+    memset(out, 0, sizeof *out);
+    layout_entry *all = NULL;
+    size_t *open_bucket = NULL, cap_buffers = 0, total = 0, kept = 0;
+    uint64_t align = spec->align;
+    if (align == 0 || (align & (align - 1)))
+        return ds_fail(err, DS_ERR_UNSUPPORTED, "the alignment %llu is not a power of two", (unsigned long long)align);
+    if (spec->split == PLAN_BUCKETS && spec->readers == 0)
+        return ds_fail(err, DS_ERR_UNSUPPORTED, "a bucketed layout needs at least one reader");
+    for (size_t i = 0; i < n; i++) {
+        if (hs[i].n_tensors > SIZE_MAX / sizeof *all - total)
+            return ds_fail(err, DS_ERR_NOMEM, "too many tensors");
+        total += hs[i].n_tensors;
+    }
+    all = malloc((total ? total : 1) * sizeof *all);
+    if (!all) {
+        ds_fail(err, DS_ERR_NOMEM, "out of memory while laying out %zu tensors", total);
+        goto fail;
+    }
+    for (size_t i = 0, k = 0; i < n; i++)
+        for (size_t j = 0; j < hs[i].n_tensors; j++, k++)
+            all[k] = (layout_entry){&hs[i].tensors[j], i, j, k};
+    kept = total;
+    if (spec->merge && total) {
+        /* each name's last entry wins and takes the first entry's place in the order */
+        qsort(all, total, sizeof *all, layout_name_seq_cmp);
+        kept = 0;
+        for (size_t g = 0; g < total;) {
+            size_t e = g + 1;
+            while (e < total && all[e].t->name_len == all[g].t->name_len &&
+                   memcmp(all[e].t->name, all[g].t->name, all[g].t->name_len) == 0)
+                e++;
+            layout_entry w = all[e - 1];
+            w.seq = all[g].seq;
+            all[kept++] = w;
+            g = e;
+        }
+        qsort(all, kept, sizeof *all, layout_seq_cmp);
+    }
+    out->items = malloc((kept ? kept : 1) * sizeof *out->items);
+    if (!out->items) {
+        ds_fail(err, DS_ERR_NOMEM, "out of memory while laying out %zu tensors", kept);
+        goto fail;
+    }
+    out->n_items = kept;
+    uint64_t sum = 0; /* bytes read, for the readers' shares */
+    for (size_t k = 0; k < kept; k++) {
+        const st_tensor *t = all[k].t;
+        const st_header *h = &hs[all[k].file];
+        plan_item *it = &out->items[k];
+        it->file = all[k].file;
+        it->tensor = all[k].tensor;
+        if (t->end < t->begin || h->data_start > UINT64_MAX - t->end) {
+            ds_fail(err, DS_ERR_FORMAT, "tensor '%.200s': data_offsets [%llu, %llu) are not a byte range", t->name,
+                    (unsigned long long)t->begin, (unsigned long long)t->end);
+            err->input = (int)it->file;
+            goto fail;
+        }
+        it->offset = h->data_start + t->begin;
+        it->nbytes = t->end - t->begin;
+        it->from = it->to = t->dtype;
+        it->out_nbytes = it->nbytes;
+        it->buffer = SIZE_MAX;
+        if (spec->convert && t->dtype != spec->target && (spec->convert & (1u << t->dtype)) &&
+            !(spec->converted_only && it->nbytes == 0)) {
+            uint64_t fb = st_dtype_bits(t->dtype) / 8, tb = st_dtype_bits(spec->target) / 8;
+            if (fb == 0 || tb == 0 || it->nbytes % fb || it->nbytes / fb > UINT64_MAX / tb) {
+                ds_fail(err, DS_ERR_FORMAT, "tensor '%.200s': %llu bytes of %s do not convert to %s", t->name,
+                        (unsigned long long)it->nbytes, st_dtype_name(t->dtype), st_dtype_name(spec->target));
+                err->input = (int)it->file;
+                goto fail;
+            }
+            it->to = spec->target;
+            it->out_nbytes = it->nbytes / fb * tb;
+        }
+        if (it->nbytes > UINT64_MAX - sum) {
+            ds_fail(err, DS_ERR_FORMAT, "the files hold more than 2^64 bytes");
+            goto fail;
+        }
+        sum += it->nbytes;
+    }
+    if (spec->split == PLAN_PER_FILE)
+        for (size_t i = 0; i < n; i++)
+            if (add_buffer(out, &cap_buffers, 0, i, err))
+                goto fail;
+    if (spec->split == PLAN_BUCKETS) {
+        open_bucket = malloc(spec->readers * sizeof *open_bucket);
+        if (!open_bucket) {
+            ds_fail(err, DS_ERR_NOMEM, "out of memory");
+            goto fail;
+        }
+        for (unsigned r = 0; r < spec->readers; r++)
+            open_bucket[r] = SIZE_MAX;
+    }
+    uint64_t done = 0;
+    for (size_t k = 0; k < kept; k++) {
+        plan_item *it = &out->items[k];
+        size_t b;
+        if (spec->converted_only && it->to == it->from)
+            continue;
+        if (spec->split == PLAN_PER_FILE) {
+            b = it->file;
+        } else if (spec->split == PLAN_PER_TENSOR) {
+            if (add_buffer(out, &cap_buffers, 0, it->file, err))
+                goto fail;
+            b = out->n_buffers - 1;
+        } else {
+            /* the reader whose share holds this tensor's middle byte: floor((done + nbytes/2) * readers /
+             * sum), in exact integer arithmetic so that every rank computes the same */
+            unsigned reader = 0;
+            if (sum) {
+                unsigned __int128 mid = (unsigned __int128)done * 2 + it->nbytes;
+                unsigned __int128 r = mid * spec->readers / ((unsigned __int128)sum * 2);
+                reader = r >= spec->readers ? spec->readers - 1 : (unsigned)r;
+            }
+            done += it->nbytes;
+            b = open_bucket[reader];
+            if (b == SIZE_MAX || (spec->bucket_bytes && out->buffers[b].nbytes &&
+                                  (out->buffers[b].nbytes > UINT64_MAX - it->out_nbytes ||
+                                   out->buffers[b].nbytes + it->out_nbytes > spec->bucket_bytes))) {
+                if (add_buffer(out, &cap_buffers, reader, SIZE_MAX, err))
+                    goto fail;
+                b = open_bucket[reader] = out->n_buffers - 1;
+            }
+        }
+        if (place(out, it, b, align)) {
+            ds_fail(err, DS_ERR_FORMAT, "tensor '%.200s': the buffer's size overflows 64 bits",
+                    hs[it->file].tensors[it->tensor].name);
+            err->input = (int)it->file;
+            goto fail;
+        }
+    }
+    free(all);
+    free(open_bucket);
+    return 0;
+fail:
+    free(all);
+    free(open_bucket);
+    plan_layout_free(out);
+    return -1;
+}
+
+void plan_layout_free(plan_layout *l) {
+    free(l->buffers);
+    free(l->items);
+    memset(l, 0, sizeof *l);
+}
+
 int plan_run_task(void *ctx, size_t i, ds_error *err) {
     load_plan *plan = ctx;
     plan_task *t = &plan->tasks[i];
@@ -319,16 +524,20 @@ int plan_load(load_plan *plan, const char *const *paths, size_t n, int use_map, 
                 ds_fail(err, DS_ERR_NOMEM, "out of memory");
                 goto fail;
             }
-            size_t total = 0;
-            for (size_t k = 0; k < h->n_tensors; k++) {
-                const st_tensor *t = &h->tensors[k];
-                lf->conv_off[k] = UINT64_MAX;
-                if (t->end == t->begin || t->dtype == target || !(convert & (1u << t->dtype)))
-                    continue;
-                size_t numel = (size_t)((t->end - t->begin) / (st_dtype_bits(t->dtype) / 8));
-                lf->conv_off[k] = total;
-                total += (numel * (st_dtype_bits(target) / 8) + 63) & ~(size_t)63;
+            /* the same layout as every other buffer a load fills (plan_layout_build) */
+            plan_layout_spec spec = {PLAN_PER_FILE, 0, 1, convert, target, PLAN_ALIGN_HOST, 1, 0};
+            plan_layout l;
+            if (plan_layout_build(h, 1, &spec, &l, err))
+                goto fail;
+            for (size_t k = 0; k < h->n_tensors; k++)
+                lf->conv_off[k] = l.items[k].buffer == SIZE_MAX ? UINT64_MAX : l.items[k].buffer_offset;
+            uint64_t conv_bytes = l.buffers[0].nbytes;
+            plan_layout_free(&l);
+            if (conv_bytes > SIZE_MAX) {
+                ds_fail(err, DS_ERR_NOMEM, "the converted tensors need %llu bytes", (unsigned long long)conv_bytes);
+                goto fail;
             }
+            size_t total = (size_t)conv_bytes;
             if (total) {
                 lf->conv_len = total;
                 lf->conv = io_alloc(total, err);

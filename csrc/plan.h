@@ -54,6 +54,68 @@ typedef struct {
     size_t n_tasks, cap_tasks;
 } load_plan;
 
+/* ---- buffer layout: which tensor goes into which buffer, at which offset ----------------------
+ *
+ * One layout function serves every load that fills buffers of its own: the conversion buffer of a
+ * host load (plan_load), the pinned host buffers and CUDA tensors of loader/direct_fill.py and the
+ * buckets of a distributed load (loader/distributed.py, through _core.plan_buffers). Alignment is
+ * the caller's, one constant per kind of buffer: */
+#define PLAN_ALIGN_HOST 64 /* our own anonymous memory: a cache line, and AVX-512's vector width */
+/* Buffers torch allocates (pinned host memory, CUDA memory) start 256-byte aligned (its caching
+ * allocators round blocks to 512 bytes); 256 between tensors keeps every view as aligned as a
+ * tensor torch allocated alone, which its vectorized kernels and cudaMemcpy's fast path expect. */
+#define PLAN_ALIGN_TORCH 256
+
+enum {
+    PLAN_PER_FILE,   /* one buffer per file (empty files get an empty buffer) */
+    PLAN_PER_TENSOR, /* one buffer per tensor (a tensor allocated alone, at offset 0) */
+    PLAN_BUCKETS,    /* the tensors cut into runs of about equal bytes, one per reader, each run into
+                        buckets of at most bucket_bytes (a larger tensor is a bucket of its own) */
+};
+
+typedef struct {
+    int split;             /* PLAN_PER_FILE, PLAN_PER_TENSOR or PLAN_BUCKETS */
+    int merge;             /* one dict over all files: a later file's tensor of a name replaces an earlier
+                              one, at the place the name was first seen (dict.update) */
+    int converted_only;    /* lay out only the tensors converted (plan_load's conversion buffer) */
+    unsigned convert;      /* mask (1 << from dtype) of the dtypes converted to target; 0: none */
+    st_dtype target;       /* the dtype converted to, when convert is not 0 */
+    uint64_t align;        /* a power of two: every tensor's offset in its buffer is a multiple */
+    unsigned readers;      /* PLAN_BUCKETS: readers (at least 1) */
+    uint64_t bucket_bytes; /* PLAN_BUCKETS: the bucket size; 0: no limit */
+} plan_layout_spec;
+
+typedef struct {
+    uint64_t nbytes; /* the bytes the buffer must hold (a multiple of align, 0 when empty) */
+    unsigned reader; /* PLAN_BUCKETS: the reader that fills it; else 0 */
+    size_t file;     /* PLAN_PER_FILE, PLAN_PER_TENSOR: the file it belongs to; SIZE_MAX for a bucket */
+} plan_buffer;
+
+typedef struct {
+    size_t file;            /* index into the headers */
+    size_t tensor;          /* index into that header's tensors */
+    uint64_t offset;        /* absolute file offset of the bytes (data_start + begin) */
+    uint64_t nbytes;        /* bytes to read */
+    st_dtype from, to;      /* to == from: copied as it is */
+    size_t buffer;          /* SIZE_MAX: not laid out (converted_only and not converted) */
+    uint64_t buffer_offset; /* a multiple of align */
+    uint64_t out_nbytes;    /* bytes written: nbytes, or nbytes / size(from) * size(to) */
+} plan_item;
+
+typedef struct {
+    plan_buffer *buffers;
+    size_t n_buffers;
+    plan_item *items; /* merged: the merged dict's keys in order; else file by file, in header order */
+    size_t n_items;
+} plan_layout;
+
+/* Lays out the tensors of n parsed headers into buffers (see plan_layout_spec). Every size and
+ * offset is overflow-checked. Deterministic: the same headers and spec give the same layout on
+ * every machine. Returns 0 with *out filled (caller frees with plan_layout_free), or -1 with err. */
+int plan_layout_build(const st_header *hs, size_t n, const plan_layout_spec *spec, plan_layout *out, ds_error *err);
+
+void plan_layout_free(plan_layout *l);
+
 /* Parses the safetensors header of an open file into h (caller frees with st_free). Returns 0, or
  * -1 with err. */
 int plan_parse_header(const io_file *f, st_header *h, ds_error *err);

@@ -14,6 +14,8 @@ _Path: TypeAlias = str | bytes | PathLike[str] | PathLike[bytes]
 
 __version__: str
 MAX_HEADER: int  # the safetensors header length limit (bytes)
+ALIGN_HOST: int  # plan_buffers' alignment for buffers of our own (64; csrc/plan.h explains)
+ALIGN_TORCH: int  # plan_buffers' alignment for buffers torch allocates, pinned or CUDA (256)
 
 class FormatError(ValueError):
     """A model file breaks its format (the message names the file, the tensor and what is wrong)."""
@@ -68,7 +70,7 @@ class OpenFile:
     ) -> tuple[int, int, list[tuple[str, str, tuple[int, ...], int, int]], dict[str, str] | None]: ...
     def map(self) -> Region: ...
     def map_range(self, offset: int, nbytes: int, threads: int = 1, populate: bool = True) -> Tensor: ...
-    def read_into(self, items: Sequence[tuple[int, int, str, str, int, str]], threads: int = 1) -> None: ...
+    def read_into(self, buffers: Sequence[_Destination], items: Sequence[_Item], threads: int = 1) -> None: ...
     def close(self) -> None: ...
     def fileno(self) -> int: ...
 
@@ -84,6 +86,39 @@ class TensorRef(NamedTuple):
     parameter: bool
     metadata: dict[str, Any] | None
     state: dict[str, Any] | None
+
+class PlanBuffer(NamedTuple):
+    """One buffer of a BufferPlan (a struct sequence)."""
+
+    nbytes: int  # bytes the buffer must hold (a multiple of the alignment; 0 when empty)
+    reader: int  # split="buckets": the reader that fills it; else 0
+    file: int  # the file it belongs to, or -1 for a bucket (which may span files)
+
+class PlannedTensor(NamedTuple):
+    """One tensor of a BufferPlan (a struct sequence); also an item of read_into and cuda_upload."""
+
+    key: str
+    file: int  # index into paths
+    offset: int  # absolute file offset of its bytes
+    nbytes: int  # bytes to read
+    dtype: str  # safetensors dtype in the file
+    out_dtype: str  # safetensors dtype written (== dtype: copied as it is)
+    shape: tuple[int, ...]
+    buffer: int  # index into the plan's buffers (and read_into's)
+    buffer_offset: int  # a multiple of the alignment
+    out_nbytes: int  # bytes written into the buffer
+
+class BufferPlan(NamedTuple):
+    """What plan_buffers returns: the buffers to allocate and, per tensor, where its bytes come from and go."""
+
+    buffers: list[PlanBuffer]
+    tensors: list[PlannedTensor]
+
+# A destination of read_into / cuda_upload: memory whose size C reads and checks every write against
+# (a writable buffer-protocol object, a DLPack capsule, or an object with __dlpack__). No addresses.
+_Destination: TypeAlias = Buffer | Any
+# A PlannedTensor, or a tuple of its ten fields.
+_Item: TypeAlias = PlannedTensor | tuple[str, int, int, int, str, str, tuple[int, ...], int, int, int]
 
 # ---- safetensors headers and hashes
 def read_header(
@@ -103,8 +138,19 @@ def load(
     convert_from: Sequence[str] | None = None,
 ) -> list[list[tuple[str, Tensor]]]: ...
 def read_into(
-    paths: Sequence[_Path], items: Sequence[tuple[int, int, int, str, str, int, str]], threads: int = 1
+    paths: Sequence[_Path], buffers: Sequence[_Destination], items: Sequence[_Item], threads: int = 1
 ) -> None: ...
+def plan_buffers(
+    paths: Sequence[_Path],
+    align: int,
+    split: str = "file",  # "file", "tensor" or "buckets"
+    *,
+    merge: bool = False,
+    target: str | None = None,
+    convert_from: Sequence[str] = (),
+    readers: int = 1,
+    bucket_bytes: int = 0,
+) -> BufferPlan: ...
 def region_view(region: Region, offset: int, nbytes: int, threads: int = 1, /) -> Tensor: ...
 def map_ranges(
     path: _Path, ranges: Sequence[tuple[int, int]], threads: int = 1, mode: str = "mmap"
@@ -143,10 +189,11 @@ def cuda_norm(
 ) -> None: ...
 def cuda_upload(
     paths: Sequence[_Path],
-    items: Sequence[tuple[int, int, int, str | None, str | None, int]],
+    buffers: Sequence[_Destination],
+    items: Sequence[_Item],
     device: int,
-    scratch: int,
-    scratch_bytes: int,
+    scratch: _Destination | None,
+    staging_bytes: int,
     threads: int,
     stream: int,
     nan: int = 1,

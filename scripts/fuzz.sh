@@ -19,11 +19,11 @@ if [ -z "$cc" ] || ! "$cc" -fsanitize=fuzzer -x c /dev/null -o /dev/null -Wl,--u
 fi
 out=$root/build/fuzz
 mkdir -p "$out/bin"
-sources=$(for f in safetensors json arena lastwins torchzip unpickle torchfile io error guard lease; do echo "$root/csrc/$f.c"; done)
-harnesses=${*:-fuzz_safetensors fuzz_torchzip fuzz_unpickle fuzz_torchfile}
+sources=$(for f in safetensors json arena lastwins torchzip unpickle torchfile io error guard lease plan keyhash convert; do echo "$root/csrc/$f.c"; done)
+harnesses=${*:-fuzz_safetensors fuzz_torchzip fuzz_unpickle fuzz_torchfile fuzz_plan}
 for h in $harnesses; do
   "$cc" -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -std=c11 \
-    -I"$root/csrc" -I"$root/kernels" -DDS_VERSION='"fuzz"' "$root/tests/fuzz/$h.c" $sources -lpthread -ldl -lm \
+    -I"$root/csrc" -I"$root/kernels" -DDS_VERSION='"fuzz"' -DCV_NO_F16C "$root/tests/fuzz/$h.c" $sources -lpthread -ldl -lm \
     -o "$out/bin/$h"
 done
 rm -rf "$out/corpus" && "$venv/bin/python" "$root/tests/fuzz/make_corpus.py" "$out/corpus" 2>/dev/null

@@ -17,7 +17,7 @@ ubsan=$(gcc -print-file-name=libubsan.so)
 default_tests=""
 for t in safetensors_format errors load_state_dict dlpack hash convert torch_checkpoint folders fuzz_regressions \
          fuzz_parsers reliability torch_fidelity torch_serialization_ported safetensors_ported parser_cost safe_open \
-         disk_map; do
+         disk_map plan; do
   default_tests="$default_tests $root/tests/test_$t.py"
 done
 tests=${*:-$default_tests}

@@ -129,7 +129,7 @@ def test_core_refuses_cpu_capsules_for_kernels():
 
 def _read_into_all(path, dtype_for=lambda d: d):
     _hl, start, tensors, _m = _core.read_header(path)
-    outs, items = {}, []
+    outs, bufs, items = {}, [], []
     for name, dtype, shape, b, e in tensors:
         out_dtype = dtype_for(dtype)
         t = torch.empty(
@@ -137,8 +137,10 @@ def _read_into_all(path, dtype_for=lambda d: d):
             dtype=getattr(torch, {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64"}[out_dtype]),
         )
         outs[name] = t
-        items.append((0, start + b, e - b, dtype, out_dtype, t.data_ptr(), name))
-    _core.read_into([path], items, 4)
+        out_nbytes = t.numel() * t.element_size()
+        items.append((name, 0, start + b, e - b, dtype, out_dtype, tuple(shape), len(bufs), 0, out_nbytes))
+        bufs.append(t)  # a torch tensor: C takes its address and size through __dlpack__
+    _core.read_into([path], bufs, items, 4)
     return outs
 
 
@@ -158,6 +160,45 @@ def test_read_into_converts_like_the_loader(model_files):
         assert torch.equal(got[k].reshape(-1).view(torch.uint8), ref[k].reshape(-1).view(torch.uint8)), k
 
 
+def test_read_into_fills_a_plan(model_files):
+    """plan_buffers' entries go back into read_into as they came out, into any buffer C can size."""
+    plan = _core.plan_buffers(model_files, 64, target="F32", convert_from=["BF16", "F16"])
+    bufs = [bytearray(b.nbytes) for b in plan.buffers]
+    _core.read_into(model_files, bufs, [t for t in plan.tensors if t.nbytes], 2)
+    for fi, p in enumerate(model_files):
+        ref = diffsynth_c.load_state_dict(p, torch_dtype=torch.float32)
+        for t in (t for t in plan.tensors if t.file == fi):
+            got = bytes(bufs[t.buffer][t.buffer_offset : t.buffer_offset + t.out_nbytes])
+            want = ref[t.key].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+            if t.dtype in ("BF16", "F16", "F32"):  # DiffSynth converts the rest with torch
+                assert got == want, t.key
+
+
+def test_read_into_overrun_raises_and_writes_nothing(tmp_path):
+    from safetensors.torch import save_file
+
+    p = str(tmp_path / "t.safetensors")
+    save_file({"a": random_tensor((16,), torch.float32, 1), "b": random_tensor((1024,), torch.float32, 2)}, p)
+    plan = _core.plan_buffers([p], 64)
+    a, b = plan.tensors
+    buf = bytearray(b"\xee" * (b.buffer_offset + b.out_nbytes - 1))  # one byte short for 'b'
+    with pytest.raises(ValueError, match=r"t\.safetensors: tensor 'b': bytes \[\d+, \d+\) do not fit in buffer 0"):
+        _core.read_into([p], [buf], [a, b])
+    assert buf == bytearray(b"\xee" * len(buf))  # 'a' was not read either: every item is checked first
+    fields = (a.key, 0, a.offset, a.nbytes, a.dtype, a.out_dtype, a.shape, 0)
+    with pytest.raises(ValueError, match="tensor 'a'.*do not fit"):
+        _core.read_into([p], [buf], [fields + (len(buf) - 8, a.out_nbytes)])
+    with pytest.raises(ValueError, match="tensor 'a'.*do not fit"):  # offset + nbytes would wrap around 64 bits
+        _core.read_into([p], [buf], [fields + (2**64 - 8, a.out_nbytes)])
+    with pytest.raises(ValueError, match=r"t\.safetensors: tensor 'b'.*do not fit"):
+        _core.OpenFile(p).read_into([buf], [b])
+    with pytest.raises(BufferError):
+        _core.read_into([p], [bytes(len(buf))], [a])  # read-only memory
+    with pytest.raises(TypeError, match="neither a buffer"):
+        _core.read_into([p], [12345], [a])  # an address is not a buffer
+    assert buf == bytearray(b"\xee" * len(buf))
+
+
 def test_read_into_truncated_names_file_and_tensor(tmp_path):
     from safetensors.torch import save_file
 
@@ -167,24 +208,29 @@ def test_read_into_truncated_names_file_and_tensor(tmp_path):
     os.truncate(p, os.path.getsize(p) - 100)
     out = torch.empty(1024)
     with pytest.raises((OSError, ValueError)) as info:
-        _core.read_into([p], [(0, start, 4096, "F32", "F32", out.data_ptr(), "a")], 2)
+        _core.read_into([p], [out], [("a", 0, start, 4096, "F32", "F32", (1024,), 0, 0, 4096)], 2)
     assert "t.safetensors" in str(info.value) and "'a'" in str(info.value)
 
 
 def test_read_into_rejects_bad_items(tmp_path):
+    out = bytearray(16)
     with pytest.raises(IndexError, match="names file 3"):
-        _core.read_into([], [(3, 0, 4, "F32", "F32", 0, "k")])
+        _core.read_into([], [out], [("k", 3, 0, 4, "F32", "F32", (1,), 0, 0, 4)])
     with pytest.raises(ValueError, match="no conversion from I64 to F32"):
-        _core.read_into(["x"], [(0, 0, 8, "I64", "F32", 0, "k")])
-    with pytest.raises(ValueError, match="whole number of elements"):
-        _core.read_into(["x"], [(0, 0, 3, "F32", "BF16", 0, "k")])
+        _core.read_into(["x"], [out], [("k", 0, 0, 8, "I64", "F32", (1,), 0, 0, 4)])
+    with pytest.raises(ValueError, match="whole number of"):
+        _core.read_into(["x"], [out], [("k", 0, 0, 3, "F32", "BF16", (1,), 0, 0, 2)])
+    with pytest.raises(ValueError, match="are not 8 bytes of BF16"):
+        _core.read_into(["x"], [out], [("k", 0, 0, 8, "F32", "BF16", (2,), 0, 0, 8)])
+    with pytest.raises(IndexError, match="names buffer 1 of 1"):
+        _core.read_into(["x"], [out], [("k", 0, 0, 8, "F32", "F32", (2,), 1, 0, 8)])
 
 
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16, torch.float32, torch.float8_e4m3fn])
 def test_pinned_load_reads_into_one_buffer_per_file(model_files, monkeypatch, dtype):
     """load_pinned with torch's pinned allocator swapped for ordinary memory (no CUDA here): same
     tensors as the ordinary load, each a view into its file's buffer."""
-    from diffsynth_c.loader import device as placement
+    from diffsynth_c.loader import direct_fill
 
     buffers = []
 
@@ -192,9 +238,9 @@ def test_pinned_load_reads_into_one_buffer_per_file(model_files, monkeypatch, dt
         buffers.append(torch.empty(n, dtype=torch.uint8))
         return buffers[-1]
 
-    monkeypatch.setattr(placement, "_pinned_buffer", fake_pinned)
-    monkeypatch.setattr(placement, "_pin", lambda x: x)
-    got = placement.load_pinned(model_files, model_files, dtype)
+    monkeypatch.setattr(direct_fill, "_pinned_buffer", fake_pinned)
+    monkeypatch.setattr(direct_fill, "_pin", lambda x: x)
+    got = direct_fill.load_pinned(model_files, model_files, dtype)
     assert len(buffers) == 2
     for d, p, buf in zip(got, model_files, buffers):
         ref = diffsynth_c.load_state_dict(p, torch_dtype=dtype)

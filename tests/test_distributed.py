@@ -124,21 +124,60 @@ def test_a_file_missing_on_one_rank_fails_every_rank(tmp_path, shards):
         assert "missing-00001-of-00003.safetensors: no such file" in r["error"]
 
 
+def _reference_plan(headers, readers, bucket_bytes, align=64):
+    """The plan as loader/distributed.py computed it in Python before the C planner took it over:
+    (order, buckets), the oracle the C layout is held to."""
+    winner, first_seen = {}, []
+    for fi, (data_start, tensors) in enumerate(headers):
+        for name, dtype, shape, begin, end in tensors:
+            if name not in winner:
+                first_seen.append(name)
+            winner[name] = (fi, data_start, dtype, shape, begin, end)
+    runs = [(name, winner[name]) for name in first_seen]
+    total = sum(e - b for _, (_, _, _, _, b, e) in runs)
+    buckets, placed, current, done = [], {}, {}, 0
+    for name, (fi, data_start, dtype, shape, begin, end) in runs:
+        nbytes = end - begin
+        reader = min(readers - 1, (2 * done + nbytes) * readers // (2 * total)) if total else 0
+        done += nbytes
+        b = current.get(reader)
+        if b is None or (buckets[b][1] and buckets[b][1] + nbytes > bucket_bytes):
+            buckets.append([reader, 0, []])
+            b = current[reader] = len(buckets) - 1
+        off = buckets[b][1]
+        buckets[b][2].append((fi, data_start + begin, nbytes, dtype, off, name))
+        buckets[b][1] = off + (nbytes + align - 1) // align * align
+        placed[name] = (b, off)
+    order = [(name, fi, *placed[name], e - b, dtype, tuple(shape)) for name, (fi, _, dtype, shape, b, e) in runs]
+    return order, buckets
+
+
 def test_the_plan_is_deterministic_and_balanced(shards):
     from diffsynth_c import _core
     from diffsynth_c.loader.distributed import plan
 
+    layout = plan(shards, 3, 1 << 20)
+    assert layout == plan(shards, 3, 1 << 20)
+    order = layout.tensors
+    assert [t.key for t in order][:2] == ["blocks.0.0.weight", "blocks.0.1.weight"]
+    assert order[[t.key for t in order].index("shared.ids")].file == 2  # the last shard's copy wins
+    per_reader = [sum(b.nbytes for b in layout.buffers if b.reader == r) for r in range(3)]
+    assert max(per_reader) - min(per_reader) < 2 * 256 * 576 * 2
+    assert all(b.nbytes <= 1 << 20 or sum(t.buffer == i for t in order) == 1 for i, b in enumerate(layout.buffers))
     headers = []
     for p in shards:
         _hl, start, tensors, _meta = _core.read_header(p)
         headers.append((start, [(n, d, tuple(s), b, e) for n, d, s, b, e in tensors]))
-    order, buckets = plan(headers, 3, 1 << 20)
-    assert (order, buckets) == plan(headers, 3, 1 << 20)
-    assert [name for name, *_ in order][:2] == ["blocks.0.0.weight", "blocks.0.1.weight"]
-    assert order[[n for n, *_ in order].index("shared.ids")][1] == 2  # the last shard's copy wins
-    per_reader = [sum(b[1] for b in buckets if b[0] == r) for r in range(3)]
-    assert max(per_reader) - min(per_reader) < 2 * 256 * 576 * 2
-    assert all(size <= 1 << 20 or len(items) == 1 for _, size, items in buckets)
+    for readers, bucket in [(1, 0), (3, 1 << 20), (2, 1), (5, 300_000), (64, 1 << 30)]:
+        ref_order, ref_buckets = _reference_plan(headers, readers, bucket or 2**64)
+        got = plan(shards, readers, bucket)
+        assert [
+            (t.key, t.file, t.buffer, t.buffer_offset, t.nbytes, t.dtype, t.shape) for t in got.tensors
+        ] == ref_order
+        assert [(b.reader, b.nbytes) for b in got.buffers] == [(r, n) for r, n, _ in ref_buckets]
+        assert all(
+            t.offset == headers[t.file][0] + {e[0]: e[3] for e in headers[t.file][1]}[t.key] for t in got.tensors
+        )
 
 
 class TinyNet(torch.nn.Module):

@@ -23,6 +23,14 @@ with tempfile.TemporaryDirectory() as tmp:
         target = os.path.join(tmp, "x.safetensors")
         open(target, "wb").write(data)
         call = lambda: _core.read_header(target)
+    elif harness == "fuzz_plan":  # the file laid out as the planner's users lay it out
+        target = os.path.join(tmp, "x.safetensors")
+        open(target, "wb").write(data)
+        call = lambda: [
+            _core.plan_buffers([target, target], 64, "file", target="F32", convert_from=["BF16", "F16"]),
+            _core.plan_buffers([target, target], 256, "tensor"),
+            _core.plan_buffers([target, target], 64, "buckets", merge=True, readers=3, bucket_bytes=4096),
+        ]
     elif harness == "fuzz_unpickle":  # the stream as the data.pkl of a checkpoint
         target = os.path.join(tmp, "x.bin")
         with zipfile.ZipFile(target, "w", zipfile.ZIP_STORED) as z:

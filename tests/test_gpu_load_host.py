@@ -3,7 +3,7 @@
 kernels/upload.cu (planning, the staging ring, piece tables, reader threads, error paths) is
 built with g++ against tests/cuda_fake, a stand-in for the CUDA runtime where device memory is host
 memory, and the convert kernel is the same kernels/dtype.h arithmetic run on the CPU. The Python
-side (diffsynth_c/loader/device.py) then loads through it exactly as it would onto a GPU, with
+side (diffsynth_c/loader/direct_fill.py) then loads through it exactly as it would onto a GPU, with
 torch's CUDA allocator swapped for CPU tensors. Each case runs in a fresh interpreter: the C core
 opens one CUDA library per process."""
 
@@ -58,11 +58,11 @@ import ctypes, os, torch
 import diffsynth_c
 from diffsynth_c import _core, kernels
 from diffsynth_c.dlpack import torch_dtype_of
-from diffsynth_c.loader import device as placement
+from diffsynth_c.loader import direct_fill
 assert _core.cuda_open({lib!r}) is None
 fake = ctypes.CDLL({lib!r})
-placement._empty = lambda shape, dtype, dev: torch.full(shape, 7, dtype=torch_dtype_of(dtype)) if dtype not in ('F8_E4M3', 'F8_E5M2') else torch.zeros(shape, dtype=torch_dtype_of(dtype))
-placement._stream_of = lambda dev: 0
+direct_fill._empty = lambda shape, dtype, dev: torch.full(shape, 7, dtype=torch_dtype_of(dtype)) if dtype not in ('F8_E4M3', 'F8_E5M2') else torch.zeros(shape, dtype=torch_dtype_of(dtype))
+direct_fill._stream_of = lambda dev: 0
 kernels.cast_rules = lambda s, d, i: (1, 0)
 def same(a, b):
     return a.dtype == b.dtype and a.shape == b.shape and (a.numel() == 0 or torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)))
@@ -113,7 +113,7 @@ def test_host_pipeline_gives_the_cpu_load(fake_lib, shards, staging_mib):
         f"""
 paths = {shards!r}
 for dtype in (None, torch.bfloat16, torch.float32, torch.float16, torch.float8_e5m2):
-    dicts = placement.load_to_cuda(paths, paths, dtype, "cuda:0")
+    dicts = direct_fill.load_to_cuda(paths, paths, dtype, "cuda:0")
     ref = [diffsynth_c.load_state_dict(p, torch_dtype=dtype) for p in paths]
     for d, r in zip(dicts, ref):
         assert list(d) == list(r)
@@ -126,6 +126,29 @@ for dtype in (None, torch.bfloat16, torch.float32, torch.float16, torch.float8_e
     assert out.count(" 12\n") == 5, out
 
 
+def test_host_pipeline_one_rule_set_per_upload(fake_lib, shards):
+    """Pairs under another rule set than the first, or under none, stay in the file's dtype for
+    torch's .to(): same tensors as the CPU load, and only the first rule set's pairs are planned as
+    GPU conversions."""
+    out = _run(
+        fake_lib,
+        f"""
+kernels.cast_rules = lambda s, d, i: {{"BF16": (1, 0), "F16": (0, 1), "F8_E4M3": None}}.get(s, (1, 0))
+paths = {shards!r}
+plan, rules = direct_fill._plan_cuda(paths, "F32", torch.device("cuda", 0))
+converted = sorted({{t.dtype for t in plan.tensors if t.out_dtype != t.dtype}})
+dicts = direct_fill.load_to_cuda(paths, paths, torch.float32, "cuda:0")
+ref = [diffsynth_c.load_state_dict(p, torch_dtype=torch.float32) for p in paths]
+for d, r in zip(dicts, ref):
+    assert list(d) == list(r)
+    for k in r:
+        assert same(d[k], r[k]), (k, d[k].dtype, r[k].dtype)
+print("rules", rules, converted)
+""",
+    )
+    assert "rules (0, 1) ['F16']" in out, out
+
+
 def test_host_pipeline_many_small_tensors(fake_lib, tmp_path):
     """More pieces than one slot's table holds: chunks close on the table, not only on bytes."""
     from safetensors.torch import save_file
@@ -136,7 +159,7 @@ def test_host_pipeline_many_small_tensors(fake_lib, tmp_path):
     out = _run(
         fake_lib,
         f"""
-d = placement.load_to_cuda([{p!r}], [{p!r}], torch.bfloat16, "cuda:0")[0]
+d = direct_fill.load_to_cuda([{p!r}], [{p!r}], torch.bfloat16, "cuda:0")[0]
 r = diffsynth_c.load_state_dict({p!r}, torch_dtype=torch.bfloat16)
 assert list(d) == list(r) and all(same(d[k], r[k]) for k in r)
 print("ok")
@@ -154,14 +177,14 @@ def test_host_pipeline_truncated_file_names_file_and_tensor(fake_lib, tmp_path):
     out = _run(
         fake_lib,
         f"""
-real = placement._headers
-def cut(paths, displays):
-    h = real(paths, displays)
+real = direct_fill._plan_cuda
+def cut(*args):
+    plan = real(*args)
     os.truncate({p!r}, os.path.getsize({p!r}) - 4096)
-    return h
-placement._headers = cut
+    return plan
+direct_fill._plan_cuda = cut
 try:
-    placement.load_to_cuda([{p!r}], [{p!r}], None, "cuda:0")
+    direct_fill.load_to_cuda([{p!r}], [{p!r}], None, "cuda:0")
 except OSError as e:
     print(e)
 """,
@@ -175,11 +198,11 @@ def test_host_pipeline_copy_failure_raises_with_cuda_message(fake_lib, shards):
         f"""
 fake.fake_set_fail_copy_at(3)
 try:
-    placement.load_to_cuda({shards!r}, {shards!r}, torch.bfloat16, "cuda:0")
+    direct_fill.load_to_cuda({shards!r}, {shards!r}, torch.bfloat16, "cuda:0")
 except RuntimeError as e:
     print(e)
 fake.fake_set_fail_copy_at(-1)
-d = placement.load_to_cuda({shards!r}, {shards!r}, None, "cuda:0")  # and the next load works
+d = direct_fill.load_to_cuda({shards!r}, {shards!r}, None, "cuda:0")  # and the next load works
 print(len(d))
 """,
         {"DIFFSYNTH_C_STAGING_MIB": "2"},

@@ -34,7 +34,7 @@ LAYERS = [
         "model",
         [
             "diffsynth_c.loader.model",  # DiffSynth's path for load_model
-            "diffsynth_c.loader.placement",
+            "diffsynth_c.loader.device_map",
             "diffsynth_c.loader.__init__",  # DiffSynth's loader package exports load_model
         ],
     ),

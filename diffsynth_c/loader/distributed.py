@@ -8,7 +8,8 @@ state dict while each byte of the files is read from disk once:
    dict keeps, in file order, are cut into contiguous runs of about equal bytes, one run per
    reader rank; each run into buckets of at most ``bucket_mib`` MiB (a larger tensor is a bucket
    of its own). Readers are all ranks, or, with ``node_local=True``, one rank per host (the
-   lowest), for network file systems where every rank hitting the files hurts.
+   lowest), for network file systems where every rank hitting the files hurts. The C planner
+   lays this out (``_core.plan_buffers``, csrc/plan.c), in integer arithmetic.
 2. **Agree**: every rank reports whether it could read the headers, with a digest of its plan;
    one failure (a file missing on one node) makes every rank raise, naming the rank and the
    file, before any exchange starts.
@@ -34,8 +35,8 @@ from .. import _core
 from ..core.settings import threads
 from ..dlpack import view_bytes
 
-_ALIGN = 64
 last_load_stats: dict = {}
+_NO_BUFFER = bytearray()  # in read_into's buffer list for the buckets other ranks read
 
 
 def _rank_and_size(group: Any) -> tuple[int, int]:
@@ -70,40 +71,14 @@ def agree(group: Any, rank: int, error: str | None, what: str) -> None:
         raise RuntimeError(f"distributed load failed while {what} ({detail})")
 
 
-def plan(headers: list[tuple[int, list]], readers: int, bucket_bytes: int) -> tuple[list, list]:
-    """(order, buckets): order lists (key, file index, bucket index, offset in bucket, nbytes, dtype, shape) in the
-    merged dict's key order; buckets lists (reader index, size, items) with items (file index,
-    absolute offset, nbytes, dtype, offset in bucket, key). Deterministic from the headers."""
-    winner: dict[str, tuple[int, tuple]] = {}
-    first_seen: list[str] = []
-    for fi, (data_start, tensors) in enumerate(headers):
-        for entry in tensors:
-            name = entry[0]
-            if name not in winner:
-                first_seen.append(name)
-            winner[name] = (fi, (data_start,) + tuple(entry))
-    runs = [(name, winner[name]) for name in first_seen]
-    total = sum(ent[5] - ent[4] for _, (_, ent) in runs)
-    buckets: list = []
-    placed: dict[str, tuple[int, int]] = {}
-    current: dict[int, int] = {}  # reader -> open bucket index
-    done = 0
-    for name, (fi, (data_start, _name, dtype, shape, begin, end)) in runs:
-        nbytes = end - begin
-        reader = min(readers - 1, int((done + nbytes / 2) * readers // total)) if total else 0
-        done += nbytes
-        b = current.get(reader)
-        if b is None or (buckets[b][1] and buckets[b][1] + nbytes > bucket_bytes):
-            buckets.append([reader, 0, []])
-            b = current[reader] = len(buckets) - 1
-        off = buckets[b][1]
-        buckets[b][2].append((fi, data_start + begin, nbytes, dtype, off, name))
-        buckets[b][1] = off + (nbytes + _ALIGN - 1) // _ALIGN * _ALIGN
-        placed[name] = (b, off)
-    order = [
-        (name, fi, placed[name][0], placed[name][1], ent[5] - ent[4], ent[2], tuple(ent[3])) for name, (fi, ent) in runs
-    ]
-    return order, buckets
+def plan(paths: list, readers: int, bucket_bytes: int) -> Any:
+    """The BufferPlan (``_core.plan_buffers``) of a distributed load: the merged dict's tensors (a
+    later file's tensor of a name wins, at the name's first place) in buckets, each filled by one
+    reader. Deterministic from the headers, so every rank computes the same plan."""
+    # ALIGN_HOST (64): buckets are our own torch.empty CPU buffers, as plan_load's conversion buffers
+    return _core.plan_buffers(
+        paths, _core.ALIGN_HOST, "buckets", merge=True, readers=readers, bucket_bytes=bucket_bytes
+    )
 
 
 def _readers(group: Any, size: int, node_local: bool) -> list[int]:
@@ -131,17 +106,16 @@ def load_safetensors_distributed(
     import torch.distributed as dist
 
     rank, size = _rank_and_size(group)
-    headers, error = [], None
+    readers = _readers(group, size, node_local)
+    layout, error = None, None
     try:
-        for p in paths:
-            _hl, data_start, tensors, _meta = _core.read_header(p)
-            headers.append((data_start, [(n, d, tuple(s), b, e) for n, d, s, b, e in tensors]))
+        layout = plan(paths, len(readers), max(1, bucket_mib) << 20)
     except (OSError, ValueError) as e:
         error = str(e)
     agree(group, rank, error, "reading the headers")
-    readers = _readers(group, size, node_local)
-    order, buckets = plan(headers, len(readers), max(1, bucket_mib) << 20)
-    digest = hashlib.sha256(repr((order, [(b[0], b[1]) for b in buckets])).encode()).hexdigest()
+    digest = hashlib.sha256(
+        repr(([tuple(t) for t in layout.tensors], [tuple(b) for b in layout.buffers])).encode()
+    ).hexdigest()
     digests = all_ranks(group, digest)
     if len(set(digests)) != 1:
         raise RuntimeError(
@@ -154,36 +128,39 @@ def load_safetensors_distributed(
     buffers: dict[int, Any] = {}
     read_bytes, error = 0, None
     try:
-        for bi, (reader, nbytes, items) in enumerate(buckets):
-            if reader != me:
-                continue
-            host = torch.empty(max(nbytes, 1), dtype=torch.uint8)
-            base = host.data_ptr()
-            _core.read_into(
-                paths, [(fi, off, n, dt, dt, base + boff, key) for fi, off, n, dt, boff, key in items if n], threads()
-            )
-            read_bytes += sum(n for _, _, n, _, _, _ in items)
-            buffers[bi] = host if target.type == "cpu" else host.to(target)
+        mine = [bi for bi, b in enumerate(layout.buffers) if b.reader == me]
+        for bi in mine:
+            buffers[bi] = torch.empty(max(layout.buffers[bi].nbytes, 1), dtype=torch.uint8)
+        items = [t for t in layout.tensors if t.nbytes and t.buffer in buffers]
+        # one call for every bucket of this rank: the reads of all of them spread over the threads
+        if items:
+            dests = [buffers.get(bi, _NO_BUFFER) for bi in range(len(layout.buffers))]
+            _core.read_into(paths, dests, items, threads())
+        read_bytes = sum(t.nbytes for t in items)
+        if target.type != "cpu":
+            for bi in mine:
+                buffers[bi] = buffers[bi].to(target)
     except (OSError, ValueError, RuntimeError) as e:
         error = f"{e}"
     agree(group, rank, error, "reading")
-    for bi, (reader, nbytes, _items) in enumerate(buckets):
+    for bi, b in enumerate(layout.buffers):
         buf = buffers.get(bi)
         if buf is None:
-            buf = buffers[bi] = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=target)
-        dist.broadcast(buf, src=_global(group, readers[reader]), group=group)
+            buf = buffers[bi] = torch.empty(max(b.nbytes, 1), dtype=torch.uint8, device=target)
+        dist.broadcast(buf, src=_global(group, readers[b.reader]), group=group)
     result: dict[str, Any] = {}
-    for name, fi, bi, off, nbytes, dtype, shape in order:
-        x = view_bytes(buffers[bi][off : off + nbytes], dtype, shape, displays[fi], name)
+    for t in layout.tensors:
+        raw = buffers[t.buffer][t.buffer_offset : t.buffer_offset + t.nbytes]
+        x = view_bytes(raw, t.dtype, t.shape, displays[t.file], t.key)
         if torch_dtype is not None and x.dtype != torch_dtype:
             x = x.to(torch_dtype)
-        result[name] = x
+        result[t.key] = x
     last_load_stats.clear()
     last_load_stats.update(
         rank=rank,
         readers=len(readers),
         bytes_read=read_bytes,
-        buckets=len(buckets),
-        total_bytes=sum(b[1] for b in buckets),
+        buckets=len(layout.buffers),
+        total_bytes=sum(b.nbytes for b in layout.buffers),
     )
     return result

@@ -28,7 +28,7 @@ from ..core.formats import is_safetensors
 from ..core.settings import mode, threads
 from ..core.torchfile import load_tree, map_leaves, read_tree
 from ..dlpack import safetensors_name_of, to_torch
-from .device import load_pinned, load_to_cuda
+from .direct_fill import load_pinned, load_to_cuda
 
 PathLike = str | os.PathLike
 
@@ -119,7 +119,7 @@ def load_state_dict(
     ``torch_dtype`` converts every tensor (``tensor.to(torch_dtype)``); ``device`` places them.
     On a CUDA device, when ``diffsynth_c.cuda_available()``, the file's bytes go through pinned
     staging buffers straight into tensors from torch's allocator and are converted on the GPU
-    (diffsynth_c/loader/device.py); otherwise they are read on the CPU, moved, then converted on the
+    (diffsynth_c/loader/direct_fill.py); otherwise they are read on the CPU, moved, then converted on the
     device, as DiffSynth's are. ``pin_memory`` pins CPU tensors (read straight into pinned memory
     when CUDA is there). Raises ``FileNotFoundError`` for a missing file,
     ``diffsynth_c.FormatError`` (a ``ValueError``) naming the file and tensor for a malformed one.

@@ -108,7 +108,7 @@ def load_model(
     the file's dtypes; ``quantize``: a QuantizeConfig of ``diffsynth.core.quant``). ``path``
     may also be a model folder, with ``subfolder`` and ``variant`` as diffusers takes them; ``device_map`` ("cuda",
     "cpu", "auto", "balanced", a device or a dict) and ``max_memory`` place the model's blocks on
-    several devices as diffusers does (see ``placement.py``), recorded in ``model.hf_device_map``.
+    several devices as diffusers does (see ``device_map.py``), recorded in ``model.hf_device_map``.
     With a ``torch.distributed`` ``process_group`` each rank reads a share of the files and the
     ranks exchange the rest (``distributed.py``); DeepSpeed ZeRO-3 keeps DiffSynth's route."""
 
@@ -211,7 +211,7 @@ def _load_with_device_map(
 ) -> Any:
     import torch
 
-    from . import placement
+    from . import device_map as placement
 
     if module_map is not None or quantize is not None or state_dict is not None:
         raise ValueError(

@@ -122,8 +122,10 @@ class SafetensorsFile:
         else:
             out = torch.empty(end - begin, dtype=torch.uint8)
         if end > begin:
-            item = (self.data_start + begin, end - begin, dtype, target if convert else dtype, out.data_ptr(), name)
-            self.file.read_into([item], _threads_for(end - begin))
+            raw = out.reshape(-1).view(torch.uint8)  # C sizes the buffer from it (DLPack), whatever the dtype
+            out_dtype = target if convert else dtype
+            item = (name, 0, self.data_start + begin, end - begin, dtype, out_dtype, shape, 0, 0, raw.numel())
+            self.file.read_into([raw], [item], _threads_for(end - begin))
         return out if convert else view_bytes(out, dtype, shape, self.path, name)
 
     def read_independent(self, name: str, torch_dtype: Any = None, mode: str = "mmap") -> Any:

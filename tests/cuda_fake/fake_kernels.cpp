@@ -7,6 +7,10 @@
 int fake_fail_copy_at = -1;
 int fake_copies = 0;
 
+/* Tells the C core (csrc/cuda.c) that this library's device memory is host memory, so that
+ * cuda_upload accepts CPU tensors as its destinations. */
+extern "C" DSK_API const int dsk_fake_device_is_host = 1;
+
 extern "C" DSK_API void fake_set_fail_copy_at(int n) {
     fake_fail_copy_at = n;
     fake_copies = 0;

@@ -1,7 +1,7 @@
 """Seed corpora for the fuzz harnesses, from the real writers: safetensors files written by
-safetensors.torch.save_file, checkpoints written by torch.save (whole archives for fuzz_torchfile
-and fuzz_torchzip, their data.pkl for fuzz_unpickle), plus every regression input kept in
-tests/fuzz/regressions/<harness>/.
+safetensors.torch.save_file (for fuzz_safetensors and fuzz_plan), checkpoints written by
+torch.save (whole archives for fuzz_torchfile and fuzz_torchzip, their data.pkl for
+fuzz_unpickle), plus every regression input kept in tests/fuzz/regressions/<harness>/.
 
     python tests/fuzz/make_corpus.py OUT_DIR
 """
@@ -40,7 +40,7 @@ def state_dicts() -> list[dict]:
 def main(out: str) -> None:
     dirs = {
         name: os.path.join(out, name)
-        for name in ("fuzz_safetensors", "fuzz_torchfile", "fuzz_torchzip", "fuzz_unpickle")
+        for name in ("fuzz_safetensors", "fuzz_torchfile", "fuzz_torchzip", "fuzz_unpickle", "fuzz_plan")
     }
     for d in dirs.values():
         os.makedirs(d, exist_ok=True)
@@ -50,6 +50,7 @@ def main(out: str) -> None:
             safetensors.torch.save_file(
                 {k: v.contiguous() for k, v in sd.items()}, st, metadata={"format": "pt"} if i % 2 else None
             )
+            shutil.copy(st, os.path.join(dirs["fuzz_plan"], f"seed{i}.safetensors"))  # the planner's input too
             for j, obj in enumerate((sd, collections.OrderedDict(sd), {"state_dict": sd}, {"model": sd, "step": 3})):
                 path = os.path.join(tmp, f"{i}-{j}.bin")
                 torch.save(obj, path)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import diffsynth_c
-from diffsynth_c.loader import device as placement
+from diffsynth_c.loader import direct_fill
 
 from ..conftest import random_tensor
 from .conftest import write_safetensors
@@ -80,19 +80,19 @@ def test_truncated_file_names_file_and_tensor(tmp_path):
     p = write_safetensors(tmp_path / "t.safetensors", {"w": random_tensor((1 << 18,), torch.float32, 1)})
     size = os.path.getsize(p)
     header_ok = diffsynth_c.load_state_dict(p)  # noqa: F841 (the header is valid)
-    real_headers = placement._headers
+    real_plan = direct_fill._plan_cuda
 
-    def headers_then_truncate(paths, displays):
-        out = real_headers(paths, displays)
+    def plan_then_truncate(*args):
+        out = real_plan(*args)
         os.truncate(p, size - 4096)
         return out
 
-    placement._headers = headers_then_truncate
+    direct_fill._plan_cuda = plan_then_truncate
     try:
         with pytest.raises(OSError, match=r"t\.safetensors: tensor 'w': the file ends before"):
             diffsynth_c.load_state_dict(p, device="cuda")
     finally:
-        placement._headers = real_headers
+        direct_fill._plan_cuda = real_plan
 
 
 def test_out_of_memory_frees_what_was_allocated(tmp_path):

@@ -8,7 +8,7 @@ import safetensors.torch
 import torch
 
 import diffsynth_c
-from diffsynth_c.loader import placement
+from diffsynth_c.loader import device_map as placement
 
 MB = 10**6
 
