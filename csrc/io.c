@@ -21,6 +21,9 @@
 #ifndef MADV_POPULATE_READ
 #define MADV_POPULATE_READ 22
 #endif
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
 
 int io_open(const char *path, io_file *f, ds_error *err) {
     struct stat st;
@@ -209,6 +212,13 @@ int io_populate(void *addr, size_t len, ds_error *err) {
         sink ^= p[off];
     (void)sink;
     return 0;
+}
+
+void io_prefault(void *addr, size_t len) {
+    size_t page = io_page_size();
+    uintptr_t a = (uintptr_t)addr & ~(uintptr_t)(page - 1);
+    if (len) /* advice only: where it fails (a kernel before 5.14) the writes fault the pages in */
+        madvise((void *)a, len + ((uintptr_t)addr - a), MADV_POPULATE_WRITE);
 }
 
 void io_discard(void *addr, size_t len) {

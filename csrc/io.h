@@ -56,6 +56,12 @@ void io_release(void *addr, size_t len);
  * err when the file no longer covers the range (truncated under us). */
 int io_populate(void *addr, size_t len, ds_error *err);
 
+/* Faults the pages of [addr, addr+len) of anonymous memory in, writable, in one call
+ * (MADV_POPULATE_WRITE) instead of one page fault per page at the first write: the conversion
+ * workers call it on the part of the output each converts, so the faults are cheaper and spread
+ * over the threads. Only advice: nothing changes in the bytes, and a failure is ignored. */
+void io_prefault(void *addr, size_t len);
+
 /* Gives back the whole pages inside [addr, addr+len) that nothing will read again (the source of
  * a finished conversion): they leave the process's resident set (a file mapping's pages stay in
  * the page cache). A later read would see the file again, or zeros for anonymous memory. */
