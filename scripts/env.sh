@@ -28,13 +28,20 @@ key=$( (cat "$root/requirements/dev.txt"; "$py" -c 'import sys; print(sys.versio
 home=${DIFFSYNTH_C_VENV_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/diffsynth_c}
 venv=$home/venv-$key
 if [ ! -f "$venv/.complete" ]; then
-  echo "env.sh: creating $venv (first run on this machine: a few minutes)" >&2
-  rm -rf "$venv"
   mkdir -p "$home"
-  "$py" -m venv "$venv"
-  "$venv/bin/python" -m pip install -q --upgrade pip >&2
-  "$venv/bin/python" -m pip install -q -r "$root/requirements/dev.txt" >&2
-  touch "$venv/.complete"
+  # One creator at a time: two commands started together on a fresh machine (make test and make
+  # demo, or two checkouts) would otherwise each remove the other's half-built environment.
+  exec 9>"$home/.venv-$key.lock"
+  flock 9
+  if [ ! -f "$venv/.complete" ]; then
+    echo "env.sh: creating $venv (first run on this machine: a few minutes)" >&2
+    rm -rf "$venv"
+    "$py" -m venv "$venv"
+    "$venv/bin/python" -m pip install -q --upgrade pip >&2
+    "$venv/bin/python" -m pip install -q -r "$root/requirements/dev.txt" >&2
+    touch "$venv/.complete"
+  fi
+  exec 9>&-
 fi
 # Build the extension in place (incremental: only changed sources recompile), warnings as errors,
 # libcurl required (the build would otherwise quietly leave downloads out).
