@@ -115,6 +115,10 @@ class BufferPool:
                 return self.free.pop(min(fits, key=lambda i: self.free[i].size))
         return np.frombuffer(mmap.mmap(-1, size), dtype=np.uint8)
 
+    def fresh(self, nbytes: int) -> Any:
+        """A uint8 torch tensor of nbytes over a pooled buffer (its values undefined)."""
+        return self.lend(self.take(nbytes), 0, nbytes)
+
     def lend(self, base: Any, lead: int, nbytes: int) -> Any:
         """A uint8 torch tensor over base[lead:lead + nbytes]; base comes back when it is freed."""
         import torch
