@@ -4,6 +4,7 @@ DiffSynth's VRAM-managed layers and with ours, same run.
     python benchmarks/offload.py                       # CUDA when there is a GPU: hidden 3072, 8 GiB bf16
     python benchmarks/offload.py --device cpu          # what a machine without a GPU can show
     python benchmarks/offload.py --gib 2 --tokens 1024 --repeat 5 --markdown out.md
+    python benchmarks/offload.py --device cpu --pressure --gib 3 --hidden 2048 --tokens 16 --rounds 2
 
 The blocks have Qwen-Image's shapes (hidden 3072: a 6x modulation linear, qkv, out, a 4x MLP, a
 LayerNorm and an RMSNorm per block), as many as fit --gib of bf16 weights. Modes: resident (all
@@ -15,14 +16,28 @@ DiffSynth's layers, and, for offloaded modes, the bytes carried per forward and 
 The pinned host-to-device bandwidth of the machine (one exact-size registered buffer) is measured
 in the same run. DiffSynth's columns are left out where DiffSynth is not installed. On the CPU,
 where torch has no mem_get_info, the CPU's memory is reported full to both implementations.
+
+--pressure measures the smaller-than-the-model row instead: a model of --gib bf16 (these blocks,
+4 shards, kept in the bench folder) loaded as a new user would, ``load_model`` with ``vram_config``
+all "disk", computing bf16 on the CPU, inside a cgroup v1 memory group (--cgroup, created under
+/sys/fs/cgroup/memory when missing) limited to --limit times the weight bytes (default 0.5), --passes
+forward passes of --tokens tokens. DiffSynth plain and DiffSynth patched by diffsynth_c run in fresh
+processes, alternating, --rounds times, the files' pages dropped before each. Printed: load_model
+time, the first pass (ours learns the layer order in it) and the median and range of the others,
+peak memory of the group, whether the outputs are equal; the files' cold read ceiling in the same
+group (8 threads streaming, through the page cache and with O_DIRECT), the bytes/ceiling bound of a
+pass, and the pass with the weights resident (measured on as many blocks as fit a quarter of the
+limit, scaled to the model's).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +45,18 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch
-from common import machine, peak_rss_mib, report, reset_peak_rss, rss_mib, table_record, write_json
+from common import (
+    bench_dir,
+    drop_cache,
+    machine,
+    peak_rss_mib,
+    report,
+    reset_peak_rss,
+    rss_mib,
+    stream_ceiling,
+    table_record,
+    write_json,
+)
 
 BF16, F8 = torch.bfloat16, torch.float8_e4m3fn
 
@@ -158,6 +184,212 @@ def timed(model: torch.nn.Module, x: torch.Tensor, temb: torch.Tensor, repeat: i
     return statistics.median(times), max(0.0, peak_rss_mib() - start)
 
 
+# ---- the smaller-than-the-model row (--pressure) --------------------------------------------
+
+CGROUP_ROOT = os.environ.get("DIFFSYNTH_C_CGROUP_ROOT", "/sys/fs/cgroup/memory")
+DISK_CONFIG_KEYS = ("offload", "onload", "preparing")
+
+
+def pressure_files(hidden: int, gib: float, shards: int = 4) -> tuple[list[str], int]:
+    """The model's shards (written once, one shard in memory at a time) and its block count."""
+    import safetensors.torch
+
+    per_block = 2 * 18 * hidden * hidden
+    blocks = max(1, int(gib * (1 << 30) // per_block))
+    folder = os.path.join(bench_dir(), f"offload-stack-h{hidden}-b{blocks}-{shards}x")
+    paths = [os.path.join(folder, f"model-{i + 1:05d}-of-{shards:05d}.safetensors") for i in range(shards)]
+    if not os.path.exists(os.path.join(folder, ".complete")):
+        os.makedirs(folder, exist_ok=True)
+        with torch.device("meta"):
+            names = [(k, v.shape) for k, v in Stack(hidden, blocks).state_dict().items()]
+        per = (len(names) + shards - 1) // shards
+        g = torch.Generator().manual_seed(0)
+        for i, path in enumerate(paths):
+            sd = {k: (torch.randn(shape, generator=g) * 0.02).to(BF16) for k, shape in names[i * per : (i + 1) * per]}
+            safetensors.torch.save_file(sd, path)
+            del sd
+        open(os.path.join(folder, ".complete"), "w").close()
+    return paths, blocks
+
+
+def cgroup_dir(name: str, limit_bytes: int) -> str:
+    """The cgroup v1 memory group name (created when missing), its limit set; exits with a message
+    where the machine has no cgroup v1 memory controller."""
+    if not os.path.isdir(CGROUP_ROOT):
+        print(
+            f"offload: --pressure runs each process in a cgroup v1 memory group, and {CGROUP_ROOT} does not exist "
+            "(cgroup v2 only, or no memory controller mounted); mount it (mount -t cgroup -o memory none "
+            f"{CGROUP_ROOT}) or measure without --pressure",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    path = os.path.join(CGROUP_ROOT, name)
+    try:
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "memory.limit_in_bytes"), "w") as f:
+            f.write(str(limit_bytes))
+    except OSError as e:
+        print(f"offload: cannot set up the memory group {path} ({e}): --pressure needs root", file=sys.stderr)
+        sys.exit(2)
+    return path
+
+
+def _group_peak(group: str, reset: bool = False) -> int:
+    name = os.path.join(group, "memory.max_usage_in_bytes")
+    with open(name) as f:
+        peak = int(f.read())
+    if reset:
+        with open(name, "w") as f:
+            f.write("0")
+    return peak
+
+
+def run_in_group(group: str, argv: list[str], timeout: int = 1800) -> dict:
+    """One child of this script in the memory group; its last stdout line (JSON), or its error."""
+
+    def enter() -> None:
+        with open(os.path.join(group, "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
+
+    _group_peak(group, reset=True)
+    r = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), *argv],
+        preexec_fn=enter,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    lines = r.stdout.strip().splitlines()
+    if r.returncode != 0 or not lines or not lines[-1].startswith("{"):
+        tail = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"exit {r.returncode}: {tail[:300]}", "group_peak": _group_peak(group)}
+    return {**json.loads(lines[-1]), "group_peak": _group_peak(group)}
+
+
+def pressure_child(impl: str, paths: list[str], hidden: int, blocks: int, tokens: int, passes: int) -> None:
+    """In the group: load_model with every state on disk, then the passes; prints one JSON line."""
+    import hashlib
+
+    if impl == "diffsynth_c":
+        import diffsynth_c
+
+        diffsynth_c.patch_diffsynth()
+    from diffsynth.core.loader.model import load_model
+    from diffsynth.core.vram import layers as lib
+
+    if not hasattr(torch.cpu, "mem_get_info"):
+        torch.cpu.mem_get_info = lambda device=None: (0, 1 << 40)
+    mm = {torch.nn.Linear: lib.AutoWrappedLinear, torch.nn.LayerNorm: lib.AutoWrappedModule}
+    mm[torch.nn.RMSNorm] = lib.AutoWrappedModule
+    config = {f"{s}_{k}": "disk" for s in DISK_CONFIG_KEYS for k in ("dtype", "device")}
+    config.update(computation_dtype=BF16, computation_device="cpu")
+    t = time.perf_counter()
+    model = load_model(
+        Stack, paths, config={"hidden": hidden, "blocks": blocks}, module_map=mm, vram_config=config, vram_limit=0
+    )
+    load_s = time.perf_counter() - t
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, tokens, hidden, generator=g).to(BF16)
+    temb = torch.randn(1, hidden, generator=g).to(BF16)
+    times = []
+    with torch.no_grad():
+        for _ in range(passes):
+            t = time.perf_counter()
+            y = model(x, temb)
+            times.append(time.perf_counter() - t)
+    digest = hashlib.sha256(y.contiguous().view(torch.int16).numpy().tobytes()).hexdigest()[:16]
+    print(json.dumps({"load_s": load_s, "pass_s": times, "output": digest, "max_rss_mib": peak_rss_mib()}))
+
+
+def ceiling_child(paths: list[str]) -> None:
+    out = {}
+    for direct in (False, True):
+        drop_cache(paths)
+        out["direct" if direct else "buffered"] = stream_ceiling(paths, threads=8, direct=direct)
+    print(json.dumps(out))
+
+
+def resident_child(hidden: int, blocks: int, tokens: int, passes: int) -> None:
+    model = build(hidden, blocks * 2 * 18 * hidden * hidden / (1 << 30) + 1e-9)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, tokens, hidden, generator=g).to(BF16)
+    temb = torch.randn(1, hidden, generator=g).to(BF16)
+    t, _ = timed(model, x, temb, passes)
+    print(json.dumps({"pass_s": t, "blocks": len(model.blocks)}))
+
+
+def pressure(args: argparse.Namespace) -> None:
+    hidden = args.hidden or 2048
+    gib = args.gib or 3.0
+    tokens = args.tokens or 16
+    per_block = 2 * 18 * hidden * hidden
+    limit = int(max(1, int(gib * (1 << 30) // per_block)) * per_block * args.limit)
+    group = cgroup_dir(args.cgroup, limit)  # first: without a group, no model is written
+    paths, blocks = pressure_files(hidden, gib)
+    weights = sum(os.path.getsize(p) for p in paths)
+    common = ["--hidden", str(hidden), "--tokens", str(tokens), "--passes", str(args.passes)]
+    ceiling = run_in_group(group, ["--child", "ceiling", *paths])
+    fit = max(1, min(blocks, limit // 4 // per_block))
+    resident = run_in_group(group, ["--child", "resident", "--blocks", str(fit), *common])
+    results: dict[str, list] = {"diffsynth": [], "diffsynth_c": []}
+    for _ in range(args.rounds):
+        for impl, runs in results.items():
+            drop_cache(paths)
+            runs.append(run_in_group(group, ["--child", impl, "--blocks", str(blocks), *common, *paths]))
+    best = max(ceiling.get("direct", 0.0), ceiling.get("buffered", 0.0))
+    bound = weights / best / 1e9 if best else float("nan")
+    resident_pass = resident["pass_s"] * blocks / resident["blocks"] if "pass_s" in resident else float("nan")
+    outputs = {r.get("output") for rs in results.values() for r in rs if "output" in r}
+    rows = []
+    for impl, runs in results.items():
+        ok = [r for r in runs if "pass_s" in r]
+        later = [t for r in ok for t in r["pass_s"][1:]]
+        first = [r["pass_s"][0] for r in ok]
+        med = statistics.median(later) if later else float("nan")
+        rows.append(
+            [
+                impl,
+                f"{len(ok)}/{len(runs)}" + ("" if len(ok) == len(runs) else f" ({runs[0].get('error', '')})"),
+                f"{statistics.median(r['load_s'] for r in ok):.2f}" if ok else "",
+                f"{statistics.median(first):.2f}" if first else "",
+                f"{med:.2f} [{min(later):.2f}-{max(later):.2f}]" if later else "",
+                f"{med / bound:.2f}x" if later else "",
+                f"{max(r['group_peak'] for r in runs) / (1 << 20):.0f}",
+                f"{max(r['max_rss_mib'] for r in ok):.0f}" if ok else "",
+            ]
+        )
+    head = ["layers", "finished", "load_model s", "pass 1 s", "passes 2+ s, median [range]", "vs bytes/ceiling"]
+    head += ["group peak MiB", "max RSS MiB"]
+    what = (
+        f"offload --pressure: {blocks} blocks, hidden {hidden}, {weights / 1e9:.2f} GB bf16 in {len(paths)} shards, "
+        f"disk offload, {tokens} tokens, cgroup limit {limit / (1 << 20):.0f} MiB, {args.rounds} rounds"
+    )
+    report(f"# {what}; {machine()}", rows, head, args.markdown)
+    print(
+        f"cold read ceiling (8 threads, in the group): {ceiling.get('buffered', 0):.2f} GB/s through the page cache, "
+        f"{ceiling.get('direct', 0):.2f} GB/s O_DIRECT; bytes/ceiling {bound:.2f} s; resident pass "
+        f"{resident_pass:.2f} s (measured on {resident.get('blocks')} blocks); same output: {len(outputs) == 1}"
+    )
+    write_json(
+        args.json,
+        "offload_pressure",
+        {
+            "blocks": blocks,
+            "hidden": hidden,
+            "tokens": tokens,
+            "weights_bytes": weights,
+            "limit_bytes": limit,
+            "ceiling_gbps": ceiling,
+            "bound_s": bound,
+            "resident_pass_s": resident_pass,
+            "runs": results,
+            "same_output": len(outputs) == 1,
+            "table": table_record(what, head, rows),
+        },
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cuda = torch.cuda.is_available()
@@ -169,7 +401,23 @@ def main() -> None:
     ap.add_argument("--modes", default="cpu_bf16,cpu_fp8,disk")
     ap.add_argument("--markdown", default=None, help="also write the table here")
     ap.add_argument("--json", default=None, help="also write the figures to this file (for benchmarks/report.py)")
+    ap.add_argument("--pressure", action="store_true", help="the disk row in a memory cgroup smaller than the model")
+    ap.add_argument("--limit", type=float, default=0.5, help="--pressure: the group's limit, times the weight bytes")
+    ap.add_argument("--cgroup", default="diffsynth_c_bench", help="--pressure: the memory group's name")
+    ap.add_argument("--rounds", type=int, default=2, help="--pressure: processes per implementation, alternating")
+    ap.add_argument("--passes", type=int, default=3, help="--pressure: forward passes per process")
+    ap.add_argument("--blocks", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("paths", nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child == "ceiling":
+        return ceiling_child(args.paths)
+    if args.child == "resident":
+        return resident_child(args.hidden, args.blocks, args.tokens, args.passes)
+    if args.child is not None:
+        return pressure_child(args.child, args.paths, args.hidden, args.blocks, args.tokens, args.passes)
+    if args.pressure:
+        return pressure(args)
     on_gpu = args.device.startswith("cuda")
     if on_gpu and not cuda:
         print(f"offload: nothing to measure on {args.device}: torch sees no CUDA device", file=sys.stderr)

@@ -278,10 +278,19 @@ def render(results: dict[str, list[dict]], plots: dict[str, str]) -> str:
     for key, title, script in (
         ("save", "Saving", "save.py"),
         ("offload", "Offloaded inference (VRAM-managed layers)", "offload.py"),
+        ("offload_pressure", "Disk offload of a model twice the memory limit", "offload.py --pressure"),
         ("distributed", "Loading under torch.distributed (gloo)", "distributed.py"),
         ("download", "Downloads from a local hub", "download.py"),
     ):
         out += section(title, results[key]) if results.get(key) else missing(title, f"benchmarks/{script}")
+        for doc in results.get(key, []) if key == "offload_pressure" else []:
+            c = doc["ceiling_gbps"]
+            line = (
+                f"Cold read ceiling of the files in the same group (8 threads): {c['buffered']:.2f} GB/s through the "
+                f"page cache, {c['direct']:.2f} GB/s O_DIRECT; bytes/ceiling {doc['bound_s']:.2f} s per pass; the "
+                f"pass with the weights resident {doc['resident_pass_s']:.2f} s; same output: {doc['same_output']}."
+            )
+            out += [line, ""]
 
     out += ["### GPU", ""]
     if results.get("gpu_load"):

@@ -148,6 +148,51 @@ static void from_f32(st_dtype dst, const uint32_t *in, void *out, size_t n, int 
  * converting each element through F32). Worth it from a few thousand elements. */
 enum { CV_LUT_MIN = 4096 };
 
+#ifdef CV_HAVE_F16C_PATH
+/* The 16-bit table lookup, 64 elements at a time (AVX-512 VBMI): the table split into its low and
+ * high bytes, each looked up by two 128-entry byte permutes chosen by the code's top bit, then the
+ * bytes interleaved back into words in element order. Same table, so the same bits as the loop.
+ * Returns how many elements it converted (a multiple of 64). */
+__attribute__((target("avx512f,avx512bw,avx512vbmi"))) static size_t lut16_vbmi(const uint8_t *in, uint16_t *out,
+                                                                                size_t n, const uint16_t *lut) {
+    uint8_t lo[256], hi[256];
+    for (int i = 0; i < 256; i++) {
+        lo[i] = (uint8_t)lut[i];
+        hi[i] = (uint8_t)(lut[i] >> 8);
+    }
+    const __m512i lo0 = _mm512_loadu_si512(lo), lo1 = _mm512_loadu_si512(lo + 64);
+    const __m512i lo2 = _mm512_loadu_si512(lo + 128), lo3 = _mm512_loadu_si512(lo + 192);
+    const __m512i hi0 = _mm512_loadu_si512(hi), hi1 = _mm512_loadu_si512(hi + 64);
+    const __m512i hi2 = _mm512_loadu_si512(hi + 128), hi3 = _mm512_loadu_si512(hi + 192);
+    /* unpacklo/hi interleave within 128-bit lanes: a holds bytes 0-7 of each lane, b bytes 8-15 */
+    const __m512i first = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
+    const __m512i second = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
+    size_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        __m512i x = _mm512_loadu_si512(in + i);
+        __mmask64 top = _mm512_movepi8_mask(x);
+        __m512i l =
+            _mm512_mask_blend_epi8(top, _mm512_permutex2var_epi8(lo0, x, lo1), _mm512_permutex2var_epi8(lo2, x, lo3));
+        __m512i h =
+            _mm512_mask_blend_epi8(top, _mm512_permutex2var_epi8(hi0, x, hi1), _mm512_permutex2var_epi8(hi2, x, hi3));
+        __m512i a = _mm512_unpacklo_epi8(l, h), b = _mm512_unpackhi_epi8(l, h);
+        _mm512_storeu_si512(out + i, _mm512_permutex2var_epi64(a, first, b));
+        _mm512_storeu_si512(out + i + 32, _mm512_permutex2var_epi64(a, second, b));
+    }
+    return i;
+}
+
+static int have_vbmi(void) {
+    static int cached = -1;
+    if (cached < 0) {
+        __builtin_cpu_init();
+        cached = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                 __builtin_cpu_supports("avx512vbmi");
+    }
+    return cached;
+}
+#endif
+
 static void lut_run(st_dtype src, st_dtype dst, const uint8_t *in, void *out, size_t n, int f16c) {
     uint8_t codes[256];
     union {
@@ -167,7 +212,12 @@ static void lut_run(st_dtype src, st_dtype dst, const uint8_t *in, void *out, si
     }
     case 16: {
         uint16_t *o = out;
-        for (size_t i = 0; i < n; i++)
+        size_t i = 0;
+#ifdef CV_HAVE_F16C_PATH
+        if (have_vbmi())
+            i = lut16_vbmi(in, o, n, lut.h);
+#endif
+        for (; i < n; i++)
             o[i] = lut.h[in[i]];
         break;
     }

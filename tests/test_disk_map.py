@@ -199,3 +199,80 @@ def test_a_bytes_path_raises_the_type_error_diffsynth_raises(tmp_path):
     with pytest.raises(TypeError, match="b.safetensors"):
         DiskMap(os.fsencode(path), "cpu")
     assert list(DiskMap(path, "cpu")) == ["a"]  # an os.PathLike is taken
+
+
+# ---- reads around the page cache (vram/direct_read.py) ------------------------------------------
+
+
+def test_direct_reads_give_the_files_bytes_in_buffers_reused_once_freed(tmp_path, monkeypatch):
+    """With DIFFSYNTH_C_DIRECT_READS=1 the layers' reads (read_host) go through O_DIRECT into pooled
+    buffers: the same values as safetensors reads, a tensor no other read shares, and the buffer of a
+    freed tensor serves the next read of its size (where the file system takes O_DIRECT)."""
+    from diffsynth_c.vram import direct_read
+
+    monkeypatch.setenv("DIFFSYNTH_C_DIRECT_READS", "1")
+    g = torch.Generator().manual_seed(3)
+    # odd sizes and a small tensor first: data offsets that are not multiples of 4 KiB
+    sd = {
+        "a": torch.randn(7, generator=g),
+        "b": torch.randn(1000, 1037, generator=g).to(torch.bfloat16),
+        "c": torch.randn(600, 999, generator=g),
+    }
+    path = tmp_path / "d.safetensors"
+    save_file(sd, path)
+    dm = DiskMap(str(path), "cpu")
+    assert dm._direct() is not None
+    b1 = dm.read_host("b")
+    b2 = dm.read_host("b")
+    assert equal_values(b1, sd["b"]) and equal_values(b2, sd["b"])
+    assert b1.data_ptr() != b2.data_ptr()
+    b1.fill_(1)
+    assert equal_values(dm.read_host("c"), sd["c"]) and equal_values(dm.read_host("a"), sd["a"])
+    if dm._direct().fds.get(id(dm.files[0])) is not None:  # O_DIRECT taken: the pool recycles
+        ptr = b2.data_ptr()
+        del b2
+        again = dm.read_host("b")
+        assert again.data_ptr() // 4096 == ptr // 4096 and equal_values(again, sd["b"])
+    assert equal_values(dm["b"], TheirDiskMap(str(path), "cpu")["b"])
+    monkeypatch.setenv("DIFFSYNTH_C_DIRECT_READS", "0")
+    assert DiskMap(str(path), "cpu")._direct() is None
+    assert not direct_read.use_direct(1 << 62)
+    monkeypatch.setenv("DIFFSYNTH_C_DIRECT_READS", "auto")
+    assert direct_read.use_direct(1 << 62) and not direct_read.use_direct(1)
+    monkeypatch.setenv("DIFFSYNTH_C_DIRECT_READS", "yes")
+    with pytest.raises(ValueError, match="DIFFSYNTH_C_DIRECT_READS"):
+        direct_read.use_direct(1)
+
+
+def test_disk_offloaded_layers_with_direct_reads_match_diffsynths(tmp_path, monkeypatch):
+    """A disk-offloaded model computing on the CPU with every weight read around the page cache
+    gives DiffSynth's output bit for bit, pass after pass (prefetched passes included)."""
+    from diffsynth.core.vram import layers as theirs_layers
+
+    from diffsynth_c.vram import layers as ours_layers
+
+    monkeypatch.setenv("DIFFSYNTH_C_DIRECT_READS", "1")
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(
+        torch.nn.Linear(300, 2000), torch.nn.LayerNorm(2000), torch.nn.Linear(2000, 613), torch.nn.Linear(613, 64)
+    ).to(torch.bfloat16)  # the first two linears take over 1 MiB: read around the cache
+    path = tmp_path / "m.safetensors"
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, path)
+    config = {k: "disk" for k in ("offload_dtype", "offload_device", "onload_dtype", "onload_device")}
+    config.update(
+        preparing_dtype="disk", preparing_device="disk", computation_dtype=torch.bfloat16, computation_device="cpu"
+    )
+    x = torch.randn(5, 300).to(torch.bfloat16)
+    outs = []
+    for lib, dm_cls in ((theirs_layers, TheirDiskMap), (ours_layers, DiskMap)):
+        import copy
+
+        model = copy.deepcopy(base).to("meta")
+        mm = {torch.nn.Linear: lib.AutoWrappedLinear, torch.nn.LayerNorm: lib.AutoWrappedModule}
+        dm = dm_cls(str(path), "cpu")
+        model = lib.enable_vram_management(model, mm, config, vram_limit=None, disk_map=dm)
+        with torch.no_grad():
+            outs.append([model(x) for _ in range(3)])
+    assert dm._direct() is not None and dm._direct().fds  # ours read through the direct reader
+    for theirs, ours in zip(*outs):
+        assert torch.equal(theirs, ours)

@@ -20,7 +20,8 @@ from ..core.settings import mode, threads
 from ..core.torchfile import load_tree, map_leaves, read_tree, tensor_of
 from ..dlpack import to_torch
 from ..loader.folder import expand
-from ..loader.safetensors_file import SafetensorsFile
+from ..loader.safetensors_file import PRIVATE_MAP_MIN, SafetensorsFile
+from .direct_read import DirectReader, use_direct
 
 _PREFETCH_THREADS = 4
 
@@ -294,7 +295,23 @@ class DiskMap:
         """The tensor under name (renamed as ``self[name]``) in the file's own dtype on the CPU,
         whatever this map's device and dtype: what the VRAM-managed layers copy to the GPU."""
         real = self._real_name(name)
-        return self.files[self.name_map[real]].read(real, None)
+        f = self.files[self.name_map[real]]
+        if isinstance(f, _SafetensorsFile) and self._direct() is not None:
+            _dtype, _shape, begin, end = f.entries[real]
+            if end - begin >= PRIVATE_MAP_MIN:
+                t = self._direct_reader.read(f, real)
+                if t is not None:
+                    return t
+        return f.read(real, None)
+
+    def _direct(self) -> DirectReader | None:
+        """The O_DIRECT reader of read_host, where the files do not fit in memory (decided on the
+        first read; see direct_read.py), else None."""
+        with self._lock:
+            if not hasattr(self, "_direct_reader"):
+                total = sum(f.file.size for f in self.files if isinstance(f, _SafetensorsFile))
+                self._direct_reader = DirectReader() if use_direct(total) else None
+            return self._direct_reader
 
     def stored_nbytes(self, name: Any) -> int:
         """Bytes of the tensor under name in its file (0 for torch checkpoints' entries)."""
@@ -346,3 +363,6 @@ class DiskMap:
         pool = getattr(self, "_pool", None)
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
+        reader = getattr(self, "_direct_reader", None)
+        if reader is not None:
+            reader.close()
