@@ -754,7 +754,9 @@ def run_limited(args, base: dict, every: list[str], weight_bytes: int, paths: di
     """Disk offload in a cgroup of half the weight bytes, cold, plain and patched alternating."""
     limit = weight_bytes // 2
     drop_cache(every)
-    ceiling = pread_ceiling(every[:1] if len(every) == 1 else every, threads=4, prefault=False)
+    # the ceiling on the DiT's files alone: pread_ceiling reads into one buffer of the files' size
+    dit = paths.get("dit") or every[:1]
+    ceiling = pread_ceiling(dit, threads=4, prefault=False)
     drop_cache(every)
     dit_bytes = sum(os.path.getsize(p) for p in paths.get("dit", []))
     expect = dit_bytes / (ceiling * 1e9) if ceiling else 0.0
