@@ -564,8 +564,11 @@ def make_plots(results: dict[str, list[dict]], img: str, doc_dir: str) -> dict[s
     if results.get("gpu_load") and results["gpu_load"][0].get("loads"):
         todo["gpu.png"] = lambda p: plot_gpu(results["gpu_load"][0], p)
     if results.get("pipeline"):
-        # the run with the most cases; on a tie the first (files sort pipeline-*.json before pipeline.json)
-        main = max(results["pipeline"], key=lambda d: len(d.get("figures", {})))
+        # the run with the most cases; on a tie the one that loads without VRAM configs
+        main = max(
+            results["pipeline"],
+            key=lambda d: (len(d.get("figures", {})), any("/none/" in k for k in d.get("figures", {}))),
+        )
         todo["pipeline.png"] = lambda p: plot_pipeline(main, p)
     made = {}
     for name in PLOTS:
