@@ -11,7 +11,7 @@
 #   BENCH_SWEEP_GIB  more model sizes, warm loads only, for GB/s per file size ("0.25 2")
 #   BENCH_REPEAT     runs per figure (3)
 #   BENCH_ONLY       run only these of: load sweep hash torch_bin model_load save offload distributed
-#                    download gpu_load (default: all); the others' results files are kept
+#                    download pipeline gpu_load (default: all); the others' results files are kept
 #   BENCH_RESULTS    where the results files go (benchmarks/results)
 #   BENCH_REPORT     0 skips the report
 #   DIFFSYNTH_C_BENCH_DIR  where the generated model files go, kept for the next run; unset, they go
@@ -74,6 +74,9 @@ want save && { ran+=(save); run save save benchmarks/save.py --size-gib "$size" 
 want offload && { ran+=(offload); run offload offload benchmarks/offload.py --device cpu --gib 0.5 --tokens 4 --repeat "$repeat"; }
 want distributed && { ran+=(distributed); run distributed distributed benchmarks/distributed.py --size-gib 0.25 --ranks 1 2; }
 want download && { ran+=(download); run download download benchmarks/download.py --size-mib 192 --files 3; }
+# the whole Wan2.1-T2V-1.3B pipeline (16.3 GiB of files, plain DiffSynth peaks near 17 GB): cold only, since
+# its files and a loaded copy do not both fit a 24 GiB page cache; then disk offload in a cgroup of half the weights
+want pipeline && { ran+=(pipeline); run pipeline pipeline benchmarks/pipeline.py --vram none,disk --cache cold --repeat "$repeat" --limited; }
 want gpu_load && { ran+=(gpu_load); run gpu_load gpu_load benchmarks/gpu_load.py --size-gib "$size" --repeat "$repeat"; }
 
 # Replace the results of what ran (a failed benchmark's old figures go too: they are not this run's).
