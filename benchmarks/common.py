@@ -25,6 +25,13 @@ if ROOT not in sys.path:  # the scripts run as benchmarks/x.py from a checkout: 
 GIB = 1 << 30
 
 
+CGROUP_V1 = os.environ.get("DIFFSYNTH_C_CGROUP_V1", "/sys/fs/cgroup/memory")  # the tests point it elsewhere
+
+
+class BenchError(Exception):
+    """Bad input or a machine the benchmark cannot run on; the message says what to do."""
+
+
 def bench_dir() -> str:
     d = os.environ.get("DIFFSYNTH_C_BENCH_DIR", os.path.join("/tmp", "diffsynth_c_bench"))
     os.makedirs(d, exist_ok=True)
@@ -426,3 +433,46 @@ def report(title: str, rows: list[list[str]], header: list[str], markdown: str |
     if markdown:
         with open(markdown, "w") as f:
             f.write(table(rows, header) + "\n")
+
+
+# ---- memory cgroups (pipeline.py --limited, offload.py --pressure) ---------------------------
+
+
+def make_cgroup(limit: int, option: str) -> str:
+    """A fresh cgroup v1 memory group under ours (or the root), limited to limit bytes; the caller
+    removes it (remove_cgroup). Raises BenchError with what to do when there is none to make
+    (option: the benchmark option that asked for it, named in the message)."""
+    if not os.path.isdir(CGROUP_V1):
+        raise BenchError(
+            f"{option} needs the cgroup v1 memory controller at {CGROUP_V1}, and this machine has none "
+            f"(a cgroup v2-only machine): run without {option}, or on a machine with cgroup v1"
+        )
+    parent = CGROUP_V1
+    try:
+        with open("/proc/self/cgroup") as f:
+            for line in f:
+                _, controllers, path = line.rstrip("\n").split(":", 2)
+                if "memory" in controllers.split(","):
+                    parent = os.path.join(CGROUP_V1, path.lstrip("/"))
+    except OSError:
+        pass
+    path = os.path.join(parent, f"diffsynth_c_bench_{os.getpid()}")
+    try:
+        os.mkdir(path)
+        with open(os.path.join(path, "memory.limit_in_bytes"), "w") as f:
+            f.write(str(limit))
+    except OSError as e:
+        raise BenchError(
+            f"cannot create a memory cgroup at {path}: {e.strerror}; {option} needs root (or a delegated "
+            "cgroup v1 memory hierarchy)"
+        ) from None
+    return path
+
+
+def remove_cgroup(path: str) -> None:
+    for _ in range(50):
+        try:
+            os.rmdir(path)
+            return
+        except OSError:
+            time.sleep(0.1)

@@ -19,8 +19,8 @@ where torch has no mem_get_info, the CPU's memory is reported full to both imple
 
 --pressure measures the smaller-than-the-model row instead: a model of --gib bf16 (these blocks,
 4 shards, kept in the bench folder) loaded as a new user would, ``load_model`` with ``vram_config``
-all "disk", computing bf16 on the CPU, inside a cgroup v1 memory group (--cgroup, created under
-/sys/fs/cgroup/memory when missing) limited to --limit times the weight bytes (default 0.5), --passes
+all "disk", computing bf16 on the CPU, inside a fresh cgroup v1 memory group (created under
+ours in /sys/fs/cgroup/memory, removed at the end) limited to --limit times the weight bytes (default 0.5), --passes
 forward passes of --tokens tokens. DiffSynth plain and DiffSynth patched by diffsynth_c run in fresh
 processes, alternating, --rounds times, the files' pages dropped before each. Printed: load_model
 time, the first pass (ours learns the layer order in it) and the median and range of the others,
@@ -46,10 +46,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch
 from common import (
+    BenchError,
     bench_dir,
     drop_cache,
     machine,
+    make_cgroup,
     peak_rss_mib,
+    remove_cgroup,
     report,
     reset_peak_rss,
     rss_mib,
@@ -186,7 +189,6 @@ def timed(model: torch.nn.Module, x: torch.Tensor, temb: torch.Tensor, repeat: i
 
 # ---- the smaller-than-the-model row (--pressure) --------------------------------------------
 
-CGROUP_ROOT = os.environ.get("DIFFSYNTH_C_CGROUP_ROOT", "/sys/fs/cgroup/memory")
 DISK_CONFIG_KEYS = ("offload", "onload", "preparing")
 
 
@@ -210,28 +212,6 @@ def pressure_files(hidden: int, gib: float, shards: int = 4) -> tuple[list[str],
             del sd
         open(os.path.join(folder, ".complete"), "w").close()
     return paths, blocks
-
-
-def cgroup_dir(name: str, limit_bytes: int) -> str:
-    """The cgroup v1 memory group name (created when missing), its limit set; exits with a message
-    where the machine has no cgroup v1 memory controller."""
-    if not os.path.isdir(CGROUP_ROOT):
-        print(
-            f"offload: --pressure runs each process in a cgroup v1 memory group, and {CGROUP_ROOT} does not exist "
-            "(cgroup v2 only, or no memory controller mounted); mount it (mount -t cgroup -o memory none "
-            f"{CGROUP_ROOT}) or measure without --pressure",
-            file=sys.stderr,
-        )
-        sys.exit(2)
-    path = os.path.join(CGROUP_ROOT, name)
-    try:
-        os.makedirs(path, exist_ok=True)
-        with open(os.path.join(path, "memory.limit_in_bytes"), "w") as f:
-            f.write(str(limit_bytes))
-    except OSError as e:
-        print(f"offload: cannot set up the memory group {path} ({e}): --pressure needs root", file=sys.stderr)
-        sys.exit(2)
-    return path
 
 
 def _group_peak(group: str, reset: bool = False) -> int:
@@ -325,7 +305,20 @@ def pressure(args: argparse.Namespace) -> None:
     tokens = args.tokens or 16
     per_block = 2 * 18 * hidden * hidden
     limit = int(max(1, int(gib * (1 << 30) // per_block)) * per_block * args.limit)
-    group = cgroup_dir(args.cgroup, limit)  # first: without a group, no model is written
+    try:
+        group = make_cgroup(limit, "--pressure")  # first: without a group, no model is written
+    except BenchError as e:
+        print(f"offload: {e}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        pressure_runs(args, group, hidden, gib, tokens, per_block, limit)
+    finally:
+        remove_cgroup(group)
+
+
+def pressure_runs(
+    args: argparse.Namespace, group: str, hidden: int, gib: float, tokens: int, per_block: int, limit: int
+) -> None:
     paths, blocks = pressure_files(hidden, gib)
     weights = sum(os.path.getsize(p) for p in paths)
     common = ["--hidden", str(hidden), "--tokens", str(tokens), "--passes", str(args.passes)]
@@ -403,7 +396,6 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the figures to this file (for benchmarks/report.py)")
     ap.add_argument("--pressure", action="store_true", help="the disk row in a memory cgroup smaller than the model")
     ap.add_argument("--limit", type=float, default=0.5, help="--pressure: the group's limit, times the weight bytes")
-    ap.add_argument("--cgroup", default="diffsynth_c_bench", help="--pressure: the memory group's name")
     ap.add_argument("--rounds", type=int, default=2, help="--pressure: processes per implementation, alternating")
     ap.add_argument("--passes", type=int, default=3, help="--pressure: forward passes per process")
     ap.add_argument("--blocks", type=int, default=None, help=argparse.SUPPRESS)

@@ -40,14 +40,23 @@ from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import GIB, ROOT, drop_cache, machine, pread_ceiling, table, table_record, warm_cache, write_json
+from common import (
+    CGROUP_V1,
+    GIB,
+    ROOT,
+    BenchError,
+    drop_cache,
+    machine,
+    make_cgroup,
+    pread_ceiling,
+    remove_cgroup,
+    table,
+    table_record,
+    warm_cache,
+    write_json,
+)
 
-CGROUP_V1 = os.environ.get("DIFFSYNTH_C_CGROUP_V1", "/sys/fs/cgroup/memory")  # the tests point it elsewhere
 NOISY = 1.25  # slowest / fastest run of one case beyond this: the table says the run was noisy
-
-
-class BenchError(Exception):
-    """Bad input or a machine the benchmark cannot run on; the message says what to do."""
 
 
 # ---- the pipelines -------------------------------------------------------------------------
@@ -480,45 +489,6 @@ def run_child(job: dict, cgroup: str | None = None, timeout: int = 3600) -> dict
 # ---- the memory cgroup ---------------------------------------------------------------------
 
 
-def make_cgroup(limit: int) -> str:
-    """A fresh cgroup v1 memory group under ours (or the root), limited to limit bytes; the caller
-    removes it (remove_cgroup). Raises BenchError with what to do when there is none to make."""
-    if not os.path.isdir(CGROUP_V1):
-        raise BenchError(
-            f"--limited needs the cgroup v1 memory controller at {CGROUP_V1}, and this machine has none "
-            "(a cgroup v2-only machine): run without --limited, or on a machine with cgroup v1"
-        )
-    parent = CGROUP_V1
-    try:
-        with open("/proc/self/cgroup") as f:
-            for line in f:
-                _, controllers, path = line.rstrip("\n").split(":", 2)
-                if "memory" in controllers.split(","):
-                    parent = os.path.join(CGROUP_V1, path.lstrip("/"))
-    except OSError:
-        pass
-    path = os.path.join(parent, f"diffsynth_c_bench_{os.getpid()}")
-    try:
-        os.mkdir(path)
-        with open(os.path.join(path, "memory.limit_in_bytes"), "w") as f:
-            f.write(str(limit))
-    except OSError as e:
-        raise BenchError(
-            f"cannot create a memory cgroup at {path}: {e.strerror}; --limited needs root (or a delegated "
-            "cgroup v1 memory hierarchy)"
-        ) from None
-    return path
-
-
-def remove_cgroup(path: str) -> None:
-    for _ in range(50):
-        try:
-            os.rmdir(path)
-            return
-        except OSError:
-            time.sleep(0.1)
-
-
 # ---- the runs and the tables ---------------------------------------------------------------
 
 
@@ -650,7 +620,7 @@ def bench(args) -> int:
     try:
         os.makedirs(root, exist_ok=True)
         if args.limited and not os.path.isdir(CGROUP_V1):
-            make_cgroup(0)  # raises the message before any file is generated
+            make_cgroup(0, "--limited")  # raises the message before any file is generated
         print(f"machine: {machine()}")
         print(f"pipeline: {pipe.note}; models: {', '.join(roles)}; files: {args.source}{', .pth' if args.pth else ''}")
         paths = generate(root, pipe, roles, args.source, args.pth)
@@ -760,7 +730,7 @@ def run_limited(args, base: dict, every: list[str], weight_bytes: int, paths: di
     drop_cache(every)
     dit_bytes = sum(os.path.getsize(p) for p in paths.get("dit", []))
     expect = dit_bytes / (ceiling * 1e9) if ceiling else 0.0
-    cgroup = make_cgroup(limit)
+    cgroup = make_cgroup(limit, "--limited")
     runs: dict[bool, list[dict]] = {False: [], True: []}
     try:
         for rep in range(args.repeat):

@@ -31,7 +31,7 @@ def test_offload_pressure_says_what_is_missing_without_a_cgroup_v1_memory_contro
     a message saying so (exit 2), before writing any model file."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["DIFFSYNTH_C_BENCH_DIR"] = str(tmp_path / "bench")
-    env["DIFFSYNTH_C_CGROUP_ROOT"] = str(tmp_path / "no-such-cgroup")
+    env["DIFFSYNTH_C_CGROUP_V1"] = str(tmp_path / "no-such-cgroup")
     r = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "offload.py"), "--device", "cpu", "--pressure"],
         cwd=str(tmp_path),
@@ -42,7 +42,7 @@ def test_offload_pressure_says_what_is_missing_without_a_cgroup_v1_memory_contro
         check=False,
     )
     assert r.returncode == 2, r.stderr[-2000:]
-    assert "cgroup v1 memory group" in r.stderr and "no-such-cgroup" in r.stderr
+    assert "--pressure needs the cgroup v1 memory controller" in r.stderr and "no-such-cgroup" in r.stderr
     assert not os.path.exists(tmp_path / "bench" / "offload-stack-h2048-b42-4x")
 
 
