@@ -362,7 +362,7 @@ def _fingerprint(model) -> str:
         if v.is_meta or v.numel() == 0:
             h.update(f"{k}:{v.dtype}:{tuple(v.shape)}:meta".encode())
             continue
-        b = v.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        b = v.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy()
         n8 = len(b) // 8 * 8
         w = b[:n8].view(np.uint64)
         s = int(np.add.reduce(w, dtype=np.uint64)) if n8 else 0
@@ -415,7 +415,10 @@ def child(job: dict) -> dict:
     except OSError:
         pass
     t0 = time.perf_counter()
-    pipe = cls.from_pretrained(torch_dtype=torch.bfloat16, device="cpu", model_configs=configs, tokenizer_config=None)
+    device = job.get("device", "cpu")
+    pipe = cls.from_pretrained(torch_dtype=torch.bfloat16, device=device, model_configs=configs, tokenizer_config=None)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
     call_s = time.perf_counter() - t0
     models = {role: getattr(pipe, role) for role in job["paths"]}
     r0, t1 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
@@ -444,13 +447,15 @@ def child(job: dict) -> dict:
             from diffsynth.pipelines.wan_video import model_fn_wan_video  # what the denoising loop calls
 
             onload(models["dit"])
-            x = torch.randn(1, 16, 1, 8, 8, dtype=torch.bfloat16)  # 1 frame of 64x64 pixels
-            ctx = torch.randn(1, 16, 4096, dtype=torch.bfloat16)
-            ts = torch.tensor([500.0], dtype=torch.bfloat16)  # the pipeline passes it in torch_dtype
+            x = torch.randn(1, 16, 1, 8, 8, dtype=torch.bfloat16).to(device)  # 1 frame of 64x64 pixels
+            ctx = torch.randn(1, 16, 4096, dtype=torch.bfloat16).to(device)
+            ts = torch.tensor([500.0], dtype=torch.bfloat16).to(device)  # the pipeline passes it in torch_dtype
             steps = []
             for _ in range(job["steps"]):
                 t = time.perf_counter()
                 model_fn_wan_video(dit=models["dit"], latents=x, timestep=ts, context=ctx)
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
                 steps.append(time.perf_counter() - t)
             out["step_s"] = steps
     out["peak_mib"] = _status("VmHWM") - base
@@ -581,6 +586,9 @@ def parse_args(argv: list[str] | None):
     ap.add_argument(
         "--keep", action="store_true", help="keep the generated files (DIFFSYNTH_C_BENCH_DIR keeps them too)"
     )
+    ap.add_argument(
+        "--device", default="cpu", help="from_pretrained's device (cuda: the pipeline-to-GPU figure; --vram none only)"
+    )
     ap.add_argument("--json", default=None)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -596,6 +604,8 @@ def parse_args(argv: list[str] | None):
             ap.error(f"--without: {args.pipeline} has no {r!r}; its models: {', '.join(roles)}")
     if args.repeat < 1:
         ap.error("--repeat must be at least 1")
+    if args.device != "cpu" and (args.vram != "none" or args.limited):
+        ap.error("--device: the VRAM configs here compute on the CPU; use --vram none (and no --limited) on a GPU")
     return args
 
 
@@ -627,7 +637,7 @@ def bench(args) -> int:
         every = [p for ps in paths.values() for p in ps]
         weight_bytes = sum(os.path.getsize(p) for p in every)
         print(f"files: {weight_bytes / GIB:.2f} GiB in {root}", flush=True)
-        base = {"pipeline_class": pipe.pipeline_class, "paths": paths, "steps": args.steps}
+        base = {"pipeline_class": pipe.pipeline_class, "paths": paths, "steps": args.steps, "device": args.device}
         cases = [(c, v) for v in args.vram.split(",") for c in args.cache.split(",")]
         runs: dict[tuple, list[dict]] = {}
         fingerprints: dict[tuple, set] = {}

@@ -6,10 +6,11 @@
 #
 # 1. installs the carried wheels into /tmp/site (the machine is offline), 2. builds the core and
 # the CUDA library in place (nvcc required), 3. runs the GPU tests, 4. the GPU load benchmark with
-# --check, 5. the offload benchmark on CUDA. Each step has its own time limit, so that one that
+# --check, 5. the offload benchmark on CUDA, 6. a DiffSynth pipeline (Wan 1.3B's DiT and VAE) loaded
+# to the GPU by the unchanged from_pretrained, plain vs patched, warm. Each step has its own time limit, so that one that
 # hangs still leaves the others' results; the whole run is sized to end inside the tool's 600 s.
-# Results: $OUT/summary.txt (each step's exit status and time), a log per step, gpu_load.json and
-# offload.json (copy them into benchmarks/results/ and run `make bench-report`).
+# Results: $OUT/summary.txt (each step's exit status and time), a log per step, gpu_load.json,
+# offload.json and pipeline_cuda.json (copy them into benchmarks/results/ and run `make bench-report`).
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -61,7 +62,7 @@ fi
 } | tee -a "$summary"
 
 # 2. build (the C core without libcurl if its headers are missing: downloads are not tested here)
-step build 150 env DIFFSYNTH_C_CUDA=1 "$py" setup.py build_ext --inplace -j "$(nproc)" || {
+step build 120 env DIFFSYNTH_C_CUDA=1 "$py" setup.py build_ext --inplace -j "$(nproc)" || {
   echo "the build failed: nothing else can run" | tee -a "$summary"
   exit 1
 }
@@ -69,7 +70,9 @@ step build 150 env DIFFSYNTH_C_CUDA=1 "$py" setup.py build_ext --inplace -j "$(n
 
 # 3.-5. tests and benchmarks
 step gpu-tests 150 "$py" -m pytest -q -ra -p no:cacheprovider tests/gpu tests/test_cuda_cpu.py
-step gpu-load 130 "$py" benchmarks/gpu_load.py --check --size-gib 4 --repeat 3 --json "$out/gpu_load.json"
-step offload 140 "$py" benchmarks/offload.py --device cuda --repeat 2 --json "$out/offload.json"
+step gpu-load 110 "$py" benchmarks/gpu_load.py --check --size-gib 4 --repeat 3 --json "$out/gpu_load.json"
+step offload 110 "$py" benchmarks/offload.py --device cuda --repeat 2 --json "$out/offload.json"
+step pipeline 90 "$py" benchmarks/pipeline.py --device cuda --without text_encoder --source bf16 --vram none \
+  --cache warm --repeat 2 --json "$out/pipeline_cuda.json"
 echo "== summary"
 cat "$summary"

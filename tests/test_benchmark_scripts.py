@@ -86,6 +86,7 @@ def test_pipeline_rejects_unknown_cases_and_models(tmp_path):
         (["--vram", "fp4"], "unknown case 'fp4'"),
         (["--without", "unet"], "has no 'unet'"),
         (["--cache", "hot"], "unknown 'hot'"),
+        (["--device", "cuda", "--vram", "disk"], "use --vram none"),
     ):
         r = subprocess.run(
             [sys.executable, os.path.join(ROOT, "benchmarks", "pipeline.py"), *args],
