@@ -52,8 +52,9 @@ void *io_alloc(size_t len, ds_error *err);
 void io_release(void *addr, size_t len);
 
 /* Faults the pages of [addr, addr+len) of a file mapping in, reading them from
- * disk when they are not cached, without copying them. Returns 0, or -1 with
- * err when the file no longer covers the range (truncated under us). */
+ * disk when they are not cached, without copying them, then reads one byte of each
+ * (the CPU's first touch, which under a hypervisor has a cost of its own: see io.c).
+ * Returns 0, or -1 with err when the file no longer covers the range (truncated under us). */
 int io_populate(void *addr, size_t len, ds_error *err);
 
 /* Faults the pages of [addr, addr+len) of anonymous memory in, writable, in one call
