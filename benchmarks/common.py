@@ -299,6 +299,17 @@ def table_record(title: str, header: list[str], rows: list[list]) -> dict:
 # ---- the machine's own ceiling ------------------------------------------------------------
 
 
+def _run_threads(work, threads: int) -> float:
+    """Seconds for `threads` threads all running work() to finish."""
+    t = time.perf_counter()
+    ts = [threading.Thread(target=work) for _ in range(threads)]
+    for th in ts:
+        th.start()
+    for th in ts:
+        th.join()
+    return time.perf_counter() - t
+
+
 def pread_ceiling(paths: list[str], threads: int = 4, chunk: int = 8 << 20, prefault: bool = True) -> float:
     """GB/s of pread from the files into one buffer with `threads` threads. prefault=True writes the
     buffer first, so this is the cost of copying alone; False includes first-touch faults."""
@@ -328,13 +339,7 @@ def pread_ceiling(paths: list[str], threads: int = 4, chunk: int = 8 << 20, pref
             while got < n:
                 got += os.preadv(fds[p], [mv[dst + got : dst + n]], off + got)
 
-    t = time.perf_counter()
-    ts = [threading.Thread(target=work) for _ in range(threads)]
-    for th in ts:
-        th.start()
-    for th in ts:
-        th.join()
-    dt = time.perf_counter() - t
+    dt = _run_threads(work, threads)
     for fd in fds.values():
         os.close(fd)
     return sum(sizes) / dt / 1e9
@@ -361,13 +366,7 @@ def stream_ceiling(paths: list[str], threads: int = 8, chunk: int = 4 << 20, dir
                 return
             os.preadv(fds[job[0]], [buf], job[1])
 
-    t = time.perf_counter()
-    ts = [threading.Thread(target=work) for _ in range(threads)]
-    for th in ts:
-        th.start()
-    for th in ts:
-        th.join()
-    dt = time.perf_counter() - t
+    dt = _run_threads(work, threads)
     for fd in fds.values():
         os.close(fd)
     return sum(os.path.getsize(p) for p in paths) / dt / 1e9

@@ -86,14 +86,20 @@ typedef struct {
     size_t file;
 } merged_entry;
 
-static int merged_cmp(const void *x, const void *y) {
-    const merged_entry *a = x, *b = y;
-    size_t n = a->t->name_len < b->t->name_len ? a->t->name_len : b->t->name_len;
-    int r = memcmp(a->t->name, b->t->name, n);
+/* Orders tensors by name, bytewise (a shorter name first when one is a prefix of the other). */
+static int name_cmp(const st_tensor *a, const st_tensor *b) {
+    size_t n = a->name_len < b->name_len ? a->name_len : b->name_len;
+    int r = memcmp(a->name, b->name, n);
     if (r)
         return r;
-    if (a->t->name_len != b->t->name_len)
-        return a->t->name_len < b->t->name_len ? -1 : 1;
+    return a->name_len < b->name_len ? -1 : a->name_len > b->name_len;
+}
+
+static int merged_cmp(const void *x, const void *y) {
+    const merged_entry *a = x, *b = y;
+    int r = name_cmp(a->t, b->t);
+    if (r)
+        return r;
     return a->file < b->file ? -1 : a->file > b->file;
 }
 
@@ -151,12 +157,9 @@ typedef struct {
 
 static int layout_name_seq_cmp(const void *x, const void *y) {
     const layout_entry *a = x, *b = y;
-    size_t n = a->t->name_len < b->t->name_len ? a->t->name_len : b->t->name_len;
-    int r = memcmp(a->t->name, b->t->name, n);
+    int r = name_cmp(a->t, b->t);
     if (r)
         return r;
-    if (a->t->name_len != b->t->name_len)
-        return a->t->name_len < b->t->name_len ? -1 : 1;
     return a->seq < b->seq ? -1 : a->seq > b->seq;
 }
 
